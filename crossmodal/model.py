@@ -1,0 +1,304 @@
+"""Loading SeamlessM4T v2: from a hub id, a local directory, the organism, or random weights.
+
+Every model, from the 2.3B-parameter ``facebook/seamless-m4t-v2-large`` to the model
+organism, goes through :func:`load_model`, so what is tested on the organism is the code
+path the real model takes. :func:`build_random_model` makes randomly initialised models
+(tiny ones for unit tests, the real large shapes for GPU benchmarks) with no weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    SeamlessM4TFeatureExtractor,
+    SeamlessM4TProcessor,
+    SeamlessM4Tv2Config,
+    SeamlessM4Tv2Model,
+)
+
+REFERENCE_MODEL = "facebook/seamless-m4t-v2-large"
+ORGANISM = "organism"
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json")
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message is one line naming the source."""
+
+
+@dataclass
+class LoadedModel:
+    """A SeamlessM4T v2 model in eval mode with what is needed to feed it and cite it.
+
+    Attributes:
+        model: the ``SeamlessM4Tv2Model`` (eval mode, no gradients).
+        processor: tokenizer + feature extractor, or ``None`` for random-weight models.
+        source: what the user asked for (hub id, directory, ``organism``, ``random:<size>``).
+        revision: the hub commit or a local description, for provenance.
+        lang_to_code_id: output language code -> decoder language-tag token id.
+    """
+
+    model: SeamlessM4Tv2Model
+    processor: SeamlessM4TProcessor | None
+    source: str
+    revision: str
+    lang_to_code_id: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def writable_languages(self) -> tuple[str, ...]:
+        """Languages the text decoder can write (its ``tgt_lang`` tags)."""
+        return tuple(sorted(self.lang_to_code_id))
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "model_source": self.source,
+            "model_revision": self.revision,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` means the first GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on Ampere or newer GPUs, fp16 on older GPUs, fp32 on CPU.
+
+    Raises:
+        ValueError: for a name outside :data:`DTYPES`.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model directory {str(path)!r} does not exist; pass a hub id such as "
+            f"{REFERENCE_MODEL!r}, an existing directory, or {ORGANISM!r}"
+        )
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        missing.append("weights (" + " or ".join(_WEIGHT_FILES[::2]) + ")")
+    if not (path / "preprocessor_config.json").is_file():
+        missing.append("preprocessor_config.json")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        missing.append("tokenizer (" + " or ".join(_TOKENIZER_FILES) + ")")
+    if missing:
+        raise ModelLoadError(
+            f"model directory {str(path)!r} is incomplete: missing {', '.join(missing)}; "
+            "save it with model.save_pretrained() and processor.save_pretrained()"
+        )
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else with a path shape is a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load SeamlessM4T v2 from a hub id, a local directory, or ``"organism"``.
+
+    Args:
+        source: ``"facebook/seamless-m4t-v2-large"`` (or any hub id), a directory written by
+            ``save_pretrained``, or ``"organism"`` for the shipped model organism.
+        device: ``None`` picks a GPU when available.
+        dtype: ``auto`` (see :func:`resolve_dtype`) or a dtype name.
+        revision: hub revision (branch, tag or commit); ignored for directories.
+
+    Raises:
+        ModelLoadError: one line naming the source and what is wrong with it.
+    """
+    text = str(source)
+    if text == ORGANISM:
+        from crossmodal.organism import organism_path
+
+        path: Path | None = organism_path()
+    elif Path(text).expanduser().exists() or _looks_like_path(text):
+        path = Path(text).expanduser()
+    else:
+        path = None
+    if path is not None:
+        _check_model_dir(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    where = str(path) if path is not None else text
+    try:
+        model = SeamlessM4Tv2Model.from_pretrained(where, revision=revision, dtype=torch_dtype)
+        processor = SeamlessM4TProcessor.from_pretrained(where, revision=revision)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model {text!r}: {first}; without hub access pass a local directory"
+        ) from err
+    model = _prepare(model.to(dev))
+    commit = getattr(model.config, "_commit_hash", None)
+    rev = commit or revision or ("local:" + str(path.resolve()) if path else "unknown")
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        source=text,
+        revision=rev,
+        lang_to_code_id=dict(model.generation_config.text_decoder_lang_to_code_id or {}),
+    )
+
+
+def _prepare(model: SeamlessM4Tv2Model) -> SeamlessM4Tv2Model:
+    """Eval mode always: in train mode dropout and LayerDrop silently skip decoder layers."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_config(**overrides: Any) -> SeamlessM4Tv2Config:
+    """A ~0.6M-parameter config with every v2 component, for fast tests on CPU."""
+    params: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        speech_encoder_layers=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        speech_encoder_intermediate_size=128,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        speech_encoder_attention_heads=4,
+        conv_depthwise_kernel_size=5,
+        adaptor_kernel_size=8,
+        adaptor_stride=8,
+        t2u_encoder_layers=1,
+        t2u_decoder_layers=1,
+        t2u_encoder_ffn_dim=64,
+        t2u_decoder_ffn_dim=64,
+        t2u_encoder_attention_heads=2,
+        t2u_decoder_attention_heads=2,
+        t2u_vocab_size=64,
+        char_vocab_size=64,
+        t2u_variance_predictor_embed_dim=64,
+        t2u_variance_predictor_hidden_dim=32,
+        unit_hifi_gan_vocab_size=64,
+        unit_embed_dim=32,
+        lang_embed_dim=16,
+        spkr_embed_dim=16,
+        upsample_initial_channel=32,
+        upsample_rates=[2, 2],
+        upsample_kernel_sizes=[4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        vocoder_num_langs=4,
+        vocoder_num_spkrs=2,
+        max_position_embeddings=512,
+        t2u_max_position_embeddings=256,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=0.0,
+        decoder_layerdrop=0.0,
+        speech_encoder_layerdrop=0.0,
+        speech_encoder_dropout=0.0,
+        adaptor_dropout=0.0,
+    )
+    params.update(overrides)
+    return SeamlessM4Tv2Config(**params)
+
+
+def large_config(**overrides: Any) -> SeamlessM4Tv2Config:
+    """The shapes of ``facebook/seamless-m4t-v2-large`` (the config defaults), eval-ready."""
+    params: dict[str, Any] = dict(encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0)
+    params.update(overrides)
+    return SeamlessM4Tv2Config(**params)
+
+
+RANDOM_SIZES = {"tiny": tiny_config, "large": large_config}
+
+
+def build_random_model(
+    size: str = "tiny",
+    *,
+    languages: Sequence[str] = ("eng", "deu", "spa", "fra", "jpn", "cmn"),
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "auto",
+    max_new_tokens: int = 32,
+) -> LoadedModel:
+    """A randomly initialised SeamlessM4T v2 (no weights needed) ready for ``generate``.
+
+    Language tags take the last ids of the vocabulary. ``size="large"`` has the real
+    large shapes (~2.3B parameters) for GPU benchmarks; the processor is ``None``: feed
+    ``input_ids`` or features from :class:`SeamlessM4TFeatureExtractor` directly.
+
+    Raises:
+        ValueError: for an unknown size.
+    """
+    if size not in RANDOM_SIZES:
+        raise ValueError(f"size must be one of {sorted(RANDOM_SIZES)}, got {size!r}")
+    config = RANDOM_SIZES[size]()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = SeamlessM4Tv2Model(config).to(torch_dtype)
+    lang_ids = {lang: config.vocab_size - len(languages) + i for i, lang in enumerate(languages)}
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        text_decoder_lang_to_code_id=lang_ids,
+    )
+    return LoadedModel(
+        model=_prepare(model),
+        processor=None,
+        source=f"random:{size}",
+        revision=f"seed={seed}",
+        lang_to_code_id=lang_ids,
+    )
+
+
+def feature_extractor() -> SeamlessM4TFeatureExtractor:
+    """The real feature extractor with its defaults (16 kHz, 80 mel bins, stride 2)."""
+    return SeamlessM4TFeatureExtractor()

@@ -1,0 +1,82 @@
+"""Model loading: dtype policy, clear errors, random builders with the real large shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crossmodal.model import (
+    REFERENCE_MODEL,
+    ModelLoadError,
+    build_random_model,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+
+
+def test_dtype_auto_is_fp32_on_cpu() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_dtype(torch.float16, torch.device("cpu")) is torch.float16
+
+
+def test_dtype_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match=r"dtype must be one of .*'float32'.*got 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_device_default_is_cpu_without_gpu() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+
+
+def test_missing_directory_is_one_clear_line(tmp_path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelLoadError, match="does not exist") as err:
+        load_model(str(missing))
+    assert "\n" not in str(err.value) and str(missing) in str(err.value)
+
+
+def test_incomplete_directory_names_missing_files(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "seamless_m4t_v2"}))
+    with pytest.raises(ModelLoadError, match="incomplete: missing weights") as err:
+        load_model(tmp_path)
+    message = str(err.value)
+    assert "preprocessor_config.json" in message and "tokenizer" in message and "\n" not in message
+
+
+def test_unreachable_hub_id_is_one_clear_line(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"could not load model 'facebook/seamless-m4t-v2-large'") as err:
+        load_model(REFERENCE_MODEL)
+    assert "\n" not in str(err.value)
+
+
+def test_random_tiny_model_generates_in_eval_mode(tiny_model) -> None:
+    model = tiny_model.model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    out = model.generate(
+        input_ids=torch.tensor([[5, 6, 7, 3]]), tgt_lang="deu", generate_speech=False, max_new_tokens=4
+    )
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    assert sequences[0, 0].item() == 3
+    assert sequences[0, 1].item() == tiny_model.lang_to_code_id["deu"]
+
+
+def test_random_large_model_has_reference_shapes() -> None:
+    """The benchmark model: real v2-large decoder shapes, built on the meta device (no memory)."""
+    loaded = build_random_model("large", device="meta")
+    decoder = loaded.model.text_decoder
+    assert len(decoder.layers) == 24
+    assert decoder.layers[0].ffn.fc1.out_features == 8192
+    assert decoder.layers[0].self_attn.q_proj.out_features == 1024
+    assert loaded.model.config.vocab_size == 256102
+    assert 2.2e9 < loaded.provenance()["n_parameters"] < 2.4e9
+
+
+def test_random_model_rejects_unknown_size() -> None:
+    with pytest.raises(ValueError, match="size must be one of \\['large', 'tiny'\\], got 'huge'"):
+        build_random_model("huge")
