@@ -39,5 +39,14 @@ format: setup
 organism: setup
 	$(VENV)/bin/crossmodal organism --build crossmodal/organism_model
 
+# A local one-GPU (or CPU) Ray head with the environment this project needs (platform.md):
+# token auth off so `ray job submit` and `ray status` work, usage stats off.
+cluster-up: setup
+	$(RAY_ENV) $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats
+	@echo "Ray head up. Submit: $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.pipeline configs/organism.yaml"
+
+cluster-down:
+	$(RAY_ENV) $(VENV)/bin/ray stop --force
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache results

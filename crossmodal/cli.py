@@ -33,7 +33,10 @@ def main() -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the rebuild.")
 @click.option(
-    "--n-per-language", default=100, show_default=True, help="Held-out sentences per language for --eval."
+    "--n-per-language",
+    default=100,
+    show_default=True,
+    help="Held-out sentences per language for --eval.",
 )
 @click.option(
     "--model",
@@ -42,7 +45,9 @@ def main() -> None:
     default=None,
     help="Organism directory to evaluate (default: the shipped one).",
 )
-def organism(do_eval: bool, build_dir: Path | None, seed: int, n_per_language: int, model_dir: Path | None) -> None:
+def organism(
+    do_eval: bool, build_dir: Path | None, seed: int, n_per_language: int, model_dir: Path | None
+) -> None:
     """Build or evaluate the model organism (the embedded default model).
 
     Without options it prints where the shipped organism lives.
@@ -66,7 +71,9 @@ def organism(do_eval: bool, build_dir: Path | None, seed: int, n_per_language: i
 
 
 @main.command()
-@click.option("--n-per-language", default=50, show_default=True, help="Held-out sentences per language.")
+@click.option(
+    "--n-per-language", default=50, show_default=True, help="Held-out sentences per language."
+)
 def demo(n_per_language: int) -> None:
     """Run the main job on the model organism and print where the results are.
 

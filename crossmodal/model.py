@@ -25,7 +25,12 @@ from transformers import (
 
 REFERENCE_MODEL = "facebook/seamless-m4t-v2-large"
 ORGANISM = "organism"
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -247,7 +252,9 @@ def tiny_config(**overrides: Any) -> SeamlessM4Tv2Config:
 
 def large_config(**overrides: Any) -> SeamlessM4Tv2Config:
     """The shapes of ``facebook/seamless-m4t-v2-large`` (the config defaults), eval-ready."""
-    params: dict[str, Any] = dict(encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0)
+    params: dict[str, Any] = dict(
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, speech_encoder_layerdrop=0.0
+    )
     params.update(overrides)
     return SeamlessM4Tv2Config(**params)
 

@@ -50,7 +50,9 @@ def test_incomplete_directory_names_missing_files(tmp_path) -> None:
 
 def test_unreachable_hub_id_is_one_clear_line(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"could not load model 'facebook/seamless-m4t-v2-large'") as err:
+    with pytest.raises(
+        ModelLoadError, match=r"could not load model 'facebook/seamless-m4t-v2-large'"
+    ) as err:
         load_model(REFERENCE_MODEL)
     assert "\n" not in str(err.value)
 
@@ -59,7 +61,10 @@ def test_random_tiny_model_generates_in_eval_mode(tiny_model) -> None:
     model = tiny_model.model
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     out = model.generate(
-        input_ids=torch.tensor([[5, 6, 7, 3]]), tgt_lang="deu", generate_speech=False, max_new_tokens=4
+        input_ids=torch.tensor([[5, 6, 7, 3]]),
+        tgt_lang="deu",
+        generate_speech=False,
+        max_new_tokens=4,
     )
     sequences = out.sequences if hasattr(out, "sequences") else out
     assert sequences[0, 0].item() == 3
