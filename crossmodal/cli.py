@@ -87,5 +87,49 @@ def demo(n_per_language: int) -> None:
     click.echo(report.format())
 
 
+@main.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(configs: tuple[str, ...]) -> None:
+    """Validate collect or steer CONFIGS against their JSON Schemas; list every violation.
+
+    A config with a ``selectivity`` section is a steering grid (schemas/steer.schema.json),
+    any other a collect/pipeline config (schemas/collect.schema.json). Exits 1 on any error.
+
+    \b
+    Example:
+      crossmodal validate configs/organism.yaml configs/steer-organism.yaml
+    """
+    from crossmodal import config as collect_config
+    from crossmodal import grid
+
+    failed = False
+    for path in configs:
+        try:
+            raw = collect_config.read_file(path)
+        except collect_config.ConfigError as err:
+            errors = err.errors
+        else:
+            is_grid = isinstance(raw, dict) and "selectivity" in raw
+            errors = (grid.validate if is_grid else collect_config.validate)(raw)
+        for line in errors:
+            click.echo(line, err=True)
+        failed |= bool(errors)
+        click.echo(f"{path}: {'INVALID' if errors else 'ok'}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _register_jobs() -> None:
+    """The Ray job entry points double as subcommands: one definition, two ways to call."""
+    from jobs.collect import main as collect_main
+    from jobs.steer import main as steer_main
+
+    main.add_command(collect_main, name="collect")
+    main.add_command(steer_main, name="steer")
+
+
+_register_jobs()
+
+
 if __name__ == "__main__":
     main()

@@ -14,6 +14,10 @@ import torch  # noqa: E402
 
 from crossmodal.model import LoadedModel, build_random_model  # noqa: E402
 
+# Unit tests run tiny models: one thread avoids oversubscription on small CI machines
+# (2 cores), where two threads per test process made tiny-model tests up to 10x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> LoadedModel:
