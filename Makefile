@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(RAY_ENV) HF_HUB_OFFLINE=1 $(VENV)/bin/crossmodal demo
+	$(RAY_ENV) HF_HUB_OFFLINE=1 $(VENV)/bin/crossmodal run configs/pipeline-organism.yaml
 
 test: setup
 	$(RAY_ENV) HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ def main() -> None:
 
     \b
     Example:
-      crossmodal organism --eval
+      crossmodal run configs/pipeline-organism.yaml
     """
 
 
@@ -71,29 +71,14 @@ def organism(
 
 
 @main.command()
-@click.option(
-    "--n-per-language", default=50, show_default=True, help="Held-out sentences per language."
-)
-def demo(n_per_language: int) -> None:
-    """Run the main job on the model organism and print where the results are.
-
-    \b
-    Example:
-      crossmodal demo
-    """
-    from crossmodal.organism import evaluate_organism, organism_path
-
-    report = evaluate_organism(organism_path(), n_per_language=n_per_language)
-    click.echo(report.format())
-
-
-@main.command()
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(configs: tuple[str, ...]) -> None:
     """Validate collect or steer CONFIGS against their JSON Schemas; list every violation.
 
-    A config with a ``selectivity`` section is a steering grid (schemas/steer.schema.json),
-    any other a collect/pipeline config (schemas/collect.schema.json). Exits 1 on any error.
+    A config with a ``collect`` entry is a pipeline (schemas/pipeline.schema.json, its stage
+    configs checked too), one with a ``selectivity`` section a steering grid
+    (schemas/steer.schema.json), any other a collect config (schemas/collect.schema.json).
+    Exits 1 on any error.
 
     \b
     Example:
@@ -101,6 +86,7 @@ def validate(configs: tuple[str, ...]) -> None:
     """
     from crossmodal import config as collect_config
     from crossmodal import grid
+    from crossmodal.pipeline import load_pipeline
 
     failed = False
     for path in configs:
@@ -109,8 +95,15 @@ def validate(configs: tuple[str, ...]) -> None:
         except collect_config.ConfigError as err:
             errors = err.errors
         else:
-            is_grid = isinstance(raw, dict) and "selectivity" in raw
-            errors = (grid.validate if is_grid else collect_config.validate)(raw)
+            kind = next((k for k in ("collect", "selectivity") if k in (raw or {})), None)
+            if kind == "collect":
+                try:
+                    load_pipeline(path)
+                    errors = []
+                except collect_config.ConfigError as err:
+                    errors = err.errors
+            else:
+                errors = (grid.validate if kind else collect_config.validate)(raw)
         for line in errors:
             click.echo(line, err=True)
         failed |= bool(errors)
@@ -122,10 +115,16 @@ def validate(configs: tuple[str, ...]) -> None:
 def _register_jobs() -> None:
     """The Ray job entry points double as subcommands: one definition, two ways to call."""
     from jobs.collect import main as collect_main
+    from jobs.pipeline import main as pipeline_main
+    from jobs.reduce import main as reduce_main
+    from jobs.reduce import report_command
     from jobs.steer import main as steer_main
 
+    main.add_command(pipeline_main, name="run")
     main.add_command(collect_main, name="collect")
+    main.add_command(reduce_main, name="reduce")
     main.add_command(steer_main, name="steer")
+    main.add_command(report_command, name="report")
 
 
 _register_jobs()

@@ -9,6 +9,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,3 +32,75 @@ def tiny_model() -> LoadedModel:
     """A random tiny SeamlessM4T v2 (about 0.6M parameters), eval mode, six language tags."""
     torch.manual_seed(0)
     return build_random_model("tiny", seed=0)
+
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> list[str]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True)
+    return [
+        r
+        for r in rows.stdout.splitlines()
+        if int(r.split()[1]) == pgid and not r.split()[2].startswith("Z")
+    ]
+
+
+def kill_group(pgid: int) -> None:
+    """SIGTERM a process group, then SIGKILL until nothing of it is left (15 s)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + 15
+    while group_alive(pgid) and time.time() < deadline:
+        time.sleep(1)
+        if time.time() > deadline - 12:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A `ray start --head --block` in its own process group, stopped (and checked gone) after.
+
+    Yields ``{"gcs", "dashboard", "env"}``: the GCS address for ``--address``/``RAY_ADDRESS``,
+    the dashboard URL for ``ray job submit``, and the environment to run clients with.
+    """
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
+    env = {**os.environ, **RAY_ENV}
+    cmd = [
+        ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0",
+        f"--temp-dir={temp}", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
+    ]  # fmt: skip
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), 1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"ray head did not start; see {log.name}")
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        kill_group(proc.pid)
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert group_alive(proc.pid) == [], "ray head processes left behind"

@@ -1,0 +1,398 @@
+"""``crossmodal bench``: generation, capture, reference, steering and reducer speed (issue 8).
+
+For each (modality, batch size), on the same synthetic inputs: ``bare`` HF ``generate`` (greedy,
+``min_new_tokens = max_new_tokens`` so every row runs every step); ``fast``
+(:func:`crossmodal.fastgen.greedy_generate`, with an identity check); ``capture_hf`` /
+``capture_fast`` (:class:`~crossmodal.capture.Capturer` + :class:`~crossmodal.stats.UnitStats`
+updates per step, ``prefix_mean`` by default); ``reference`` (:func:`~crossmodal.reference.reference_capture`,
+batch 1, on a few examples); ``steer_hf`` / ``steer_fast`` (a different forcing per row, HF generate
+under :func:`~crossmodal.steering.forcing` vs :func:`~crossmodal.steering.generate_forced`). Once:
+the reducer (AP, AUROC, medians) over synthetic statistics of the real size, chunked over units.
+Times are the best of ``repeats`` after a warm-up (CUDA events on GPU). Imports only torch,
+transformers and numpy besides the project (no Ray, Zarr or click): the GPU command is
+``python -m crossmodal.bench --device cuda --model large``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from crossmodal import fastgen
+from crossmodal.capture import Capturer
+from crossmodal.inputs import ModelBatch, batch_from_token_ids
+from crossmodal.model import LoadedModel, build_random_model, feature_extractor, load_model
+from crossmodal.reference import reference_capture
+from crossmodal.selectivity_math import selectivity_from_stats
+from crossmodal.stats import UnitStats, choose_edges
+from crossmodal.steering import forcing, generate_forced, plan_batch
+from crossmodal.units import UnitIndex
+
+DECODER_UNITS_LARGE = 24 * 20_480 + 1024  # 492,544 (method.md "Units")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures (every field is a ``--flag`` of :func:`main`)."""
+
+    model: str = "organism"
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_sizes: tuple[int, ...] = (8, 32)
+    modalities: tuple[str, ...] = ("speech", "text")
+    n_batches: int = 2
+    max_new_tokens: int = 16
+    steps: tuple[int, ...] = (1, 6, 11)
+    poolings: tuple[str, ...] = ("prefix_mean",)  # the reference's value; "last" doubles stats
+    repeats: int = 3
+    reference_examples: int = 4
+    speech_seconds: float = 10.0
+    text_tokens: int = 32
+    steer_units: int = 1000
+    tgt_lang: str = "eng"
+    reducer: bool = True
+    reducer_units: int = DECODER_UNITS_LARGE
+    reducer_groups: int = 12
+    reducer_languages: int = 5
+    reducer_examples: int = 350
+    reducer_chunk: int = 32_768
+    reducer_threads: int = 2
+    n_bins: int = 256
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < max(self.steps) + 1:
+            raise ValueError(
+                f"max_new_tokens must be one of [>= {max(self.steps) + 1}], got "
+                f"{self.max_new_tokens!r}; every measured step needs a generated token"
+            )
+        if not set(self.modalities) <= {"speech", "text"}:
+            raise ValueError(f"modalities must be one of [speech, text], got {self.modalities!r}")
+
+
+def _once(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds and output of one call: wall clock on CPU, CUDA events on GPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    out = fn()
+    if not cuda:
+        return time.perf_counter() - t0, out
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3, out
+
+
+def timed(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, tuple[float, Any]]:
+    """Best time (s) and last output of each function: one warm-up, then ``repeats`` rounds.
+
+    Rounds interleave the functions, so a change in machine load hits all of them alike.
+    """
+    outs = {k: fn() for k, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            seconds, outs[k] = _once(fn, device)
+            best[k] = min(best[k], seconds)
+    return {k: (best[k], outs[k]) for k in fns}
+
+
+@contextmanager
+def fixed_length(model: torch.nn.Module, n: int):  # noqa: ANN201 - a context manager
+    """Ban EOS for ``n`` tokens in every generate (HF's and the fast path honour the config)."""
+    old = model.generation_config.min_new_tokens
+    model.generation_config.min_new_tokens = n
+    try:
+        yield
+    finally:
+        model.generation_config.min_new_tokens = old
+
+
+def load(cfg: BenchConfig) -> LoadedModel:
+    """The organism (or a path / hub id), or a random ``tiny``/``large`` model."""
+    if cfg.model in ("tiny", "large"):
+        return build_random_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+
+
+def make_inputs(loaded: LoadedModel, modality: str, n: int, cfg: BenchConfig) -> ModelBatch:
+    """``n`` synthetic examples: ``speech_seconds`` of tones + noise, or random token ids."""
+    rng = np.random.default_rng(cfg.seed)
+    if modality == "text":
+        vocab = loaded.model.config.vocab_size - len(loaded.lang_to_code_id)
+        ids = rng.integers(4, vocab, size=(n, cfg.text_tokens)).tolist()
+        return batch_from_token_ids(ids)
+    t = np.arange(int(16_000 * cfg.speech_seconds)) / 16_000
+    tone = [0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t) for i in range(n)]
+    waves = [(x + 0.05 * rng.standard_normal(t.size)).astype(np.float32) for x in tone]
+    extractor = getattr(loaded.processor, "feature_extractor", None) or feature_extractor()
+    feats = extractor(waves, sampling_rate=16_000, return_tensors="pt", padding=True)
+    ids = tuple(str(i) for i in range(n))
+    return ModelBatch("speech", feats["input_features"], feats["attention_mask"], ids, ("",) * n)
+
+
+def _rows(b: ModelBatch, r: slice) -> ModelBatch:
+    return ModelBatch(b.modality, b.inputs[r], b.attention_mask[r], b.ids[r], b.languages[r])
+
+
+def random_interventions(index: UnitIndex, rows: int, k: int, seed: int) -> list[dict]:
+    """Per row, ``k`` random decoder units forced to random values (a steering-grid batch)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
+        row: dict[str, tuple[list[int], list[float]]] = {}
+        for unit in rng.choice(index.n_units, size=min(k, index.n_units), replace=False):
+            name, feature = index.address(int(unit))
+            feats, vals = row.setdefault(index.site(name).module_path, ([], []))
+            feats.append(feature), vals.append(float(rng.normal()))
+        out.append(row)
+    return out
+
+
+def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
+    """Every measurement for one (modality, batch size) on the same inputs."""
+    model, dev, mnt, tgt = loaded.model, loaded.device, cfg.max_new_tokens, cfg.tgt_lang
+    n = batch_size * cfg.n_batches
+    data = make_inputs(loaded, modality, n, cfg)
+    batches = [_rows(data, slice(i, i + batch_size)) for i in range(0, n, batch_size)]
+    kwargs = [b.model_kwargs(dev, loaded.dtype) for b in batches]
+    ref = _rows(data, slice(0, min(cfg.reference_examples, n)))
+    index = UnitIndex.from_model(model, "decoder")
+    rows = [random_interventions(index, len(b), cfg.steer_units, cfg.seed + i)
+            for i, b in enumerate(batches)]  # fmt: skip
+
+    def capture(gen: str) -> Callable[[], dict]:
+        cap = Capturer(loaded, "decoder", cfg.steps, cfg.poolings, mnt, generator=gen)
+        pilot = cap.run(batches[0], tgt).values
+        edges = {key: choose_edges(v, cfg.n_bins) for key, v in pilot.items()}
+
+        def run() -> dict:
+            stats = {key: UnitStats.empty(e, dev) for key, e in edges.items()}
+            for b in batches:
+                for key, values in cap.run(b, tgt).values.items():
+                    stats[key].update(values)
+            return stats
+
+        return run
+
+    def steer_hf() -> list[torch.Tensor]:  # planning is counted on both sides
+        out = []
+        for k, r in zip(kwargs, rows, strict=True):
+            with forcing(model, plan_batch(model, r, device=dev)):
+                out.append(fastgen.hf_generate(loaded, k, tgt, mnt))
+        return out
+
+    with fixed_length(model, mnt):
+        fns = {
+            "bare": lambda: [fastgen.hf_generate(loaded, k, tgt, mnt) for k in kwargs],
+            "fast": lambda: [fastgen.greedy_generate(loaded, k, tgt, mnt).sequences for k in kwargs],
+            "capture_hf": capture("hf"),
+            "capture_fast": capture("fast"),
+            "reference": lambda: reference_capture(loaded, ref, tgt, steps=cfg.steps, max_new_tokens=mnt),
+            "steer_hf": steer_hf,
+            "steer_fast": lambda: [generate_forced(loaded, k, tgt, r, max_new_tokens=mnt)
+                                   for k, r in zip(kwargs, rows, strict=True)],
+        }  # fmt: skip
+        t = timed(fns, dev, cfg.repeats)
+    eps = {k: (len(ref) if k == "reference" else n) / seconds for k, (seconds, _) in t.items()}
+    res: dict[str, Any] = {"modality": modality, "batch_size": batch_size, "n_examples": n,
+                           "n_units": index.n_units, "reference_examples": len(ref),
+                           "steer_units_per_row": cfg.steer_units}  # fmt: skip
+    for k, v in eps.items():
+        res[f"{k}_eps"] = v
+        if k not in ("bare", "fast", "reference"):
+            res[f"{k}_ratio"] = v / eps["bare"]
+        if k.startswith("capture"):
+            res[f"{k}_vs_reference"] = v / eps["reference"]
+    for key, (a, b) in {"fast_identical": ("bare", "fast"),
+                        "steer_fast_identical": ("steer_hf", "steer_fast")}.items():  # fmt: skip
+        res[key] = all(torch.equal(x, y) for x, y in zip(t[a][1], t[b][1], strict=True))
+    res["stats_count"] = {f"{p}@{s}": v.n for (p, s), v in t["capture_fast"][1].items()}
+    return res
+
+
+def _synthetic_stats(units: int, cfg: BenchConfig, gen: torch.Generator) -> dict[str, UnitStats]:
+    """One (task, modality, step) chunk: per-language stats of the real shapes, shared edges.
+
+    Histograms are drawn directly (binned normals shifted per language), which is much cheaper
+    than ``UnitStats.update`` and gives the finalizer the same work.
+    """
+    n_k, n = cfg.n_bins + 2, cfg.reducer_examples
+    edges = torch.linspace(-4.0, 4.0, cfg.n_bins + 1)[None, :] * (torch.rand(units, 1) + 0.5)
+    out = {}
+    for lang in range(cfg.reducer_languages):
+        centre = n_k / 2 + torch.randn(units, 1, generator=gen) * lang * 6
+        bins = (centre + torch.randn(units, n, generator=gen) * n_k / 6).round()
+        hist = torch.zeros(units, n_k, dtype=torch.int32)
+        hist.scatter_add_(1, bins.clamp(0, n_k - 1).long(), torch.ones(units, n, dtype=torch.int32))
+        mean = torch.randn(units, dtype=torch.float64, generator=gen)
+        out[f"l{lang}"] = UnitStats(
+            edges=edges, count=torch.tensor(n), dropped=torch.tensor(0), mean=mean,
+            m2=torch.full((units,), float(n), dtype=torch.float64),
+            min=mean - 4, max=mean + 4, hist=hist,
+        )  # fmt: skip
+    return out
+
+
+def bench_reducer(cfg: BenchConfig) -> dict:
+    """AP, AUROC, on_p50/p90, off_mean for units x (groups x languages) conditions, by chunks.
+
+    Synthetic statistics are built per chunk of units (not timed), then the finalizer is
+    timed; chunking over units bounds memory, as a reducer reading a unit-chunked store does.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.reducer_threads)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    finalize = build = 0.0
+    chunks = [min(cfg.reducer_chunk, cfg.reducer_units - i)
+              for i in range(0, cfg.reducer_units, cfg.reducer_chunk)]  # fmt: skip
+    try:
+        for units in chunks * cfg.reducer_groups:
+            t0 = time.perf_counter()
+            stats = _synthetic_stats(units, cfg, gen)
+            t1 = time.perf_counter()
+            sel = selectivity_from_stats(stats)
+            finalize, build = finalize + time.perf_counter() - t1, build + t1 - t0
+            if not all(torch.isfinite(s.ap).all() for s in sel.values()):
+                raise RuntimeError("reducer benchmark produced non-finite AP")
+    finally:
+        torch.set_num_threads(threads)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    return {"units": cfg.reducer_units, "conditions": cfg.reducer_groups * cfg.reducer_languages,
+            "n_bins": cfg.n_bins, "examples_per_language": cfg.reducer_examples,
+            "chunk_units": cfg.reducer_chunk, "threads": cfg.reducer_threads,
+            "finalize_s": finalize, "synthetic_build_s": build, "peak_rss_gib": rss}  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: CPU model, cores, memory, GPU, versions, load."""
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg()}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every measurement of ``cfg``; returns the JSON-ready result."""
+    transformers.logging.set_verbosity_error()  # the reference's model() calls warn per call
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m crossmodal.bench", *sys.argv[1:]]),
+        "config": asdict(cfg),
+        "machine": machine(),
+        "cells": [],
+    }
+    if cfg.reducer:  # first, so its peak RSS is not the model's
+        out["reducer"] = bench_reducer(cfg)
+        print(format_table({"cells": [], "reducer": out["reducer"]}), flush=True)
+    if cfg.modalities:
+        loaded = load(cfg)
+        out["model"] = loaded.provenance()
+        print(format_table({"cells": []}, header=True), flush=True)
+        for modality in cfg.modalities:
+            for bs in cfg.batch_sizes:
+                out["cells"].append(bench_cell(loaded, modality, bs, cfg))
+                print(format_row(out["cells"][-1]), flush=True)
+    out["load_avg_end"] = os.getloadavg()
+    return out
+
+
+COLUMNS = (
+    ("modality", "{}"), ("batch_size", "{}"), ("bare_eps", "{:.1f}"), ("fast_eps", "{:.1f}"),
+    ("fast_identical", "{}"), ("capture_hf_ratio", "{:.2f}"), ("capture_fast_ratio", "{:.2f}"),
+    ("reference_eps", "{:.2f}"), ("capture_fast_vs_reference", "{:.1f}"),
+    ("steer_hf_ratio", "{:.2f}"), ("steer_fast_ratio", "{:.2f}"),
+)  # fmt: skip
+
+
+def format_row(cell: dict) -> str:
+    return " ".join(f"{fmt.format(cell[key]):>13}" for key, fmt in COLUMNS)
+
+
+def format_table(result: dict, header: bool = False) -> str:
+    """The printed summary: one row per (modality, batch size), then the reducer."""
+    lines = [" ".join(f"{k[:13]:>13}" for k, _ in COLUMNS)] if header or result["cells"] else []
+    lines += [format_row(c) for c in result["cells"]]
+    if r := result.get("reducer"):
+        lines.append(
+            f"reducer: {r['units']} units x {r['conditions']} conditions: finalize "
+            f"{r['finalize_s']:.1f} s on {r['threads']} threads, peak RSS {r['peak_rss_gib']:.2f} GiB"
+        )
+    return "\n".join(lines)
+
+
+GPU_DEFAULTS = {"model": "large", "dtype": "float16", "batch_sizes": (32, 64, 128),
+                "max_new_tokens": 32}  # fmt: skip
+
+
+def bench(out: str | None = None, **options: Any) -> dict[str, Any]:
+    """The ``crossmodal bench`` command: run, print the table, write JSON to ``out``.
+
+    Args:
+        out: JSON path, or ``None``.
+        options: :class:`BenchConfig` fields; ``device`` defaults to ``cuda`` when present,
+            and a CUDA run defaults to :data:`GPU_DEFAULTS` (large random model, fp16,
+            B=32/64/128, 32 new tokens); a CPU run to the organism (:class:`BenchConfig`).
+    """
+    device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = GPU_DEFAULTS if device.startswith("cuda") else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    cfg = BenchConfig(**{**defaults, **given, "device": device})
+    result = run_bench(cfg)
+    print(format_table(result))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+_PARSE: dict[str, Callable[[str], Any]] = {
+    "bool": lambda v: v.lower() in ("1", "true", "yes"),
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "tuple[int, ...]": lambda v: tuple(int(x) for x in v.split(",")),
+    "tuple[str, ...]": lambda v: tuple(x for x in v.split(",") if x),  # "" -> no model cells
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m crossmodal.bench [--device cuda --model large] [--out results.json]``."""
+    parser = argparse.ArgumentParser(prog="python -m crossmodal.bench", description=__doc__)
+    parser.add_argument("--out", default=None, help="write the JSON result here")
+    for f in fields(BenchConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_PARSE.get(str(f.type), str))
+    bench(**vars(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

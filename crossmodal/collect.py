@@ -1,0 +1,388 @@
+"""The collect job: :class:`Collector` actors run work units; the driver plans, schedules,
+records and merges.
+
+A :class:`Collector` is a callable class (style lesson 10): ``__init__`` loads the model and
+builds the :class:`~crossmodal.capture.Capturer` once; each call runs ONE job, a
+:class:`~crossmodal.plan.PilotUnit` (exact values of a pilot sample -> histogram edges, written
+to ``edges[t, m]``) or a :class:`~crossmodal.plan.WorkUnit` (statistics kept on the model's
+device, written to ``parts[p]``), and returns a small JSON-ready summary. It is importable and
+testable without Ray; the driver wraps it with ``ray.remote`` and an actor pool.
+
+The driver (:func:`run_collect`) is the only writer of metadata: it plans, creates or resumes
+the store (:mod:`crossmodal.store`), runs the pending pilots, then the pending work units,
+marks each in the manifest AFTER its writer returned (so a half-written part is redone on
+resume), merges each condition as soon as all its parts are done, and writes provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from crossmodal.config import ORGANISM_SOURCE, CollectConfig, load_config
+from crossmodal.plan import (
+    PilotUnit,
+    Plan,
+    WorkUnit,
+    build_plan,
+    estimate_size,
+    family_sizes,
+    format_plan,
+    unit_index,
+)
+from crossmodal.records import Record
+from crossmodal.stats import UnitStats, choose_edges
+from crossmodal.store import (
+    StoreDims,
+    UnitCoords,
+    create_store,
+    finish,
+    manifest,
+    mark_edges,
+    mark_part,
+    merge_condition,
+    open_existing,
+    read_edges,
+    write_edges,
+    write_part,
+)
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+"""platform.md: without these an in-process ``ray.init()`` turns on token auth."""
+_PACKAGES = ("crossmodal", "torch", "transformers", "zarr", "numpy", "ray", "xarray")
+
+
+def applies(family: str, modality: str) -> bool:
+    """Encoder families exist only for their own modality (the other encoder never runs)."""
+    return {"speech_encoder": "speech", "text_encoder": "text"}.get(family, modality) == modality
+
+
+def _batches(records: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+class Collector:
+    """One model replica: ``collector(job)`` runs a pilot or a work unit and writes its region.
+
+    Args:
+        config: the validated run config.
+        store: path of the store, created by the driver.
+        device: default ``cuda`` when ``config.actors.num_gpus > 0``, else ``cpu``.
+    """
+
+    def __init__(self, config: CollectConfig, store: str | Path, device: str | None = None) -> None:
+        from crossmodal.capture import Capturer
+        from crossmodal.model import load_model
+
+        self.config = config
+        self.store = str(store)
+        use_gpu = config.actors.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device(device or ("cuda" if use_gpu else "cpu"))
+        self.loaded = load_model(
+            config.model, device=self.device, dtype=config.dtype, revision=config.revision
+        )
+        self.capturer = Capturer(self.loaded, config.families, config.steps, config.poolings,
+                                 config.max_new_tokens, generator=config.generator)  # fmt: skip
+        counts = self.capturer.index.counts("family")  # families are contiguous, in order
+        ends = np.cumsum([counts[f] for f in self.capturer.index.families])
+        self.slices = {f: slice(int(e - counts[f]), int(e))
+                       for f, e in zip(self.capturer.index.families, ends, strict=True)}  # fmt: skip
+        self._records: OrderedDict[tuple, tuple[list[Record], int]] = OrderedDict()
+
+    def __call__(self, job: WorkUnit | PilotUnit) -> dict[str, Any]:
+        return self.pilot(job) if isinstance(job, PilotUnit) else self.run(job)
+
+    # ------------------------------------------------------------------ data
+
+    def _load(self, language: str, modality: str, ids: tuple[str, ...]) -> tuple[list[Record], int]:
+        """Records of ``ids`` (in that order) and how many were skipped; a 2-entry cache
+        serves the pivot inputs that en2x runs once per target."""
+        key = (language, modality, ids)
+        if key not in self._records:
+            data, speech = self.config.data, modality == "speech"
+            if data.source == ORGANISM_SOURCE:
+                from crossmodal.organism import organism_corpus
+
+                n = data.examples_per_language
+                found = organism_corpus(data.split, [language], n, self.config.seed, audio=speech)
+            else:
+                from crossmodal.fleurs import FleursParquetSource, FleursSource
+
+                kind = FleursSource if data.source == "fleurs_raw" else FleursParquetSource
+                found = kind(data.path, audio=speech, audio_root=data.audio_root).records(
+                    language, data.split, ids=ids
+                )
+            by_id = {r.id: r for r in found}
+            records = [by_id[i] for i in ids if i in by_id]
+            self._records[key] = (records, len(ids) - len(records))
+            while len(self._records) > 2:
+                self._records.popitem(last=False)
+        return self._records[key]
+
+    def _capture(self, records: Sequence[Record], modality: str, target: str) -> Iterator[Any]:
+        from crossmodal.inputs import make_batch
+
+        for batch in _batches(records, self.config.batch_size):
+            yield self.capturer.run(make_batch(batch, modality, self.loaded), tgt_lang=target)
+
+    @property
+    def _step_poolings(self) -> list[tuple[int, int]]:
+        return [
+            (si, pi)
+            for si in range(len(self.config.steps))
+            for pi in range(len(self.config.poolings))
+        ]
+
+    def _families(self, modality: str) -> list[str]:
+        return [f for f in self.config.families if applies(f, modality)]
+
+    # ------------------------------------------------------------------ jobs
+
+    def pilot(self, job: PilotUnit) -> dict[str, Any]:
+        """Exact pilot values -> ``choose_edges`` per (family, step, pooling) -> ``edges[t, m]``."""
+        start, cfg = time.time(), self.config
+        families = self._families(job.modality)
+        values: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        n_examples = skipped = 0
+        for cond, ids in job.items:
+            records, n_skip = self._load(cond.source, cond.modality, ids)
+            n_examples, skipped = n_examples + len(records), skipped + n_skip
+            for res in self._capture(records, cond.modality, cond.target):
+                for si, step in enumerate(cfg.steps):
+                    for pi, pooling in enumerate(cfg.poolings):
+                        v = res.values[(pooling, step)]
+                        for f in families:
+                            values.setdefault((f, si, pi), []).append(v[:, self.slices[f]])
+        fallback = []
+        t, m = cfg.tasks.index(job.task), cfg.modalities.index(job.modality)
+        for f, si, pi in [(f, si, pi) for f in families for si, pi in self._step_poolings]:
+            rows = torch.cat(values.get((f, si, pi), []) or [torch.zeros(0, 0)])
+            if rows.shape[0] == 0:  # no pilot output reached this step: use every step's
+                fallback.append(cfg.steps[si])
+                every = [x for s in range(len(cfg.steps)) for x in values.get((f, s, pi), [])]
+                rows = torch.cat(every or [rows])  # still empty: choose_edges says so
+            edges = choose_edges(rows, cfg.n_bins).cpu().numpy()
+            write_edges(self.store, f, (t, m), {(si, pi): edges})  # one at a time: bounded RAM
+        return {"kind": "pilot", "task": job.task, "modality": job.modality,
+                "n_examples": n_examples, "n_skipped": skipped,
+                "edges_from_all_steps": sorted(set(fallback)), "seconds": time.time() - start}  # fmt: skip
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]:
+        """All batches of one work unit into on-device :class:`UnitStats`, then ``parts[p]``."""
+        start, cfg, cond = time.time(), self.config, unit.condition
+        t, m = cfg.tasks.index(cond.task), cfg.modalities.index(cond.modality)
+        families = self._families(cond.modality)
+        stats = {}
+        for f in families:
+            edges = torch.as_tensor(read_edges(self.store, f, (t, m)), device=self.device)
+            for si, pi in self._step_poolings:
+                stats[(f, si, pi)] = UnitStats.empty(edges[si, pi], self.device)
+        records, skipped = self._load(cond.source, cond.modality, unit.example_ids)
+        n_rows, n_ended = [0] * len(cfg.steps), [0] * len(cfg.steps)
+        texts: list[str] = []
+        for res in self._capture(records, cond.modality, cond.target):
+            texts.extend(res.texts[: max(0, 3 - len(texts))])
+            for si, step in enumerate(cfg.steps):
+                n_rows[si] += len(res.rows[step])
+                n_ended[si] += res.n_ended[step]
+                for pi, pooling in enumerate(cfg.poolings):
+                    v = res.values[(pooling, step)]
+                    for f in families if len(v) else ():  # update() needs >= 1 row
+                        stats[(f, si, pi)].update(v[:, self.slices[f]])
+        for (f, si, pi), s in stats.items():  # one (step, pooling) at a time: bounded host RAM
+            write_part(self.store, f, unit.index, {(si, pi): s.to_numpy()})
+        dropped = sum(int(s.dropped) for s in stats.values())
+        return {"kind": "part", "part": unit.index, "key": unit.key, "n_examples": len(records),
+                "n_skipped": skipped, "n_rows": n_rows, "n_ended": n_ended, "dropped": dropped,
+                "texts": texts, "seconds": time.time() - start,
+                "provenance": self.loaded.provenance()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def store_dims(plan: Plan) -> StoreDims:
+    c = plan.config
+    parts = tuple((*w.condition.key.split("/"), w.shard) for w in plan.work_units)
+    return StoreDims(c.tasks, c.modalities, c.languages, c.steps, c.poolings, c.n_bins, parts)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _merge_ready(root: Any, plan: Plan, keep_parts: bool) -> None:
+    """Merge every condition whose parts are all done and that is not merged yet."""
+    done, merged = manifest(root)["parts"], set(manifest(root)["merged"])
+    dims = store_dims(plan)
+    for cond in plan.conditions:
+        units = plan.units_of(cond)
+        if cond.key in merged or any(str(w.index) not in done for w in units):
+            continue
+        summaries = [done[str(w.index)] for w in units]
+        counts = {k: np.sum([s[k] for s in summaries], axis=0).tolist()
+                  for k in ("n_examples", "n_skipped", "n_rows", "n_ended")}  # fmt: skip
+        families = [f for f in plan.config.families if applies(f, cond.modality)]
+        key = (cond.task, cond.modality, cond.language)
+        parts = [w.index for w in units]
+        merge_condition(root, dims, families, key, parts, counts, keep_parts=keep_parts)
+
+
+def _pool_map(actors: list[Any], jobs: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Results in completion order; each actor runs one job at a time."""
+    from ray.util import ActorPool
+
+    yield from ActorPool(actors).map_unordered(lambda a, job: a.__call__.remote(job), list(jobs))
+
+
+def _start_actors(
+    config: CollectConfig, store: Path, address: str | None
+) -> tuple[list[Any], bool]:
+    """Connect to (or start) Ray and create the actors; returns (actors, whether we started Ray)."""
+    import ray
+
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    started = not ray.is_initialized()
+    if started:
+        env = {**RAY_ENV, **{k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}}
+        ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env})
+    a = config.actors
+    remote = ray.remote(num_gpus=a.num_gpus, num_cpus=a.num_cpus, max_restarts=a.max_restarts,
+                        max_task_retries=a.max_task_retries)(Collector)  # fmt: skip
+    return [remote.remote(config, str(store)) for _ in range(a.count)], started
+
+
+def _check_disk(store: Path, need: int) -> None:
+    """Refuse to start a store the disk cannot hold (the compressed peak estimate)."""
+    parent = next(p for p in (store, *store.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise ValueError(
+            f"output disk must have one of [>= {need / 1e9:.1f} GB free] (the plan's compressed "
+            f"estimate), got {free / 1e9:.1f} GB at {str(parent)!r}; free space or choose "
+            "another output"
+        )
+
+
+def run_collect(
+    config: CollectConfig,
+    *,
+    address: str | None = None,
+    dry_run: bool = False,
+    source: str = "",
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Plan, then (unless ``dry_run``) collect into ``config.output``, resuming what is done.
+
+    Args:
+        address: Ray address (``auto`` = a running head); ``None`` connects to the cluster of
+            a ``ray job submit`` or starts an in-process Ray.
+        echo: where the plan and the final line go.
+
+    Returns:
+        ``{"store", "plan_hash", "work_units", "ran", "resumed", "examples", "seconds"}``.
+
+    Raises:
+        StoreError: the output holds another config's or another plan's store.
+        ValueError: the data is absent (only ``dry_run`` works then).
+    """
+    start = time.time()
+    plan = build_plan(config)
+    index = unit_index(config)
+    echo(format_plan(plan, family_sizes(index), source))
+    out = {"store": str(Path(config.output).resolve()), "plan_hash": plan.hash, "ran": 0,
+           "work_units": len(plan.work_units), "resumed": 0, "examples": plan.n_examples}  # fmt: skip
+    if dry_run:
+        return out
+    if plan.estimated:
+        raise ValueError(
+            f"data.path must be one of [an existing dataset directory], got "
+            f"{config.data.path!r}; only --dry-run works without the data"
+        )
+    store = Path(out["store"])
+    root = open_existing(store, config_hash=config.hash(), plan_hash=plan.hash)
+    if root is None:
+        _check_disk(store, sum(s.compressed for s in estimate_size(plan, family_sizes(index))))
+        units = {f: UnitCoords.from_index(index, f) for f in index.families}
+        attrs = {"config": config.to_dict(), "config_hash": config.hash(), "created": _now(),
+                 "plan_hash": plan.hash,
+                 "provenance": {"packages": package_versions(), "host": platform.node()}}  # fmt: skip
+        root = create_store(store, dims=store_dims(plan), units=units, plan=plan.to_dict(),
+                            attrs=attrs)  # fmt: skip
+    done = manifest(root)
+    pilots = [p for p in plan.pilots if f"{p.task}/{p.modality}" not in done["edges"]]
+    units = [w for w in plan.work_units if str(w.index) not in done["parts"]]
+    out["resumed"] = len(plan.work_units) - len(units)
+    model_prov: dict[str, Any] = {}
+    if pilots or units:
+        actors, started = _start_actors(config, store, address)
+        try:
+            for s in _pool_map(actors, pilots):
+                mark_edges(root, s["task"], s["modality"], s)
+            initial = plan.n_examples - sum(w.n_examples for w in units)
+            with tqdm(total=plan.n_examples, initial=initial, unit="ex", desc="collect",
+                      disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+                for s in _pool_map(actors, units):
+                    mark_part(root, s["part"], {k: v for k, v in s.items() if k != "provenance"})
+                    model_prov = s["provenance"]
+                    out["ran"] += 1
+                    bar.update(plan.work_units[s["part"]].n_examples)
+                    n_done = out["resumed"] + out["ran"]
+                    bar.set_postfix_str(f"work units {n_done}/{len(plan.work_units)}")
+                    _merge_ready(root, plan, config.keep_parts)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    _merge_ready(root, plan, config.keep_parts)
+    prov = dict(root.attrs.get("provenance", {}))
+    if model_prov:
+        prov["model"] = model_prov
+    finish(root, {"finished": _now(), "provenance": prov})
+    out["seconds"] = time.time() - start
+    echo(f"collected {out['ran']} work units ({out['resumed']} already done) into {store} "
+         f"in {out['seconds']:.1f} s")  # fmt: skip
+    return out
+
+
+def collect_file(
+    path: str | Path,
+    *,
+    address: str | None = None,
+    dry_run: bool = False,
+    output: str | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``crossmodal collect CONFIG``: load and validate the file, then :func:`run_collect`."""
+    config = load_config(path)
+    if output is not None:
+        config = config.with_output(output)
+    kw = {"address": address, "dry_run": dry_run, "echo": echo, "progress": progress}
+    return run_collect(config, source=str(path), **kw)

@@ -1,0 +1,206 @@
+"""collect -> reduce -> steer -> report as one resumable run, and its headline numbers.
+
+Each stage is resumable on its own (the collect manifest, the reduce attrs, the steer part
+files), so re-running the pipeline redoes only what is missing. The pipeline config
+(``schemas/pipeline.schema.json``) points at the stage configs; the steering grid always
+reads the selectivity of the collect store of the same pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+
+from crossmodal.config import ConfigError, read_file
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.schema.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A validated pipeline: stage config paths (resolved) and stage options."""
+
+    collect: Path
+    steer: Path | None
+    k: int
+    scopes: tuple[str, ...]
+    report_out: Path | None
+
+
+def _resolve(path: str, base: Path) -> Path:
+    """Relative to the working directory first (``ray job submit --working-dir``), else to
+    the pipeline file."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else base / p
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Validate a pipeline config and the stage configs it names, reporting every error.
+
+    Raises:
+        ConfigError: one line per violation, stage configs included.
+    """
+    from crossmodal import config as collect_config
+    from crossmodal import grid
+
+    raw = read_file(path)
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or 'config'}: {e.message}"
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(raw)
+    ]
+    if errors:
+        raise ConfigError(str(path), errors)
+    base = Path(path).resolve().parent
+    collect = _resolve(raw["collect"], base)
+    steer = _resolve(raw["steer"], base) if raw.get("steer") else None
+    errors += [f"collect ({collect}): {line}" for line in collect_config.validate_file(collect)]
+    if steer is not None:
+        try:
+            errors += [f"steer ({steer}): {line}" for line in grid.validate(read_file(steer))]
+        except ConfigError as err:
+            errors += err.errors
+    if errors:
+        raise ConfigError(str(path), errors)
+    reduce = raw.get("reduce", {})
+    out = raw.get("report", {}).get("out")
+    return PipelineConfig(
+        collect=collect,
+        steer=steer,
+        k=int(reduce.get("k", 1000)),
+        scopes=tuple(reduce.get("scopes", ("all", "attention", "ffn"))),
+        report_out=Path(out) if out else None,
+    )
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) every stage, then return paths and the headline numbers.
+
+    Returns:
+        ``{"store", "report", "steer", "headline": {...}}``.
+    """
+    from crossmodal import results
+    from crossmodal.collect import run_collect
+    from crossmodal.config import load_config
+    from crossmodal.grid import load_grid
+    from crossmodal.reduce import run_reduce
+    from crossmodal.steer import run_steer
+
+    collect_cfg = load_config(config.collect)
+    echo("== collect ==")
+    collected = run_collect(
+        collect_cfg, address=address, source=str(config.collect), echo=echo, progress=progress
+    )
+    store = Path(collected["store"])
+    echo("== reduce ==")
+    run_reduce(
+        store, k=config.k, scopes=config.scopes, address=address, progress=progress, echo=echo
+    )
+    steer_out = None
+    if config.steer is not None:
+        echo("== steer ==")
+        grid = load_grid(config.steer)
+        grid = replace(grid, selectivity=replace(grid.selectivity, path=str(store)))
+        run_steer(grid, address=address, progress=progress, echo=echo)
+        steer_out = Path(grid.output).resolve()
+    echo("== report ==")
+    res = results.open(store)
+    paths = res.report(config.report_out)
+    report_dir = paths[0].parent if paths else config.report_out
+    headline = headline_numbers(res, steer_out)
+    return {
+        "store": str(store),
+        "report": str(report_dir),
+        "steer": str(steer_out),
+        "headline": headline,
+    }
+
+
+def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:
+    """Step-1 same-language overlap vs random, control steering vs random units, throughput."""
+    out: dict[str, Any] = {}
+    ov = res.overlap()
+    if "step" in ov.dims and 1 in ov["step"].values:
+        s1 = ov.sel(step=1)
+        if "kind" in s1.dims:
+            s1 = s1.sel(kind="top")
+        for task in s1["task"].values if "task" in s1.dims else []:
+            cell = s1.sel(task=task)
+            out[f"overlap_step1_{task}"] = {
+                "diagonal_mean": float(np.nanmean(cell["diagonal"].values)),
+                "random_expected": float(np.nanmean(cell["diagonal_expected"].values)),
+                "max_p_value": float(np.nanmax(cell["diagonal_p"].values)),
+                "offdiag_mean": float(np.nanmean(cell["offdiag_mean"].values)),
+            }
+    parts = res.attrs.get("manifest_parts") or _manifest_parts(res.path)
+    seconds = sum(float(p.get("seconds", 0.0)) for p in parts)
+    examples = sum(int(p.get("n_examples", 0)) for p in parts)
+    if seconds > 0:
+        out["capture_examples_per_s"] = examples / seconds
+    if steer_out is not None and (steer_out / "summary.parquet").is_file():
+        import pandas as pd
+
+        summary = pd.read_parquet(steer_out / "summary.parquet")
+        out["control_steering"] = steering_headline(summary)
+    return out
+
+
+def _manifest_parts(store: Path) -> list[Mapping[str, Any]]:
+    import zarr
+
+    from crossmodal.store import manifest
+
+    return list(manifest(zarr.open_group(str(store), mode="r"))["parts"].values())
+
+
+def steering_headline(summary: Any) -> dict[str, float]:
+    """Mean target-language share: en2x control units found on speech, forced on text input,
+    against random units of the same size (the paper's cross-modal steering result)."""
+    cross = summary[(summary["input_modality"] == "text")]
+    selected = cross[(cross["kind"] == "selected") & (cross["role"] == "control")]
+    selected = selected[selected["unit_modality"] == "speech"]
+    random = cross[cross["kind"] == "random"]
+    if "role" in random:
+        random = random[(random["role"] == "control") | random["role"].isna()]
+    return {
+        "selected_target_share": float(selected["target_share"].mean()),
+        "random_target_share": float(random["target_share"].mean()),
+        "n_selected_cells": int(len(selected)),
+        "n_random_cells": int(len(random)),
+    }
+
+
+def format_headline(result: Mapping[str, Any]) -> str:
+    """The lines ``make demo`` ends with."""
+    h = result["headline"]
+    lines = [f"store:   {result['store']}", f"report:  {result['report']}"]
+    if result.get("steer") not in (None, "None"):
+        lines.append(f"steer:   {result['steer']} (results.parquet, summary.parquet)")
+    for key, v in h.items():
+        if key.startswith("overlap_step1_"):
+            lines.append(
+                f"step-1 speech/text overlap ({key.removeprefix('overlap_step1_')}, top-k): "
+                f"same language {v['diagonal_mean']:.1f} units vs random {v['random_expected']:.2f} "
+                f"(other languages {v['offdiag_mean']:.1f})"
+            )
+    if "control_steering" in h:
+        c = h["control_steering"]
+        lines.append(
+            "control units found on speech, forced on text: output in the target language "
+            f"{c['selected_target_share']:.0%} vs random units {c['random_target_share']:.0%}"
+        )
+    if "capture_examples_per_s" in h:
+        lines.append(f"capture throughput: {h['capture_examples_per_s']:.1f} examples/s per actor")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Ray job entry points (recipes: wiring only; the logic lives in ``crossmodal``)."""

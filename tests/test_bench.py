@@ -1,0 +1,110 @@
+"""Smoke tests of ``crossmodal bench`` (not timed: they check fields, not speed).
+
+The end-to-end run happens in a subprocess where ``ray``, ``zarr`` and ``click`` cannot be
+imported, because the benchmark must run on a GPU machine that has only torch, transformers
+and numpy (marked integration: interpreter start plus two cells take ~15 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from crossmodal.bench import BenchConfig, bench_cell, bench_reducer, format_row, format_table
+
+SMOKE = textwrap.dedent(
+    """
+    import sys
+    for name in ("ray", "zarr", "click"):
+        sys.modules[name] = None  # import of these now raises ImportError
+    from crossmodal.bench import main
+    main(sys.argv[1:])
+    assert not {"ray", "zarr", "click"} & {m for m, v in sys.modules.items() if v is not None}
+    """
+)
+
+
+RATIOS = (
+    "bare_eps", "fast_eps", "capture_hf_eps", "capture_fast_eps", "reference_eps",
+    "steer_hf_eps", "steer_fast_eps", "capture_hf_ratio", "capture_fast_ratio",
+    "capture_fast_vs_reference", "capture_hf_vs_reference", "steer_hf_ratio", "steer_fast_ratio",
+)  # fmt: skip
+
+
+def check_cell(cell: dict, batch: int) -> None:
+    for key in RATIOS:
+        assert isinstance(cell[key], float) and math.isfinite(cell[key]) and cell[key] > 0, key
+    assert cell["fast_identical"] is True and cell["steer_fast_identical"] is True
+    steps = {f"prefix_mean@{s}": batch for s in (1, 6, 11)}
+    assert cell["stats_count"] == steps
+    assert cell["reference_examples"] == 1 and cell["n_examples"] == batch
+
+
+def test_one_cell_in_process(tiny_model):
+    cfg = BenchConfig(
+        model="tiny", n_batches=1, repeats=1, reference_examples=1, max_new_tokens=12,
+        text_tokens=6, steer_units=20, n_bins=16,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on 2 busy cores are several times slower
+    try:
+        cell = bench_cell(tiny_model, "text", 2, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    check_cell(cell, 2)
+    # tiny decoder, per layer: 8 attention projections + 3 norms + fc2 of width 64, fc1 128
+    assert cell["n_units"] == 2 * (12 * 64 + 128) + 64
+    assert format_row(cell).split()[:2] == ["text", "2"]
+
+
+@pytest.mark.integration
+def test_bench_runs_without_ray_zarr_click(tmp_path):
+    out = tmp_path / "results.json"
+    args = [
+        "--model", "tiny", "--device", "cpu", "--batch-sizes", "2", "--n-batches", "1",
+        "--repeats", "1", "--reference-examples", "1", "--max-new-tokens", "12",
+        "--speech-seconds", "1", "--text-tokens", "6", "--steer-units", "20",
+        "--reducer-units", "600", "--reducer-chunk", "400", "--reducer-groups", "1",
+        "--n-bins", "16", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SMOKE, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["model"] == "tiny" and result["machine"]["cores"] >= 1
+    assert result["model"]["model_source"] == "random:tiny"
+    assert [(c["modality"], c["batch_size"]) for c in result["cells"]] == [
+        ("speech", 2),
+        ("text", 2),
+    ]
+    for cell in result["cells"]:
+        check_cell(cell, 2)
+    red = result["reducer"]
+    assert (red["units"], red["conditions"], red["chunk_units"]) == (600, 5, 400)
+    assert red["finalize_s"] > 0 and red["peak_rss_gib"] > 0
+    assert "reducer: 600 units x 5 conditions" in proc.stdout
+
+
+def test_reducer_alone_and_table():
+    cfg = BenchConfig(
+        reducer_units=300, reducer_chunk=128, reducer_groups=2, reducer_languages=3, n_bins=8
+    )
+    red = bench_reducer(cfg)
+    assert red["conditions"] == 6 and red["finalize_s"] > 0
+    assert "300 units x 6 conditions" in format_table({"cells": [], "reducer": red})
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="max_new_tokens must be one of"):
+        BenchConfig(max_new_tokens=8)
+    with pytest.raises(ValueError, match="modalities must be one of"):
+        BenchConfig(modalities=("video",))

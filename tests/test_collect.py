@@ -1,0 +1,378 @@
+"""The collect job end to end: Collector without Ray, then the three Ray launch modes.
+
+Model: an untrained tiny SeamlessM4T v2 with the organism's real sentencepiece tokenizer,
+saved as an ordinary model directory (the load path of the real model). Data: the
+FLEURS-shaped fixture (eng, deu, cmn; eng has corrupt, missing and truncated audio, so
+skips are counted). Edge cases: skipped examples inside a shard, a step some outputs do not
+reach, en2x reusing the pivot inputs per target, a part half-written before a crash. The
+last test runs configs/organism.yaml (the demo) on the shipped organism, shrunk.
+
+Ray hygiene (platform.md): RAY_AUTH_MODE=disabled and RAY_USAGE_STATS_ENABLED=0 everywhere;
+fractional num_cpus; the head is started by this module in its own process group on free
+ports and killed by process group in ``finally`` (never ``ray stop``, which would stop every
+Ray on a shared machine). ``--address auto`` is pinned to that head with RAY_ADDRESS so it
+cannot join a neighbour's cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+import zarr
+
+from crossmodal.collect import Collector, run_collect, store_dims
+from crossmodal.config import load_config
+from crossmodal.plan import build_plan, unit_index
+from crossmodal.store import StoreError, UnitCoords, create_store
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+GROUPS = ("units/decoder", "edges/decoder", "parts/decoder", "stats/decoder")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny model with the organism tokenizer, saved like a real checkpoint."""
+    import torch
+    from transformers import GenerationConfig, SeamlessM4TFeatureExtractor, SeamlessM4Tv2Model
+
+    from crossmodal.model import tiny_config
+    from crossmodal.organism.corpus import organism_corpus
+    from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("model")
+    train_sentencepiece([r.text for r in organism_corpus("train", None, 50, 0, audio=False)], out)
+    processor = build_processor(out)
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        max_new_tokens=8,
+        text_decoder_lang_to_code_id={
+            t[2:-2]: tok.convert_tokens_to_ids(t) for t in language_tokens()
+        },
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    SeamlessM4TFeatureExtractor().save_pretrained(out)  # preprocessor_config.json
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleurs(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fleurs_fixture import build_fleurs
+
+    return build_fleurs(tmp_path_factory.mktemp("data")).root
+
+
+@pytest.fixture(scope="module")
+def raw_config(model_dir, fleurs) -> dict:
+    return {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "languages": ["eng", "deu", "cmn"],
+        "steps": [1, 3],
+        "n_bins": 16,
+        "pilot_size": 6,
+        "batch_size": 2,
+        "max_new_tokens": 6,
+        "data": {"source": "fleurs_raw", "path": str(fleurs)},
+        "shard_size": 4,
+        "keep_parts": True,
+        "actors": {"count": 2, "num_cpus": 0.5, "max_restarts": 1, "max_task_retries": 1},
+    }
+
+
+def _write_config(raw: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _assert_same_stats(a: Path, b: Path) -> None:
+    """Identical counts and histograms; moments within 1e-12 relative (issue 5)."""
+    x = xr.open_zarr(a, group="stats/decoder", consolidated=False).load()
+    y = xr.open_zarr(b, group="stats/decoder", consolidated=False).load()
+    for name in ("count", "dropped", "hist", "n_examples", "n_skipped", "n_rows", "n_ended"):
+        np.testing.assert_array_equal(x[name].values, y[name].values, err_msg=name)
+    for name in ("mean", "m2", "min", "max"):
+        np.testing.assert_allclose(
+            x[name].values, y[name].values, rtol=1e-12, atol=0, equal_nan=True, err_msg=name
+        )
+
+
+def test_collector_without_ray(raw_config, tmp_path):
+    """Style lesson 10: the actor class runs a pilot and a work unit with no Ray at all."""
+    config = load_config({**raw_config, "output": str(tmp_path / "s.zarr")})
+    plan = build_plan(config)
+    index = unit_index(config)
+    root = create_store(
+        config.output,
+        dims=store_dims(plan),
+        plan=plan.to_dict(),
+        attrs={},
+        units={"decoder": UnitCoords.from_index(index, "decoder")},
+    )
+    collector = Collector(config, config.output)
+    assert collector.capturer.index.n_units == index.n_units  # meta build == loaded model
+    pilot = next(p for p in plan.pilots if (p.task, p.modality) == ("asr", "speech"))
+    summary = collector(pilot)
+    assert summary["n_examples"] + summary["n_skipped"] == pilot.n_examples
+    edges = root["edges/decoder/edges"][config.tasks.index("asr"), 0]
+    assert np.isfinite(edges).all() and (np.diff(edges, axis=-1) > 0).all()
+    unit = next(w for w in plan.work_units if w.key == "asr/speech/eng/0")  # 1001-1004
+    summary = collector(unit)
+    assert (summary["n_examples"], summary["n_skipped"]) == (3, 1)  # 1004 is corrupt audio
+    assert len(summary["texts"]) == 3 and summary["dropped"] == 0
+    counts = root["parts/decoder/count"][unit.index]
+    assert counts[:, 0].tolist() == summary["n_rows"] == counts[:, 1].tolist()
+    hist = root["parts/decoder/hist"][unit.index]
+    assert (hist.sum(axis=-1) == counts[:, :, None]).all()  # every value in exactly one bin
+
+    # A step no pilot output reaches takes its edges from every step's pilot values.
+    real_run = collector.capturer.run
+
+    class NoStep3:
+        def __init__(self, res):
+            self.texts, self.rows = res.texts, {**res.rows, 3: res.rows[3][:0]}
+            self.values = {k: v[:0] if k[1] == 3 else v for k, v in res.values.items()}
+
+    collector.capturer.run = lambda *a, **k: NoStep3(real_run(*a, **k))
+    summary = collector(next(p for p in plan.pilots if p.task == "x2en"))
+    assert summary["edges_from_all_steps"] == [3]
+    assert np.isfinite(root["edges/decoder/edges"][0, :, 1]).any()
+
+
+@pytest.fixture(scope="module")
+def collected(raw_config, tmp_path_factory):
+    """The in-process launch (what `make demo` uses): local ray.init(), two actors."""
+    out = tmp_path_factory.mktemp("inproc") / "a.zarr"
+    config = load_config({**raw_config, "output": str(out)})
+    return config, run_collect(config, progress=False, echo=lambda s: None)
+
+
+def test_in_process_two_actors_resume_and_refusal(raw_config, collected):
+    config, first = collected
+    assert first["ran"] == first["work_units"] == len(build_plan(config).work_units)
+    for group in GROUPS:  # every group reads back labelled
+        ds = xr.open_zarr(config.output, group=group, consolidated=False)
+        assert all(ds[v].dims for v in ds.data_vars)
+    stats = xr.open_zarr(config.output, group="stats/decoder", consolidated=False)
+    eng = stats.sel(task="asr", modality="speech", language="eng")
+    assert int(eng["n_skipped"]) == 3 and int(eng["n_examples"]) == 4
+    en2x = stats["count"].sel(task="en2x", modality="text", language=["deu", "cmn"])
+    assert (en2x.values == 7).all()  # the 7 English sentences with text, once per target
+    root = zarr.open_group(config.output, mode="r")
+    assert root.attrs["provenance"]["model"]["model_source"] == str(raw_config["model"])
+    assert root.attrs["provenance"]["packages"]["zarr"] == zarr.__version__
+    assert len(root["manifest"].attrs["merged"]) == len(build_plan(config).conditions)
+
+    again = run_collect(config, progress=False, echo=lambda s: None)  # resume: nothing to do
+    assert (again["ran"], again["resumed"]) == (0, first["work_units"])
+    other = load_config({**raw_config, "steps": [1, 2], "output": config.output})
+    with pytest.raises(StoreError, match="written by a different config"):
+        run_collect(other, progress=False, echo=lambda s: None)
+
+    # The driver died after work unit p's collector half-wrote its part: p is not in the
+    # manifest, its condition is not merged. The rerun redoes p only and merges again.
+    plan = build_plan(config)
+    p = next(w for w in plan.work_units if w.key == "en2x/text/deu/1")
+    before = stats.sel(task="en2x", modality="text", language="deu").load()
+    rw = zarr.open_group(config.output, mode="r+")
+    parts = dict(rw["manifest"].attrs["parts"])
+    del parts[str(p.index)]
+    rw["manifest"].attrs["parts"] = parts
+    rw["manifest"].attrs["merged"] = [
+        k for k in rw["manifest"].attrs["merged"] if k != p.condition.key
+    ]
+    rw["parts/decoder/hist"][p.index, 0, 0] = 7  # garbage from the interrupted write
+    t, m, lang = store_dims(plan).index("en2x", "text", "deu")
+    rw["stats/decoder/hist"][t, m, lang] = 0
+    redo = run_collect(config, progress=False, echo=lambda s: None)
+    assert redo["ran"] == 1
+    after = xr.open_zarr(config.output, group="stats/decoder", consolidated=False)
+    after = after.sel(task="en2x", modality="text", language="deu").load()
+    np.testing.assert_array_equal(after["hist"].values, before["hist"].values)
+    np.testing.assert_allclose(after["mean"].values, before["mean"].values, rtol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A `ray start --head --block` in its own process group; killed by group afterwards."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
+    env = {**os.environ, **RAY_ENV}
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+    ]
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), 1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"ray head did not start; see {log.name}")
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        _kill_group(proc.pid)
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert _group_alive(proc.pid) == [], "ray head processes left behind"
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True)
+    return [
+        r
+        for r in rows.stdout.splitlines()
+        if int(r.split()[1]) == pgid and not r.split()[2].startswith("Z")
+    ]
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGTERM the head's process group, then SIGKILL until nothing of it is left (15 s)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + 15
+    while _group_alive(pgid) and time.time() < deadline:
+        time.sleep(1)
+        if time.time() > deadline - 12:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+
+
+def test_against_a_head_with_address_auto(head, raw_config, collected, tmp_path):
+    cfg = _write_config(
+        {**raw_config, "actors": {**raw_config["actors"], "count": 1}}, tmp_path / "c.yaml"
+    )
+    out = tmp_path / "auto.zarr"
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.collect",
+            str(cfg),
+            "--address",
+            "auto",
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "collected" in proc.stdout and "work units" in proc.stdout
+    _assert_same_stats(Path(collected[0].output), out)  # 1 actor here, 2 in-process
+    for group in GROUPS:
+        xr.open_zarr(out, group=group, consolidated=False)
+
+
+def test_ray_job_submit(head, raw_config, tmp_path):
+    small = {**raw_config, "tasks": ["x2en"], "modalities": ["text"]}  # the wiring, not the sums
+    cfg = _write_config(small, tmp_path / "c.yaml")
+    out = tmp_path / "job.zarr"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            head["dashboard"],
+            "--working-dir",
+            ".",
+            "--",
+            sys.executable,
+            "-m",
+            "jobs.collect",
+            str(cfg),
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "succeeded" in proc.stdout
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["finished"] and json.dumps(root["manifest"].attrs["merged"])
+    xr.open_zarr(out, group="stats/decoder", consolidated=False)
+
+
+def test_organism_demo_config(tmp_path):
+    """configs/organism.yaml (what `make demo` runs), shrunk to 4 sentences per language."""
+    from crossmodal.organism import OrganismMissingError, organism_path
+
+    try:
+        organism_path()
+    except OrganismMissingError as err:  # shipped by the organism build (issue 3)
+        pytest.skip(str(err))
+    raw = yaml.safe_load((REPO / "configs" / "organism.yaml").read_text())
+    raw["data"]["examples_per_language"] = 4
+    raw.update(output=str(tmp_path / "organism.zarr"), shard_size=4, pilot_size=24)
+    config = load_config(raw)
+    result = run_collect(config, progress=False, echo=lambda s: None)
+    assert result["ran"] == 26  # 5 x2en + 5 en2x per modality, 6 asr: one shard each
+    stats = xr.open_zarr(config.output, group="stats/decoder", consolidated=False)
+    assert list(stats.step.values) == [1, 6, 11]
+    n_rows = stats["n_rows"].sel(step=1).values
+    assert sorted(np.unique(n_rows).tolist()) == [0, 4]  # 4 everywhere but non-conditions
+    assert (n_rows.sum() == 26 * 4) and int(stats["n_skipped"].sum()) == 0
+    done = stats["count"].sel(step=1, pooling="prefix_mean").values
+    assert (stats["hist"].sel(step=1, pooling="prefix_mean").sum("bin").values
+            == done[..., None]).all()  # fmt: skip

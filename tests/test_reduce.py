@@ -1,0 +1,291 @@
+"""The reduce job end to end on a tiny collect store, against exact per-example values.
+
+Model: an untrained tiny SeamlessM4T v2 with the organism's sentencepiece tokenizer, saved as
+an ordinary model directory. Data: the organism corpus (4 languages, 12 sentences each),
+x2en and en2x, speech and text, steps 1 and 3, both poolings, 16 bins (coarse on purpose:
+wide AP intervals put most units in the exact pass). One in-process Ray serves collect and
+reduce. Reference: every unit's per-example values captured independently with
+:class:`~crossmodal.capture.Capturer`, exact AP from them (spot-checked against sklearn).
+
+Edge cases: conditions that do not exist (x2en/eng, en2x/eng) stay NaN and have no sets;
+a scope (ffn) smaller than the store; a re-run with nothing to do; an exact pass interrupted
+after some (task, modality) pairs were written; the actor class called without Ray.
+On the organism (when it is built): the same-language text/speech overlap at step 1 beats
+the random expectation k*k/N with a small hypergeometric p.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import zarr
+from click.testing import CliRunner
+from sklearn.metrics import average_precision_score
+
+from crossmodal import results
+from crossmodal.collect import RAY_ENV, run_collect
+from crossmodal.config import load_config
+from crossmodal.reduce import ExactWorker, run_reduce, work_units
+from crossmodal.selection import CSV_COLUMNS, select_sets
+from crossmodal.selectivity_math import exact_selectivity
+from crossmodal.stats import ExactValues
+
+pytestmark = pytest.mark.integration
+LANGS = ["eng", "deu", "fra", "jpn"]
+K = 40
+SCOPES = ("all", "ffn")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One in-process Ray for the module: collect and reduce reuse its workers."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": RAY_ENV})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import GenerationConfig, SeamlessM4TFeatureExtractor, SeamlessM4Tv2Model
+
+    from crossmodal.model import tiny_config
+    from crossmodal.organism.corpus import organism_corpus
+    from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("model")
+    train_sentencepiece([r.text for r in organism_corpus("train", None, 50, 0, audio=False)], out)
+    processor = build_processor(out)
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
+    codes = {t[2:-2]: tok.convert_tokens_to_ids(t) for t in language_tokens()}
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        max_new_tokens=8, text_decoder_lang_to_code_id=codes,
+    )  # fmt: skip
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    SeamlessM4TFeatureExtractor().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny.zarr"
+    return load_config({
+        "model": str(model_dir), "dtype": "float32", "languages": LANGS,
+        "tasks": ["x2en", "en2x"], "steps": [1, 3], "n_bins": 16, "pilot_size": 12,
+        "batch_size": 8, "max_new_tokens": 6, "shard_size": 6, "output": str(out),
+        "data": {"source": "organism", "split": "test", "examples_per_language": 12},
+        "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reduced(ray_session, config):
+    run_collect(config, progress=False, echo=lambda s: None)
+    first = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
+    return config, first
+
+
+@pytest.fixture(scope="module")
+def reference(config, reduced):
+    """Per (task, modality, language): exact values ``[(pooling, step)] -> [rows, unit]``,
+    captured like collect does (its work units, batches and records), without Ray."""
+    from crossmodal.capture import Capturer
+    from crossmodal.inputs import make_batch
+    from crossmodal.model import load_model
+    from crossmodal.organism import organism_corpus
+
+    loaded = load_model(config.model, device="cpu", dtype="float32")
+    cap = Capturer(loaded, config.families, config.steps, config.poolings, config.max_new_tokens)
+    root = zarr.open_group(config.output, mode="r")
+    out: dict[tuple[str, str, str], dict[tuple[str, int], list]] = {}
+    for unit in work_units(root):
+        c = unit.condition
+        speech = c.modality == "speech"
+        by_id = {r.id: r for r in organism_corpus("test", [c.source], 12, 0, audio=speech)}
+        recs = [by_id[i] for i in unit.example_ids]
+        for start in range(0, len(recs), config.batch_size):
+            batch = make_batch(recs[start : start + config.batch_size], c.modality, loaded)
+            res = cap.run(batch, tgt_lang=c.target)
+            for key, v in res.values.items():
+                out.setdefault((c.task, c.modality, c.language), {}).setdefault(key, []).append(v)
+    return {k: {q: torch.cat(v).numpy() for q, v in d.items()} for k, d in out.items()}
+
+
+def _exact_ds(reference, view: xr.Dataset, pooling: str) -> xr.Dataset:
+    """Exact AP of every unit, laid out like the selectivity view."""
+    ap = np.full(view["ap"].shape, np.nan)
+    for ti, task in enumerate(view["task"].values):
+        for mi, mod in enumerate(view["modality"].values):
+            for si, step in enumerate(view["step"].values):
+                vals = {lang: reference[(task, mod, lang)][(pooling, int(step))]
+                        for lang in LANGS if (task, mod, lang) in reference}  # fmt: skip
+                ex = {lang: ExactValues(torch.arange(v.shape[1]), torch.from_numpy(v), torch.tensor(0))
+                      for lang, v in vals.items()}  # fmt: skip
+                for lang, sel in exact_selectivity(ex).items():
+                    ap[ti, mi, si, LANGS.index(lang)] = sel.ap.numpy()
+    return view[["ap"]].copy(data={"ap": ap})
+
+
+def test_exact_worker_without_ray(reference, reduced):
+    """Style lesson 10: the actor class re-runs a work unit bit-identically, no Ray."""
+    config, _ = reduced
+    unit = next(
+        w for w in work_units(zarr.open_group(config.output)) if w.key == "en2x/speech/fra/1"
+    )
+    ids = np.array([3, 70, 500, 1800])
+    worker = ExactWorker(config, config.output, {"decoder": {"en2x/speech": {(1, 1): ids}}})
+    got = worker(unit)
+    assert (got["key"], got["language"]) == ("en2x/speech", "fra")
+    assert list(got["values"]) == [("decoder", 1, 1)]  # only where there are candidates
+    full = reference[("en2x", "speech", "fra")][("last", 3)]
+    n_rows = got["values"][("decoder", 1, 1)].shape[0]
+    np.testing.assert_array_equal(got["values"][("decoder", 1, 1)], full[-n_rows:, ids])
+
+
+def test_selectivity_brackets_exact_ap(reduced, reference):
+    config, first = reduced
+    assert first["ran"] == ["selectivity/decoder", "sets/decoder"] and first["exact_units"] > 0
+    r = results.open(config.output)
+    errors = []
+    for pooling in config.poolings:
+        view = r.selectivity(pooling=pooling).load()
+        exact = _exact_ds(reference, view, pooling)["ap"].values
+        lo, hi, ap = (view[v].values for v in ("ap_lo", "ap_hi", "ap"))
+        ok = np.isfinite(exact)
+        np.testing.assert_array_equal(ok, np.isfinite(ap))  # x2en/eng and en2x/eng: NaN
+        assert ok.sum() == 2 * 2 * 2 * 3 * 1856
+        assert (lo[ok] <= exact[ok]).all() and (exact[ok] <= hi[ok]).all()
+        errors.append(np.abs(ap[ok] - exact[ok]))
+        assert int(view["n_pos"].sel(task="x2en", modality="text", step=1, language="deu")) == 12
+    err = np.concatenate(errors)
+    assert np.median(err) < 0.02 and err.mean() < 0.03, (np.median(err), err.mean())
+    # the exact reference itself is sklearn's AP
+    v = reference[("x2en", "speech", "deu")][("prefix_mean", 1)]
+    neg = np.concatenate(
+        [reference[("x2en", "speech", g)][("prefix_mean", 1)] for g in ("fra", "jpn")]
+    )
+    y = np.r_[np.ones(len(v)), np.zeros(len(neg))]
+    view = r.selectivity().sel(task="x2en", modality="speech", step=1, language="deu")
+    for unit in (0, 900, 1855):
+        sk = average_precision_score(y, np.r_[v[:, unit], neg[:, unit]])
+        assert float(view["ap_lo"][unit]) <= sk <= float(view["ap_hi"][unit])
+
+
+def test_final_sets_equal_exact_selection(reduced, reference):
+    config, _ = reduced
+    r = results.open(config.output)
+    for pooling in config.poolings:
+        exact = _exact_ds(reference, r.selectivity(pooling=pooling).load(), pooling)
+        for scope in SCOPES:
+            got = r.sets(pooling=pooling, scope=scope)
+            want = select_sets(exact["ap"], k=K, group=scope)
+            assert got.attrs["k"] == K and got.attrs["group"] == scope
+            for kind in ("top", "bottom", "both"):
+                g = np.sort(got.sel(kind=kind).values, axis=-1)
+                w = np.sort(want.sel(kind=kind).values, axis=-1)
+                np.testing.assert_array_equal(g, w, err_msg=f"{pooling} {scope} {kind}")
+    eng = r.sets().sel(task="x2en", language="eng")
+    assert (eng.values == -1).all()  # no such condition, no set
+    e = r.exact()
+    cand = e["unit"].values
+    ex = _exact_ds(reference, r.selectivity().load(), "prefix_mean")["ap"]
+    got = e["ap"].sel(pooling="prefix_mean").values
+    want = ex.sel(unit=cand).values
+    measured = np.isfinite(got)
+    assert measured.any()
+    np.testing.assert_allclose(got[measured], want[measured], rtol=1e-12)
+
+
+def test_roles_overlap_and_csv(reduced):
+    config, _ = reduced
+    r = results.open(config.output)
+    sets = r.sets()
+    roles = r.roles()
+    np.testing.assert_array_equal(roles.sel(role="control").values, sets.sel(task="en2x").values)
+    ov = r.overlap()
+    a = sets.sel(task="x2en", step=1, kind="top", modality="text", language="deu").values
+    b = sets.sel(task="x2en", step=1, kind="top", modality="speech", language="deu").values
+    cell = ov.sel(task="x2en", step=1, kind="top", text_language="deu", speech_language="deu")
+    assert int(cell["count"]) == np.intersect1d(a[a >= 0], b[b >= 0]).size
+    assert float(cell["expected"]) == pytest.approx(K * K / 1856)
+    assert r.overlap(kind="spearman")["spearman_by_submodule"].sizes["submodule"] == 4
+    assert "layer" in r.overlap(kind="sets_by_layer").dims
+    csv = pd.read_csv(
+        config.output.replace(".zarr", "-sets")
+        + "/decoder/prefix_mean/ffn/x2en_speech_step1_deu_top.csv"
+    )
+    assert list(csv.columns) == list(CSV_COLUMNS)
+    top = r.sets(scope="ffn").sel(
+        task="x2en", modality="speech", step=1, language="deu", kind="top"
+    )
+    np.testing.assert_array_equal(csv["unit"].values, top.values[top.values >= 0])
+    assert set(r.units().loc[csv["unit"], "submodule"]) == {"ffn"}
+
+
+def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):
+    config, _ = reduced
+    again = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
+    assert again["ran"] == [] and again["exact_units"] == 0
+    assert again["skipped"] == ["selectivity/decoder", "sets/decoder"]
+    # The driver died in the exact pass: en2x/text was not written yet.
+    r = results.open(config.output)
+    before = r.sets(scope=None).load()
+    root = zarr.open_group(config.output, mode="r+")
+    state = root.attrs["reduce"]
+    state["exact"]["decoder"]["done"].remove("en2x/text")
+    del state["sets"]
+    root.attrs["reduce"] = state
+    t, m = 1, 1
+    root["exact/decoder/ap"][:, t, m] = np.nan
+    redo = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
+    assert redo["ran"] == ["sets/decoder"] and redo["exact_units"] == 6  # 3 languages x 2 shards
+    xr.testing.assert_equal(r.sets(scope=None).load(), before)
+
+
+def test_cli_reduce_and_report(reduced, tmp_path):
+    from jobs.reduce import main, report_command
+
+    config, _ = reduced
+    res = CliRunner().invoke(
+        main, [config.output, "--k", str(K), "--scopes", "all,ffn", "--no-progress"]
+    )
+    assert res.exit_code == 0 and "ran nothing" in res.output, res.output
+    res = CliRunner().invoke(main, [config.output, "--scopes", "all,layers"])
+    assert res.exit_code == 2 and "scopes must be one of" in res.output
+    res = CliRunner().invoke(
+        report_command, [config.output, "--out", str(tmp_path), "--no-figures"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Same-language overlap" in (tmp_path / "summary.md").read_text()
+
+
+def test_organism_same_language_overlap_beats_chance(ray_session, tmp_path):
+    """The organism shares language-selective units across modalities at step 1."""
+    from crossmodal.organism import OrganismMissingError, organism_path
+
+    try:
+        organism_path()
+    except OrganismMissingError as err:
+        pytest.skip(f"the organism is not built yet: {err}")
+    cfg = load_config({
+        "model": "organism", "dtype": "float32", "tasks": ["x2en"], "steps": [1],
+        "poolings": ["prefix_mean"], "n_bins": 64, "pilot_size": 60, "batch_size": 32,
+        "data": {"source": "organism", "split": "test", "examples_per_language": 24},
+        "shard_size": 24, "output": str(tmp_path / "organism.zarr"),
+        "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
+    })  # fmt: skip
+    run_collect(cfg, progress=False, echo=lambda s: None)
+    run_reduce(cfg.output, k=100, scopes=("all",), progress=False, echo=lambda s: None)
+    ov = results.open(cfg.output).overlap().sel(task="x2en", step=1, kind="top")
+    diag = ov["diagonal"].dropna("language")
+    assert diag.size == 5
+    assert (diag > ov["diagonal_expected"].dropna("language")).all()
+    assert float(ov["diagonal_p"].max()) < 1e-2
