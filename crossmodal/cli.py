@@ -112,6 +112,29 @@ def validate(configs: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
+@main.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Throughput benchmark: bare generate vs capture+statistics vs the reference procedure.
+
+    Needs only torch, transformers and numpy; flags as ``python -m crossmodal.bench --help``.
+
+    \b
+    Example:
+      crossmodal bench --model organism --batch-sizes 8,32 --reducer false --out bench.json
+    """
+    from crossmodal.bench import main as bench_main
+
+    raise SystemExit(bench_main(list(args)))
+
+
 def _register_jobs() -> None:
     """The Ray job entry points double as subcommands: one definition, two ways to call."""
     from jobs.collect import main as collect_main

@@ -32,6 +32,8 @@ import torch
 from tqdm import tqdm
 
 from crossmodal.config import ORGANISM_SOURCE, CollectConfig, load_config
+from crossmodal.faults import FaultPoint, env_vars
+from crossmodal.lock import OutputLock
 from crossmodal.plan import (
     PilotUnit,
     Plan,
@@ -58,6 +60,7 @@ from crossmodal.store import (
     write_edges,
     write_part,
 )
+from crossmodal.units import UnitIndex
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 """platform.md: without these an in-process ``ray.init()`` turns on token auth."""
@@ -101,6 +104,7 @@ class Collector:
         self.slices = {f: slice(int(e - counts[f]), int(e))
                        for f, e in zip(self.capturer.index.families, ends, strict=True)}  # fmt: skip
         self._records: OrderedDict[tuple, tuple[list[Record], int]] = OrderedDict()
+        self._fault = FaultPoint("collector", self.store)  # CROSSMODAL_FAULT (faults.py)
 
     def __call__(self, job: WorkUnit | PilotUnit) -> dict[str, Any]:
         return self.pilot(job) if isinstance(job, PilotUnit) else self.run(job)
@@ -202,6 +206,7 @@ class Collector:
                     v = res.values[(pooling, step)]
                     for f in families if len(v) else ():  # update() needs >= 1 row
                         stats[(f, si, pi)].update(v[:, self.slices[f]])
+            self._fault.tick()
         for (f, si, pi), s in stats.items():  # one (step, pooling) at a time: bounded host RAM
             write_part(self.store, f, unit.index, {(si, pi): s.to_numpy()})
         dropped = sum(int(s.dropped) for s in stats.values())
@@ -268,7 +273,8 @@ def _start_actors(
         os.environ.setdefault(key, value)
     started = not ray.is_initialized()
     if started:
-        env = {**RAY_ENV, **{k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}}
+        env = {**RAY_ENV, **{k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ},
+               **env_vars()}  # fmt: skip
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env})
     a = config.actors
     remote = ray.remote(num_gpus=a.num_gpus, num_cpus=a.num_cpus, max_restarts=a.max_restarts,
@@ -285,6 +291,31 @@ def _check_disk(store: Path, need: int) -> None:
             f"output disk must have one of [>= {need / 1e9:.1f} GB free] (the plan's compressed "
             f"estimate), got {free / 1e9:.1f} GB at {str(parent)!r}; free space or choose "
             "another output"
+        )
+
+
+def _check_writable(config: CollectConfig, plan: Plan) -> None:
+    """Refuse targets the model has no language tag for, before any store is written (the
+    actors would otherwise fail on the first batch). Skipped when the model's generation
+    config is not readable here (a hub model that is not cached): the actors check then."""
+    from transformers import GenerationConfig
+
+    source: str | Path = config.model
+    if source == ORGANISM_SOURCE:
+        from crossmodal.organism import organism_path
+
+        source = organism_path()
+    try:
+        gen = GenerationConfig.from_pretrained(source, revision=config.revision,
+                                               local_files_only=True)  # fmt: skip
+    except (OSError, ValueError):
+        return
+    table = getattr(gen, "text_decoder_lang_to_code_id", None) or {}
+    missing = sorted({c.target for c in plan.conditions} - set(table))
+    if table and missing:
+        raise ValueError(
+            f"languages must be one of {sorted(table)} (those model {config.model!r} writes) "
+            f"where a task writes them, got {missing!r}; drop them or their tasks (en2x, asr)"
         )
 
 
@@ -325,9 +356,29 @@ def run_collect(
             f"{config.data.path!r}; only --dry-run works without the data"
         )
     store = Path(out["store"])
+    _check_writable(config, plan)
+    if not (store / "zarr.json").is_file():  # a new store: checked before anything is written
+        _check_disk(store, sum(s.compressed for s in estimate_size(plan, family_sizes(index))))
+    with OutputLock(store, "collect", echo=echo):  # one writer per store (lock.py)
+        return _collect(config, plan, index, store, out, start=start, address=address,
+                        echo=echo, progress=progress)  # fmt: skip
+
+
+def _collect(
+    config: CollectConfig,
+    plan: Plan,
+    index: UnitIndex,
+    store: Path,
+    out: dict[str, Any],
+    *,
+    start: float,
+    address: str | None,
+    echo: Callable[[str], None],
+    progress: bool,
+) -> dict[str, Any]:
+    """The locked part of :func:`run_collect`: create or resume the store, run, merge, finish."""
     root = open_existing(store, config_hash=config.hash(), plan_hash=plan.hash)
     if root is None:
-        _check_disk(store, sum(s.compressed for s in estimate_size(plan, family_sizes(index))))
         units = {f: UnitCoords.from_index(index, f) for f in index.families}
         attrs = {"config": config.to_dict(), "config_hash": config.hash(), "created": _now(),
                  "plan_hash": plan.hash,
@@ -339,6 +390,7 @@ def run_collect(
     units = [w for w in plan.work_units if str(w.index) not in done["parts"]]
     out["resumed"] = len(plan.work_units) - len(units)
     model_prov: dict[str, Any] = {}
+    driver_fault = FaultPoint("driver", store)  # CROSSMODAL_FAULT (faults.py)
     if pilots or units:
         actors, started = _start_actors(config, store, address)
         try:
@@ -355,6 +407,7 @@ def run_collect(
                     n_done = out["resumed"] + out["ran"]
                     bar.set_postfix_str(f"work units {n_done}/{len(plan.work_units)}")
                     _merge_ready(root, plan, config.keep_parts)
+                    driver_fault.tick()
         finally:
             if started:
                 import ray
@@ -368,6 +421,11 @@ def run_collect(
     out["seconds"] = time.time() - start
     echo(f"collected {out['ran']} work units ({out['resumed']} already done) into {store} "
          f"in {out['seconds']:.1f} s")  # fmt: skip
+    out["dropped"] = sum(int(p.get("dropped", 0)) for p in manifest(root)["parts"].values())
+    if out["dropped"]:  # stats.py drops rows with NaN/Inf: reported, never merged
+        echo(f"warning: {out['dropped']} example rows with NaN/Inf activations were dropped, "
+             "not merged (summed over families, steps, poolings; per condition: "
+             "stats/<family>/dropped)")  # fmt: skip
     return out
 
 

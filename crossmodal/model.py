@@ -38,6 +38,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class ModelLoadError(ValueError):
@@ -121,8 +122,10 @@ def _check_model_dir(path: Path) -> None:
         missing.append("config.json")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         missing.append("weights (" + " or ".join(_WEIGHT_FILES[::2]) + ")")
-    if not (path / "preprocessor_config.json").is_file():
-        missing.append("preprocessor_config.json")
+    # transformers 5 saves the feature extractor inside processor_config.json; 4.x wrote
+    # preprocessor_config.json (the hub's seamless-m4t-v2-large still has the latter).
+    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
+        missing.append("processor config (" + " or ".join(_PROCESSOR_FILES) + ")")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         missing.append("tokenizer (" + " or ".join(_TOKENIZER_FILES) + ")")
     if missing:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from crossmodal.collect import RAY_ENV, applies
 from crossmodal.config import CollectConfig, from_dict
+from crossmodal.lock import OutputLock
 from crossmodal.plan import Condition, WorkUnit
 from crossmodal.results import Results, default_pooling, group_path, unicode
 from crossmodal.selection import (
@@ -519,6 +520,15 @@ def run_reduce(
     if bad or not scopes:
         raise ValueError(f"scopes must be one of {list(GROUPS)}, got {list(scopes)!r}")
     root = open_reducible(path)
+    with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
+        return _reduce(root, path, k, scopes, widen, csv_dir, address, num_cpus, progress, echo,
+                       start)  # fmt: skip
+
+
+def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: float,
+            csv_dir: str | Path | None, address: str | None, num_cpus: float, progress: bool,
+            echo: Callable[[str], None], start: float) -> dict[str, Any]:  # fmt: skip
+    """The locked part of :func:`run_reduce`."""
     config = from_dict(root.attrs["config"])
     families = [f for f in config.families if f in root["stats"]]
     state: dict[str, Any] = dict(root.attrs.get("reduce", {}))

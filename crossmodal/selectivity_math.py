@@ -1,9 +1,11 @@
 """Selectivity of units from statistics alone: AP, AUROC and quantiles, with error bounds.
 
-Histogram finalizers treat each bin as one tied score group (sklearn tie semantics), so they
-are exact when every bin holds one distinct value. Their intervals are guaranteed to contain
-the exact value of the underlying (float32) values: only positive/negative pairs that share a
-bin are unknown, and the bounds take the best and worst arrangement of each shared bin.
+Histogram finalizers know only how many positives and negatives share each bin. Their
+intervals are guaranteed to contain the exact value for the underlying (float32) values: the
+bounds take the best and worst arrangement inside every shared bin. The AP point estimate is
+the AP expected under a random arrangement inside each bin (default) or sklearn's tie
+semantics with each bin one tied group (``estimate="tied"``, biased low); both are exact when
+bins resolve every value, as is AUROC (Mann-Whitney, ties 1/2).
 Exact finalizers sort raw values (:class:`crossmodal.stats.ExactValues`) and equal sklearn's
 ``average_precision_score`` / ``roc_auc_score`` to rounding; reducers use them to make top-k
 selection exact. Everything is vectorised over units and chunked so temporaries stay small.
@@ -60,9 +62,10 @@ def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
     return x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
 
 
-def _chunks(n_units: int, width: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMS // max(1, width))
-    return [slice(i, min(i + step, n_units)) for i in range(0, n_units, step)]
+def _chunks(n_units: int, width: int, elems: int = _CHUNK_ELEMS) -> list[slice]:
+    """Unit slices of about ``elems / width`` units (one empty slice for zero units)."""
+    step = max(1, elems // max(1, width))
+    return [slice(i, min(i + step, n_units)) for i in range(0, max(n_units, 1), step)]
 
 
 def _check_hists(hist_pos: Tensor, hist_neg: Tensor) -> None:
@@ -304,20 +307,16 @@ def selectivity_from_stats(
             quant = _quantiles(pos, edges[sl], (0.5, 0.9), s.min[sl], s.max[sl])
             parts[name].append(metrics + quant)
     counts = {k: s.count.to(torch.float64) for k, s in stats.items()}
-    weighted = sum(counts[k] * s.mean for k, s in stats.items())
-    n_all = sum(counts.values())
     out = {}
     for name, s in stats.items():
         cols = [torch.cat(x) for x in zip(*parts[name], strict=True)]
-        n_neg = n_all - counts[name]
+        others = [m for m in names if m != name]
+        n_neg = sum(counts[m] for m in others)
+        off_mean = sum(counts[m] * stats[m].mean for m in others) / n_neg  # pooled (Chan) mean
         out[name] = Selectivity(
-            *cols[:6],
-            on_p50=cols[6],
-            on_p90=cols[7],
-            off_mean=(weighted - counts[name] * s.mean) / n_neg,
-            n_pos=int(s.count),
-            n_neg=int(n_neg),
-        )
+            *cols[:6], on_p50=cols[6], on_p90=cols[7], off_mean=off_mean,
+            n_pos=int(s.count), n_neg=int(n_neg),
+        )  # fmt: skip
     return out
 
 
@@ -374,9 +373,9 @@ def _exact(values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         )
     lab = (labels.long() if labels.ndim == 1 else labels.long().argmax(1)).to(values.device)
     n_cls = 2 if labels.ndim == 1 else labels.shape[1]
-    step = max(1, _EXACT_ELEMS // max(1, values.shape[0]))
     parts = [
-        _exact_chunk(values[:, i : i + step], lab, n_cls) for i in range(0, values.shape[1], step)
+        _exact_chunk(values[:, sl], lab, n_cls)
+        for sl in _chunks(values.shape[1], values.shape[0], _EXACT_ELEMS)
     ]
     ap, auc = (torch.cat(x, dim=1) for x in zip(*parts, strict=True))
     return (ap[1], auc[1]) if labels.ndim == 1 else (ap, auc)

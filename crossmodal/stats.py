@@ -85,17 +85,18 @@ def _smooth_sorted(x: Tensor, m: Tensor, half: int) -> Tensor:
     A kernel quantile estimate: a gap between two pilot values that is wide by chance is
     spread over its neighbours, so no bin inherits a whole chance gap (this halved the worst
     AP errors on heavy-tailed data); the ends stay exact, the rows stay sorted, and entries
-    from ``m`` on (padding) are left unchanged.
+    from ``m`` on (padding) are left unchanged. Summed window by window, not as differences
+    of a cumulative sum, which cancels when values span many orders of magnitude.
     """
     n = x.shape[1]
     i = torch.arange(n, device=x.device)[None, :]
     k = torch.minimum(torch.minimum(i, m[:, None] - 1 - i), torch.full_like(i, half)).clamp(min=0)
     valid = i < m[:, None]
-    cs = torch.cumsum(torch.where(valid, x.double(), 0.0), dim=1)
-    cs = torch.cat([torch.zeros_like(cs[:, :1]), cs], dim=1)
-    lo, hi = (i - k).clamp(min=0), (i + k + 1).clamp(max=n)
-    avg = (torch.gather(cs, 1, hi) - torch.gather(cs, 1, lo)) / (hi - lo)
-    return torch.where(valid, avg.float(), x)
+    acc = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for d in range(-half, half + 1):
+        near = torch.gather(x, 1, (i + d).clamp(0, n - 1).expand_as(x)).double()
+        acc += torch.where(k >= abs(d), near, 0.0)
+    return torch.where(valid, (acc / (2 * k + 1)).float(), x)
 
 
 def _atoms(s: Tensor, max_atoms: int, min_repeat: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,7 +142,8 @@ def _with_tails(core: Tensor, n_bins: int, n_tail: int) -> Tensor:
 
     A 10% pilot misses the heavy tails of the full data, so ``n_tail`` bins per side (plus
     the slots the core left unused) grow geometrically past the pilot's range. The first tail
-    bin is as wide as the pilot's outermost bins, or the mean core bin if those are tiny.
+    bin is as wide as the pilot's outermost bins, or the mean core bin if those are tiny, and
+    at least a few float32 ulps, so the ulp nudge never has to shift the core edges.
     """
     n_units, n_core = core.shape
     dev = core.device
@@ -155,8 +157,8 @@ def _with_tails(core: Tensor, n_bins: int, n_tail: int) -> Tensor:
     mean_w = torch.where(mean_w > 0, mean_w, torch.where(scale > 0, scale, 2.0**-10))
     w_lo = (near_lo - cmin) / k[:, 0].clamp(min=1)
     w_hi = (cmax - near_hi) / k[:, 0].clamp(min=1)
-    w_lo = torch.where(w_lo > mean_w * 2.0**-10, w_lo, mean_w)
-    w_hi = torch.where(w_hi > mean_w * 2.0**-10, w_hi, mean_w)
+    w_lo = torch.where(w_lo > mean_w * 2.0**-10, w_lo, mean_w).clamp(min=cmin.abs() * 2.0**-20)
+    w_hi = torch.where(w_hi > mean_w * 2.0**-10, w_hi, mean_w).clamp(min=cmax.abs() * 2.0**-20)
     t_lo = (n_tail + (n_core - c) // 2)[:, None]
     j = torch.arange(n_bins + 1, device=dev).expand(n_units, n_bins + 1)
     lower = cmin[:, None] - w_lo[:, None] * _geometric((t_lo - j).clamp(min=0))

@@ -31,7 +31,9 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from crossmodal.faults import FaultPoint, env_vars
 from crossmodal.grid import Cell, SelectivitySource, SteerConfig, expand, tasks
+from crossmodal.lock import OutputLock
 from crossmodal.steering import Intervention, UnitForcing
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -113,6 +115,7 @@ class SteerWorker:
         speech = "speech" in config.input_modalities
         self.inputs, self.references = _input_records(config, speech)
         self.out_dir = Path(config.output) / PARTS
+        self._fault = FaultPoint("steer_worker", config.output)  # CROSSMODAL_FAULT (faults.py)
 
     def _lid_path(self, backend: str) -> str | None:
         """fastText/GlotLID: the configured file; organism: the model's lexicon if it has one."""
@@ -172,6 +175,7 @@ class SteerWorker:
             for (c, i), row_ids, text in zip(chunk, ids, decoded, strict=True):
                 texts[c][i] = text
                 tokens[c][i] = tokenizer.convert_ids_to_tokens(row_ids)
+            self._fault.tick()
         return texts, tokens
 
     def measure(
@@ -293,7 +297,7 @@ def _start_actors(config: SteerConfig, address: str | None) -> tuple[list[Any], 
         os.environ.setdefault(key, value)
     started = not ray.is_initialized()
     if started:
-        env = {**RAY_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+        env = {**RAY_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **env_vars()}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env})
     a = config.actors
     remote = ray.remote(num_gpus=a.num_gpus, num_cpus=a.num_cpus, max_restarts=a.max_restarts,
@@ -313,10 +317,22 @@ def run_steer(
     Returns:
         ``{"output", "cells", "ran", "resumed", "results", "summary", "seconds"}``.
     """
+    out = Path(config.output)
+    with OutputLock(out, "steer", echo=echo):  # one writer per output (lock.py)
+        return _steer(config, out, address=address, progress=progress, echo=echo)
+
+
+def _steer(
+    config: SteerConfig,
+    out: Path,
+    *,
+    address: str | None,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """The locked part of :func:`run_steer`."""
     start = time.time()
     cells = expand(config)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(_grid_json(config, cells))
     done = done_cells(out) & {c.id for c in cells}
     pending = tasks([c for c in cells if c.id not in done], config.cells_per_task)
@@ -326,6 +342,7 @@ def run_steer(
         from ray.util import ActorPool
 
         actors, started = _start_actors(config, address)
+        driver_fault = FaultPoint("driver", out)  # CROSSMODAL_FAULT (faults.py)
         bar = tqdm(
             total=len(cells), initial=len(done), unit="cell", desc="steer", disable=not progress
         )
@@ -335,6 +352,7 @@ def run_steer(
                 for res in pool.map_unordered(lambda a, task: a.__call__.remote(task), pending):
                     summary["ran"] += len(res["cells"])
                     bar.update(len(res["cells"]))
+                    driver_fault.tick()
         finally:
             if started:
                 import ray

@@ -38,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
+from crossmodal.lock import LOCK_NAME
 from crossmodal.stats import UnitStats, merge_all
 from crossmodal.units import UnitIndex
 
@@ -186,12 +187,13 @@ def create_store(
     plan: Mapping[str, Any],
 ) -> zarr.Group:
     """Create every array and the root attributes (driver only); refuses an existing store."""
-    if Path(path).exists() and any(Path(path).iterdir()):
+    if _has_content(path):
         raise StoreError(
             f"output {str(path)!r} already exists; resume it with its own config "
             "or choose a new output path"
         )
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    locked = (Path(path) / LOCK_NAME).exists()  # the driver's lock (lock.py) is all there is
+    root = zarr.open_group(str(path), mode="a" if locked else "w-", zarr_format=3)
     cond, sp = ["task", "modality", "language"], ["step", "pooling"]
     n_s, n_p = len(dims.steps), len(dims.poolings)
     for family, coords in units.items():
@@ -230,6 +232,11 @@ def create_store(
     return root
 
 
+def _has_content(path: str | Path) -> bool:
+    """Whether ``path`` exists and holds anything besides a run's lock file."""
+    return Path(path).is_dir() and any(p.name != LOCK_NAME for p in Path(path).iterdir())
+
+
 def _jsonable(value: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(value, default=str))
 
@@ -241,7 +248,7 @@ def open_existing(path: str | Path, *, config_hash: str, plan_hash: str) -> zarr
         StoreError: another layout version, another config, or another plan (data changed).
     """
     if not (Path(path) / "zarr.json").is_file():
-        if Path(path).exists() and any(Path(path).iterdir()):
+        if _has_content(path):
             raise StoreError(
                 f"output {str(path)!r} exists and is not a Zarr store; "
                 "choose an empty or new output path"

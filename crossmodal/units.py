@@ -25,11 +25,13 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from torch import nn
+
+if TYPE_CHECKING:  # pandas stays off the import path of `crossmodal bench` (issue 8)
+    import pandas as pd
 
 FAMILIES = ("decoder", "ffn_act", "speech_encoder", "text_encoder")
 ALIASES = {"encoder": ("speech_encoder", "text_encoder")}
@@ -341,6 +343,8 @@ class UnitIndex:
 
     def table(self, level: str = "site") -> pd.DataFrame:
         """One row per site, or per unit (``level="unit"``: ``unit``, ``feature`` columns added)."""
+        import pandas as pd
+
         sites = pd.DataFrame(self.to_records())
         sites["layer"] = sites["layer"].astype("Int64")
         if level == "site":

@@ -7,7 +7,8 @@ row; ``sync_every > 1`` (loop runs past the last EOS, output trimmed to HF's wid
 hooks that edit module outputs per row (steering) and a ``text_decoder`` pre-hook reading the
 ``cache`` kwarg (the capture step counter); encoder outputs reused; refused configs.
 
-A random tiny model repeats one token forever, so :func:`lively_model` rescales its decoder
+The organism tests (text and speech, x2en and en2x) skip until ``crossmodal/organism_model``
+ships. A random tiny model repeats one token forever, so :func:`lively_model` rescales its decoder
 and gives EOS a logit that fires for some rows and steps: each test asserts its premise
 (rows finish at different steps, ...) so a change of weights cannot make it vacuous.
 """

@@ -50,7 +50,7 @@ def test_defaults():
     assert c.roles == ("representation", "control")
     assert c.steps == (1, 6, 11) and c.set_sizes == (1000,) and c.forcing == ("on_p50",)
     assert c.max_new_tokens == 128 and c.n_inputs == 100 and c.random_seeds == (0, 1, 2)
-    assert c.selectivity.group == "selectivity" and c.data.source == "organism"
+    assert c.selectivity.group == "selectivity/decoder" and c.data.source == "organism"
     assert c.measured_languages == ("deu", "spa", "fra", "jpn", "cmn", "eng")
     assert load_grid(c.to_dict()) == c
 

@@ -40,14 +40,14 @@ def _synthetic(n_units: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     v = (torch.randn(len(LANG_COUNTS), n_units, generator=g) * effect)[lang]  # language shift
     thr = torch.rand(n_units, generator=g) * 1.5 - 0.2
     alpha = torch.tensor([1.5, 2.5, 4.0])[torch.randint(0, 3, (2 * q,), generator=g)]
-    u = torch.rand(n, 2 * q, generator=g)
+    u = torch.rand(n, 2 * q, generator=g).clamp(min=1e-7)  # rand can return 0
     sign = torch.where(torch.rand(n, 2 * q, generator=g) < 0.5, -1.0, 1.0)
     heavy = sign * (u.pow(-1.0 / alpha) - 1.0)  # symmetric, tail index alpha
     v[:, :q] += heavy[:, :q]
     v[:, 2 * q : 3 * q] += heavy[:, q:]
     mix = (torch.rand(n, q, generator=g) < 0.3) * 1.5 + 0.8 * torch.randn(n, q, generator=g)
     side = torch.where(torch.rand(q, generator=g) < 0.5, -1.0, 1.0)
-    v[:, q : 2 * q] = side * torch.exp(v[:, q : 2 * q] + mix)  # lognormal mixture
+    v[:, q : 2 * q] = side * torch.exp((v[:, q : 2 * q] + mix).clamp(-30, 30))  # lognormal mix
     v[:, 2 * q : 3 * q] = torch.relu(v[:, 2 * q : 3 * q] - thr[2 * q : 3 * q])  # heavy, ReLU
     rest = v[:, 3 * q :] + torch.randn(n, n_units - 3 * q, generator=g)
     v[:, 3 * q :] = torch.relu(rest - thr[3 * q :]) * 3 + 0.2  # normal, ReLU, offset
@@ -56,6 +56,7 @@ def _synthetic(n_units: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     third = n_units // 3  # ties from fp16 / bf16 rounding
     v[:, :third] = v[:, :third].to(torch.bfloat16).float()
     v[:, third : 2 * third] = v[:, third : 2 * third].clamp(-6e4, 6e4).half().float()
+    assert bool(torch.isfinite(v).all())  # a non-finite value would drop its whole example
     return v.contiguous(), lang
 
 

@@ -69,7 +69,7 @@ def _selectivity(model: torch.nn.Module, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: fixed-width strings have no v3 spec yet
         xr.Dataset({k: (dims, v) for k, v in data.items()}, coords=coords).to_zarr(
-            path, group="selectivity", mode="w", consolidated=False
+            path, group="selectivity/decoder", mode="w", consolidated=False
         )
     return path
 
@@ -287,7 +287,7 @@ def _en2x_speech_selectivity(loaded, languages, steps, n_inputs, path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         xr.Dataset(data, coords=coords).to_zarr(
-            path, group="selectivity", mode="w", consolidated=False
+            path, group="selectivity/decoder", mode="w", consolidated=False
         )
     return path
 
