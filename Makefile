@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 RAY_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit lint format organism cluster-up cluster-down clean
+.PHONY: setup demo test test-unit lint format docs organism cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format crossmodal jobs tests
 	$(VENV)/bin/ruff check --fix crossmodal jobs tests
+
+# The config reference, generated from schemas/ (tests/test_schema_doc.py checks it).
+docs: setup
+	$(PY) -m crossmodal.schema_doc > docs/config-reference.md
 
 # Rebuild the shipped model organism deterministically (crossmodal/organism_model/).
 organism: setup
