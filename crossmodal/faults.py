@@ -113,7 +113,7 @@ class FaultPoint:
         role: ``collector``, ``steer_worker`` or ``driver``.
         output: the store or steering output the process writes (markers go beside it).
         environ: the environment to read (default ``os.environ``).
-        kill: what firing does (tests pass a recorder; default ends the process).
+        kill: what firing does, given the mode (default: end the process; tests record).
 
     Raises:
         ValueError: ``CROSSMODAL_FAULT`` does not parse (see :func:`parse`).
@@ -125,7 +125,7 @@ class FaultPoint:
         output: str | Path,
         *,
         environ: Mapping[str, str] | None = None,
-        kill: Callable[[str], None] = _kill,
+        kill: Callable[[str], None] | None = None,
     ) -> None:
         if role not in TRIGGERS:
             raise ValueError(f"role must be one of {sorted(TRIGGERS)}, got {role!r}")
@@ -135,7 +135,7 @@ class FaultPoint:
         self.count = 0
         out = Path(output)
         self.marker_dir = Path(environ.get(DIR_ENV) or out.with_name(out.name + ".faults"))
-        self._kill = kill
+        self._kill = kill or _kill
 
     @property
     def marker(self) -> Path | None:

@@ -104,3 +104,15 @@ def ray_head(tmp_path_factory):
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
         assert group_alive(proc.pid) == [], "ray head processes left behind"
+
+
+@pytest.fixture(scope="session")
+def shipped_organism() -> Path:
+    """The shipped organism directory; tests that need the trained model skip without it
+    (the message names the directory and the rebuild command)."""
+    from crossmodal.organism import OrganismMissingError, organism_path
+
+    try:
+        return organism_path()
+    except OrganismMissingError as err:
+        pytest.skip(str(err))

@@ -15,7 +15,9 @@ executes the work units.
   takes over the stale lock, redoes only the missing units, and the store is identical
   and verifies;
 - a steering actor dies after 1 batch: results and summary tables are identical to a
-  fault-free run.
+  fault-free run;
+- the steering driver stops after 1 task (in-process executor, a kill that raises, no
+  Ray): the re-run redoes exactly the other tasks, tables identical.
 Edge cases listed: the killed unit is mid-way (no part written) and is recorded exactly
 once; the driver dies between two units with its lock held; markers make every fault
 one-shot even though restarted processes count from 0.
@@ -276,20 +278,37 @@ def _frames(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return res, summ
 
 
-@pytest.mark.integration
-def test_steer_worker_killed_gives_identical_tables(steer_root, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def steer_reference(steer_root):
+    """Fault-free tables: one SteerWorker called directly on every task, then consolidated."""
     from test_steer_fleet import _config
 
     from crossmodal.grid import expand, tasks
-    from crossmodal.steer import SteerWorker, consolidate, run_steer
+    from crossmodal.steer import SteerWorker, consolidate
 
-    ref = _config(steer_root, "ref", actors={"count": 1, "num_cpus": 0.25})
+    ref = _config(steer_root, "ref")
     worker = SteerWorker(ref, device="cpu")
     cells = expand(ref)
     for task in tasks(cells, ref.cells_per_task):
         worker(task)
     consolidate(ref, cells)
+    return worker, cells, _frames(Path(ref.output))
 
+
+def _same_tables(out: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    got = _frames(out)
+    pd.testing.assert_frame_equal(got[0], reference[0])
+    pd.testing.assert_frame_equal(got[1], reference[1])
+
+
+@pytest.mark.integration
+def test_steer_worker_killed_gives_identical_tables(steer_root, steer_reference, tmp_path,
+                                                    monkeypatch):  # fmt: skip
+    from test_steer_fleet import _config
+
+    from crossmodal.steer import run_steer
+
+    _, cells, reference = steer_reference
     actors = {"count": 2, "num_cpus": 0.25, "num_gpus": 0, "max_restarts": 1,
               "max_task_retries": 1}  # fmt: skip
     faulty = _config(steer_root, "faulty", actors=actors)
@@ -298,6 +317,45 @@ def test_steer_worker_killed_gives_identical_tables(steer_root, tmp_path, monkey
     result = run_steer(faulty, progress=False, echo=lambda _: None)
     assert result["ran"] == len(cells)
     assert [m.name.split("-")[0] for m in (tmp_path / "markers").iterdir()] == ["steer_worker"]
-    got, want = _frames(Path(faulty.output)), _frames(Path(ref.output))
-    pd.testing.assert_frame_equal(got[0], want[0])
-    pd.testing.assert_frame_equal(got[1], want[1])
+    _same_tables(Path(faulty.output), reference)
+
+
+class _Died(BaseException):
+    """What the patched kill raises: the driver stops right there (its ``finally`` runs)."""
+
+
+def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """The steering driver's fault point, with an in-process executor instead of Ray actors
+    and a kill that raises (so pytest survives): one task lands, the re-run does the rest."""
+    from test_steer_fleet import _config
+
+    from crossmodal import faults, steer
+    from crossmodal.grid import tasks
+
+    worker, cells, reference = steer_reference
+
+    class LocalPool:  # ray.util.ActorPool's interface, run in this process
+        def __init__(self, actors):
+            self.actors = actors
+
+        def map_unordered(self, fn, items):
+            return (self.actors[0](item) for item in items)
+
+    monkeypatch.setattr("ray.util.ActorPool", LocalPool)
+    monkeypatch.setattr(steer, "_start_actors", lambda config, address: ([
+        steer.SteerWorker(config, device="cpu")], False))  # fmt: skip
+
+    def died(mode: str) -> None:
+        raise _Died(mode)
+
+    monkeypatch.setattr(faults, "_kill", died)
+    monkeypatch.setenv(ENV, "driver:after_units=1")
+    config = _config(steer_root, "driver")
+    with pytest.raises(_Died):
+        steer.run_steer(config, progress=False, echo=lambda _: None)
+    first = tasks(cells, config.cells_per_task)[0]
+    assert steer.done_cells(config.output) == {c.id for c in first}  # exactly one task landed
+    again = steer.run_steer(config, progress=False, echo=lambda _: None)  # marker: no refire
+    assert (again["ran"], again["resumed"]) == (len(cells) - len(first), len(first))
+    _same_tables(Path(config.output), reference)

@@ -91,7 +91,7 @@ def test_steering_headline_compares_selected_with_random() -> None:
 
 
 @pytest.mark.integration
-def test_ray_job_submit_pipeline_end_to_end(ray_head, tmp_path) -> None:
+def test_ray_job_submit_pipeline_end_to_end(shipped_organism, ray_head, tmp_path) -> None:
     """Start a head, submit the organism pipeline, read results back, stop the head."""
     config = _small_pipeline(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
