@@ -137,6 +137,7 @@ def bench(args: tuple[str, ...]) -> None:
 
 def _register_jobs() -> None:
     """The Ray job entry points double as subcommands: one definition, two ways to call."""
+    from crossmodal.verify import verify_command
     from jobs.collect import main as collect_main
     from jobs.pipeline import main as pipeline_main
     from jobs.reduce import main as reduce_main
@@ -148,6 +149,7 @@ def _register_jobs() -> None:
     main.add_command(reduce_main, name="reduce")
     main.add_command(steer_main, name="steer")
     main.add_command(report_command, name="report")
+    main.add_command(verify_command, name="verify")
 
 
 _register_jobs()

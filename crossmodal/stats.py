@@ -150,8 +150,9 @@ def _with_tails(core: Tensor, n_bins: int, n_tail: int) -> Tensor:
 
     A 10% pilot misses the heavy tails of the full data, so ``n_tail`` bins per side (plus
     the slots the core left unused) grow geometrically past the pilot's range. The first tail
-    bin is as wide as the pilot's outermost bins, or the mean core bin if those are tiny, and
-    at least a few float32 ulps, so the ulp nudge never has to shift the core edges.
+    bin is as wide as the pilot's outermost bins (local spacing: a mean over the whole range
+    is far too wide for heavy tails), or, where those are single-value bins, the mean core
+    bin; never below ~64 float32 ulps, so the ulp nudge does not shift the core edges.
     """
     n_units, n_core = core.shape
     dev = core.device
@@ -160,13 +161,17 @@ def _with_tails(core: Tensor, n_bins: int, n_tail: int) -> Tensor:
     k = c_last.clamp(max=4)
     ends = torch.gather(core, 1, torch.cat([torch.zeros_like(k), k, c_last - k, c_last], 1))
     cmin, near_lo, near_hi, cmax = ends.double().unbind(1)
+    # ~64 float32 ulps of the end itself: below that, spacings are single-value bins' widths.
+    tiny_lo = (cmin.abs() * 2.0**-17).clamp(min=2.0**-100)
+    tiny_hi = (cmax.abs() * 2.0**-17).clamp(min=2.0**-100)
+    scale = torch.maximum(cmax.abs(), cmin.abs())
     mean_w = (cmax - cmin) / c.clamp(min=1)
-    scale = torch.maximum(cmax.abs(), cmin.abs()) * 2.0**-10
-    mean_w = torch.where(mean_w > 0, mean_w, torch.where(scale > 0, scale, 2.0**-10))
+    fallback = torch.where(scale > 2.0**-100, scale, 1.0) * 2.0**-10  # e.g. an all-zero pilot
+    fallback = torch.where(mean_w > torch.maximum(tiny_lo, tiny_hi), mean_w, fallback)
     w_lo = (near_lo - cmin) / k[:, 0].clamp(min=1)
     w_hi = (cmax - near_hi) / k[:, 0].clamp(min=1)
-    w_lo = torch.where(w_lo > mean_w * 2.0**-10, w_lo, mean_w).clamp(min=cmin.abs() * 2.0**-20)
-    w_hi = torch.where(w_hi > mean_w * 2.0**-10, w_hi, mean_w).clamp(min=cmax.abs() * 2.0**-20)
+    w_lo = torch.where(w_lo > tiny_lo, w_lo, torch.maximum(fallback, tiny_lo))
+    w_hi = torch.where(w_hi > tiny_hi, w_hi, torch.maximum(fallback, tiny_hi))
     t_lo = (n_tail + (n_core - c) // 2)[:, None]
     j = torch.arange(n_bins + 1, device=dev).expand(n_units, n_bins + 1)
     lower = cmin[:, None] - w_lo[:, None] * _geometric((t_lo - j).clamp(min=0))

@@ -116,3 +116,14 @@ def shipped_organism() -> Path:
         return organism_path()
     except OrganismMissingError as err:
         pytest.skip(str(err))
+
+
+def submit_job(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``ray job submit``, retried while the head's job agent is still starting (a fresh head
+    answers "No available agent to submit job" for a few seconds after its dashboard is up)."""
+    deadline = time.time() + 180
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return proc
+        time.sleep(3)

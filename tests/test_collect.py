@@ -17,13 +17,8 @@ cannot join a neighbour's cluster.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +26,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
+from conftest import submit_job
 
 from crossmodal.collect import Collector, run_collect, store_dims
 from crossmodal.config import load_config
@@ -213,78 +209,10 @@ def test_in_process_two_actors_resume_and_refusal(raw_config, collected):
     np.testing.assert_allclose(after["mean"].values, before["mean"].values, rtol=1e-12)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A `ray start --head --block` in its own process group; killed by group afterwards."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
-    temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
-    env = {**os.environ, **RAY_ENV}
-    cmd = [
-        ray_bin,
-        "start",
-        "--head",
-        "--block",
-        f"--port={gcs}",
-        f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-        "--dashboard-host=127.0.0.1",
-    ]
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), 1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"ray head did not start; see {log.name}")
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        _kill_group(proc.pid)
-        proc.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-        assert _group_alive(proc.pid) == [], "ray head processes left behind"
-
-
-def _group_alive(pgid: int) -> list[str]:
-    """Live (non-zombie) processes of process group ``pgid``."""
-    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True)
-    return [
-        r
-        for r in rows.stdout.splitlines()
-        if int(r.split()[1]) == pgid and not r.split()[2].startswith("Z")
-    ]
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGTERM the head's process group, then SIGKILL until nothing of it is left (15 s)."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + 15
-    while _group_alive(pgid) and time.time() < deadline:
-        time.sleep(1)
-        if time.time() > deadline - 12:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
+def head(ray_head):
+    """The session's `ray start --head` (tests/conftest.py)."""
+    return ray_head
 
 
 def test_against_a_head_with_address_auto(head, raw_config, collected, tmp_path):
@@ -323,7 +251,7 @@ def test_ray_job_submit(head, raw_config, tmp_path):
     cfg = _write_config(small, tmp_path / "c.yaml")
     out = tmp_path / "job.zarr"
     ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.run(
+    proc = submit_job(
         [
             ray_bin,
             "job",
@@ -343,8 +271,6 @@ def test_ray_job_submit(head, raw_config, tmp_path):
         ],
         cwd=REPO,
         env=head["env"],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])

@@ -8,7 +8,6 @@ stopped and leaves no process behind.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 import yaml
+from conftest import submit_job
 
 from crossmodal import results
 from crossmodal.config import ConfigError
@@ -95,10 +95,10 @@ def test_ray_job_submit_pipeline_end_to_end(shipped_organism, ray_head, tmp_path
     """Start a head, submit the organism pipeline, read results back, stop the head."""
     config = _small_pipeline(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.run(
+    proc = submit_job(
         [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
          "--", sys.executable, "-m", "jobs.pipeline", str(config), "--no-progress"],
-        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=ray_head["env"], timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
     assert "succeeded" in proc.stdout and "== done ==" in proc.stdout

@@ -13,5 +13,12 @@ def test_config_reference_is_up_to_date() -> None:
 
 def test_every_top_level_field_is_documented() -> None:
     text = render()
-    for field in ("`collect`", "`model`", "`steps`", "`data.audio_root`", "`set_sizes`", "`forcing`"):
+    for field in (
+        "`collect`",
+        "`model`",
+        "`steps`",
+        "`data.audio_root`",
+        "`set_sizes`",
+        "`forcing`",
+    ):
         assert field in text

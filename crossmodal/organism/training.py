@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     log_every: int = 100
-    ctc_weight: float = 0.3
+    ctc_weight: float = 0.5
 
 
 @dataclass
@@ -140,7 +140,10 @@ def _speech_encode(
 
 
 def _ctc_loss(
-    model: SeamlessM4Tv2Model, encoded: torch.Tensor, enc_mask: torch.Tensor, targets: list[list[int]]
+    model: SeamlessM4Tv2Model,
+    encoded: torch.Tensor,
+    enc_mask: torch.Tensor,
+    targets: list[list[int]],
 ) -> torch.Tensor:
     """CTC of the speech encoder output, read through the (tied) ``lm_head``, against the transcript.
 
@@ -234,7 +237,11 @@ def train(
         both = torch.cat([encoded, encoded]), torch.cat([enc_mask, enc_mask])
         loss_speech = _decode_loss(model, *both, dec_in, labels)
         transcripts = [data.tokens[lang][i] for i, lang in zip(idx, src, strict=True)]
-        loss_ctc = _ctc_loss(model, encoded, enc_mask, transcripts) if cfg.ctc_weight > 0 else torch.zeros(())
+        loss_ctc = (
+            _ctc_loss(model, encoded, enc_mask, transcripts)
+            if cfg.ctc_weight > 0
+            else torch.zeros(())
+        )
 
         loss = loss_text + loss_speech + cfg.ctc_weight * loss_ctc
         opt.zero_grad(set_to_none=True)
