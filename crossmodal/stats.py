@@ -139,46 +139,49 @@ def _quantile_edges(rest: Tensor, m: Tensor, count: Tensor, width: int) -> Tenso
     return torch.where((i < count[:, None]) & (m[:, None] > 0), v, torch.inf)
 
 
-def _geometric(k: Tensor) -> Tensor:
-    """Offsets 2**k - 1 (in first-bin widths) of tail edge k; linear past k = 30 to stay finite."""
-    k = k.double()
-    return torch.exp2(k.clamp(max=30)) - 1 + (k - 30).clamp(min=0) * 2.0**30
-
-
-def _with_tails(core: Tensor, n_bins: int, n_tail: int) -> Tensor:
+def _with_tails(core: Tensor, gap_lo: Tensor, gap_hi: Tensor, n_bins: int, n_tail: int) -> Tensor:
     """Add geometric tail edges around sorted, +inf padded ``core`` edges -> ``n_bins + 1``.
 
     A 10% pilot misses the heavy tails of the full data, so ``n_tail`` bins per side (plus
     the slots the core left unused) grow geometrically past the pilot's range. The first tail
-    bin is as wide as the pilot's outermost bins (local spacing: a mean over the whole range
-    is far too wide for heavy tails), or, where those are single-value bins, the mean core
-    bin; never below ~64 float32 ulps, so the ulp nudge does not shift the core edges.
+    bin is as wide as the pilot's spacing at that end (``gap_*``, per rank: a mean over the
+    whole range is far too wide for heavy tails), or the mean core bin where that spacing is
+    undefined or ulp-sized (repeated values); never below ~64 float32 ulps of the end.
     """
     n_units, n_core = core.shape
-    dev = core.device
     c = torch.isfinite(core).sum(1)
-    c_last = (c - 1).clamp(min=0)[:, None]
-    k = c_last.clamp(max=4)
-    ends = torch.gather(core, 1, torch.cat([torch.zeros_like(k), k, c_last - k, c_last], 1))
-    cmin, near_lo, near_hi, cmax = ends.double().unbind(1)
-    # ~64 float32 ulps of the end itself: below that, spacings are single-value bins' widths.
+    ends = torch.gather(core, 1, torch.stack([torch.zeros_like(c), (c - 1).clamp(min=0)], 1))
+    cmin, cmax = ends.double().unbind(1)
     tiny_lo = (cmin.abs() * 2.0**-17).clamp(min=2.0**-100)
     tiny_hi = (cmax.abs() * 2.0**-17).clamp(min=2.0**-100)
     scale = torch.maximum(cmax.abs(), cmin.abs())
     mean_w = (cmax - cmin) / c.clamp(min=1)
     fallback = torch.where(scale > 2.0**-100, scale, 1.0) * 2.0**-10  # e.g. an all-zero pilot
     fallback = torch.where(mean_w > torch.maximum(tiny_lo, tiny_hi), mean_w, fallback)
-    w_lo = (near_lo - cmin) / k[:, 0].clamp(min=1)
-    w_hi = (cmax - near_hi) / k[:, 0].clamp(min=1)
-    w_lo = torch.where(w_lo > tiny_lo, w_lo, torch.maximum(fallback, tiny_lo))
-    w_hi = torch.where(w_hi > tiny_hi, w_hi, torch.maximum(fallback, tiny_hi))
+    w_lo = torch.where(gap_lo > tiny_lo, gap_lo, torch.maximum(fallback, tiny_lo))
+    w_hi = torch.where(gap_hi > tiny_hi, gap_hi, torch.maximum(fallback, tiny_hi))
     t_lo = (n_tail + (n_core - c) // 2)[:, None]
-    j = torch.arange(n_bins + 1, device=dev).expand(n_units, n_bins + 1)
-    lower = cmin[:, None] - w_lo[:, None] * _geometric((t_lo - j).clamp(min=0))
+    t_hi = n_bins + 1 - t_lo - c[:, None]
+    j = torch.arange(n_bins + 1, device=core.device).expand(n_units, n_bins + 1)
+    lower = cmin[:, None] - w_lo[:, None] * _geometric((t_lo - j).clamp(min=0), t_lo)
     k_hi = (j - t_lo - c[:, None] + 1).clamp(min=0)
-    upper = cmax[:, None] + w_hi[:, None] * _geometric(k_hi)
+    upper = cmax[:, None] + w_hi[:, None] * _geometric(k_hi, t_hi)
     mid = torch.gather(core, 1, (j - t_lo).clamp(min=0, max=n_core - 1)).double()
     return torch.where(j < t_lo, lower, torch.where(k_hi > 0, upper, mid)).float()
+
+
+_TAIL_DOUBLINGS = 6
+"""Each tail spans (2**6 - 1) / (r - 1) first-bin widths; with 16 tail bins r = 1.3. Tuned
+with n_tail on the accuracy test: slow growth beats reach (a short pilot top is common)."""
+
+
+def _geometric(k: Tensor, t: Tensor) -> Tensor:
+    """Offset of tail edge ``k`` (of ``t`` per side) in first-bin widths: bins grow by
+    ``r = 2**(_TAIL_DOUBLINGS / t)``, so the last edge is ``(2**6 - 1) / (r - 1)`` widths out:
+    finite, and spare bins (few distinct pilot values) grow more slowly rather than further.
+    """
+    log_r = (_TAIL_DOUBLINGS * np.log(2.0)) / t.clamp(min=1).double()
+    return torch.expm1(k.double() * log_r) / torch.expm1(log_r)
 
 
 def _edges_chunk(
@@ -196,15 +199,27 @@ def _edges_chunk(
     )
     rest = torch.sort(torch.where(member, torch.inf, s), dim=1).values
     m = n - member.sum(1)
+    k = (m - 1).clamp(min=0, max=4)[:, None]  # pilot spacing per rank at both ends
+    ends = torch.gather(
+        rest,
+        1,
+        torch.cat([torch.zeros_like(k), k, m[:, None] - 1 - k, m[:, None] - 1], 1).clamp(min=0),
+    ).double()
+    gap_lo = (ends[:, 1] - ends[:, 0]) / k[:, 0].clamp(min=1)
+    gap_hi = (ends[:, 3] - ends[:, 2]) / k[:, 0].clamp(min=1)
     rest = _smooth_sorted(rest, m, smooth) if smooth else rest
-    count = (n_core - 2 * is_atom.sum(1)).clamp(min=0)
+    # Beyond each end of the pilot lies about one pilot gap's worth of data: with few
+    # distinct pilot values (sparse ReLU units) that is a large share, so the tails get
+    # ~1/(m+2) of the slots each, the quantiles the rest (at least every pilot gap halved).
+    free = n_core - 2 * is_atom.sum(1)
+    count = torch.minimum(free, torch.maximum(2 * m - 1, free * m // (m + 2))).clamp(min=0)
     quant = _quantile_edges(rest, m, count, n_core)
     # Union, dedupe, compact: the distinct core edges first, +inf after.
     core = torch.sort(torch.cat([atom_edges, quant], dim=1), dim=1).values
     dup = torch.zeros_like(core, dtype=torch.bool)
     dup[:, 1:] = core[:, 1:] == core[:, :-1]
     core = torch.sort(torch.where(dup, torch.inf, core), dim=1).values[:, :n_core]
-    return _strictly_increasing(_with_tails(core, n_bins, n_tail))
+    return _strictly_increasing(_with_tails(core, gap_lo, gap_hi, n_bins, n_tail))
 
 
 def choose_edges(
@@ -229,7 +244,8 @@ def choose_edges(
          crowded bin), at ranks spaced 2.5x closer than average at both ends (the top
          ranks weigh most in AP and the pilot is sparsest at its extremes);
       3. ``n_tail`` bins on each side grow geometrically beyond the pilot's range (the pilot
-         misses heavy tails); edges left over when the pilot has few distinct values widen them;
+         misses heavy tails, and its extremes often fall short); with few distinct pilot
+         values (sparse ReLU units) the tails get more bins, as more data lies beyond;
       4. edges are nudged up by float32 ulps until strictly increasing, so every bin is
          well defined. Values below the first edge or at/above the last go to the underflow
          and overflow bins.
@@ -241,7 +257,7 @@ def choose_edges(
         pilot: ``[example, unit]`` values, ideally a random sample of all languages of the
             (task, modality, step) the edges will be shared by.
         n_bins: bins between the first and last edge.
-        n_tail: geometric tail bins per side; default ``max(1, n_bins // 32)``.
+        n_tail: geometric tail bins per side; default ``max(1, n_bins // 16)``.
         max_atoms: most single-value bins; default ``n_bins // 4``.
         min_repeat: pilot multiplicity that makes a value an atom.
         smooth: half-width (in ranks) of the moving average; 0 for raw quantiles.
@@ -249,7 +265,7 @@ def choose_edges(
     _check_values(pilot)
     if n_bins < 8:
         raise ValueError(f"n_bins must be one of [>= 8], got {n_bins!r}; use 256 (default)")
-    n_tail = max(1, n_bins // 32) if n_tail is None else n_tail
+    n_tail = max(1, n_bins // 16) if n_tail is None else n_tail
     max_atoms = n_bins // 4 if max_atoms is None else max_atoms
     if not 1 <= n_tail <= n_bins // 4:
         raise ValueError(f"n_tail must be one of [1..{n_bins // 4}], got {n_tail!r}; use default")

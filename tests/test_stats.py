@@ -107,6 +107,17 @@ def test_edges_tail_bins_catch_values_beyond_the_pilot():
     assert bool((s.hist[:, -1] < beyond).all())  # most land in tail bins, not the overflow
 
 
+def test_edges_sparse_relu_unit_spends_spare_bins_on_tails():
+    """95% zeros: ~15 distinct pilot values; the spare bins must extend the tails."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 1, generator=g) / torch.rand(3000, 1, generator=g).sqrt()
+    full = torch.where(torch.rand(3000, 1, generator=g) < 0.95, 0.0, x.abs())
+    e = choose_edges(full[:300], 256)
+    s = _stats(full, e, batch=500)
+    assert int(s.hist[0, -1]) == 0 and float(e[0, -1]) > float(full.max())
+    assert int((s.hist[0] > 0).sum()) > 60  # its 125 non-zero values spread over many bins
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
