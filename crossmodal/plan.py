@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 from numcodecs import Blosc
 
 from crossmodal.config import ORGANISM_SOURCE, CollectConfig
-from crossmodal.data import _id_key  # FLEURS ids sort numerically (one rule, in data.py)
+from crossmodal.data import SkipReport, _id_key  # FLEURS ids sort numerically (data.py)
 from crossmodal.languages import SPEECH_INPUT_CODES, TEXT_INPUT_CODES, TEXT_OUTPUT_CODES
 from crossmodal.units import UnitIndex
 
@@ -103,8 +103,11 @@ def conditions(config: CollectConfig) -> tuple[list[Condition], list[str]]:
     return kept, dropped
 
 
-def _source_ids(config: CollectConfig, languages: list[str]) -> dict[str, list[str]] | None:
-    """Ids per language from the data source (text only, no audio), or None without data."""
+def _source_ids(
+    config: CollectConfig, languages: list[str]
+) -> tuple[dict[str, list[str]] | None, SkipReport]:
+    """Ids per language from the data source (text only, no audio), or None without data;
+    with the records the source skipped while listing them (empty text, malformed rows)."""
     data = config.data
     if data.source == ORGANISM_SOURCE:
         from crossmodal.organism import organism_corpus
@@ -112,14 +115,17 @@ def _source_ids(config: CollectConfig, languages: list[str]) -> dict[str, list[s
         records = organism_corpus(
             data.split, languages, data.examples_per_language, config.seed, audio=False
         )
-        return {lang: [r.id for r in records if r.language == lang] for lang in languages}
+        return {lang: [r.id for r in records if r.language == lang] for lang in languages}, (
+            SkipReport()
+        )
     if data.path is None or not Path(data.path).is_dir():
-        return None
+        return None, SkipReport()
     from crossmodal.fleurs import FleursParquetSource, FleursSource
 
     kind = FleursSource if data.source == "fleurs_raw" else FleursParquetSource
     source = kind(data.path, audio=False)
-    return {lang: [r.id for r in source.records(lang, data.split)] for lang in languages}
+    ids = {lang: [r.id for r in source.records(lang, data.split)] for lang in languages}
+    return ids, source.skipped
 
 
 def _subset(ids: Mapping[str, list[str]], n: int | None, seed: int) -> dict[str, tuple[str, ...]]:
@@ -144,6 +150,9 @@ class Plan:
     pilots: tuple[PilotUnit, ...]
     estimated: bool  # True: example counts are FLEURS' published sizes, not the data's
     note: str
+    skipped: dict[str, dict[str, object]] = field(default_factory=dict)
+    """Records the data source skipped while planning (``SkipReport.as_dict()``): they never
+    become examples, so the per-condition ``n_skipped`` counts cannot include them."""
 
     @cached_property
     def hash(self) -> str:
@@ -176,7 +185,7 @@ class Plan:
                    "items": [{"language": c.language, "ids": list(i)} for c, i in p.items]}
                   for p in self.pilots]  # fmt: skip
         return {"hash": self.hash, "estimated": self.estimated, "dropped": list(self.dropped),
-                "work_units": units, "pilots": pilots}  # fmt: skip
+                "skipped": self.skipped, "work_units": units, "pilots": pilots}  # fmt: skip
 
 
 def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None) -> Plan:
@@ -188,7 +197,7 @@ def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None
             f"({'; '.join(dropped) or 'nothing to run'}); add a task or language"
         )
     inputs = sorted({c.source for c in conds})
-    raw = dict(ids) if ids is not None else _source_ids(config, inputs)
+    raw, skipped = (dict(ids), SkipReport()) if ids is not None else _source_ids(config, inputs)
     estimated = raw is None
     if raw is None:
         n = FLEURS_SENTENCES[config.data.split]
@@ -229,7 +238,10 @@ def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None
             pick = rng.permutation(len(pool))[:take] if pool else range(0)
             items.append((cond, tuple(sorted((pool[j] for j in pick), key=_id_key))))
         pilots.append(PilotUnit(task, modality, tuple(items)))
-    return Plan(config, tuple(conds), tuple(dropped), tuple(units), tuple(pilots), estimated, note)
+    return Plan(
+        config, tuple(conds), tuple(dropped), tuple(units), tuple(pilots), estimated, note,
+        skipped.as_dict(),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- units without the weights
@@ -388,6 +400,9 @@ def format_plan(plan: Plan, sizes: Mapping[str, int], source: str = "") -> str:
         dropped.setdefault(f"{key.rsplit('/', 1)[0]}: {why}", []).append(key.rsplit("/", 1)[1])
     out += [f"  dropped    {k.split(': ')[0]} {' '.join(v)} ({k.split(': ', 1)[1]})"
             for k, v in dropped.items()]  # fmt: skip
+    if plan.skipped:
+        counts = ", ".join(f"{k}={v['count']}" for k, v in plan.skipped.items())
+        out.append(f"  skipped    {counts} (records the data source could not use)")
     lines = estimate_size(plan, sizes)
     out.append(f"  store {cfg.output} (ESTIMATE; compressed = measured ratio on synthetic values):")
     lines.append(SizeLine("total (peak)", sum(s.uncompressed for s in lines),

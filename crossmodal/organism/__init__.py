@@ -29,10 +29,11 @@ ORGANISM_DIR = Path(__file__).resolve().parent.parent / "organism_model"
 """Where the shipped organism lives (git-tracked)."""
 REBUILD_COMMAND = "crossmodal organism --build"
 _REQUIRED = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "preprocessor_config.json",
+    ("config.json",),
+    ("generation_config.json",),
+    ("model.safetensors",),
+    ("processor_config.json", "preprocessor_config.json"),  # transformers 5 / 4.x name
+    ("tokenizer.json", "sentencepiece.bpe.model"),
 )
 
 
@@ -46,9 +47,11 @@ def check_organism_dir(path: Path) -> Path:
     Raises:
         OrganismMissingError: naming the path, what is missing and the rebuild command.
     """
-    missing = [name for name in _REQUIRED if not (path / name).is_file()]
-    if not (path / "tokenizer.json").is_file() and not (path / "sentencepiece.bpe.model").is_file():
-        missing.append("tokenizer.json")
+    missing = [
+        " or ".join(names)
+        for names in _REQUIRED
+        if not any((path / name).is_file() for name in names)
+    ]
     if missing:
         raise OrganismMissingError(
             f"organism directory {str(path)!r} must hold {', '.join(missing)}; "
