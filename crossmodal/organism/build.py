@@ -49,7 +49,7 @@ class ModelShape:
     hidden: int = 128
     heads: int = 4
     text_encoder_layers: int = 2
-    speech_encoder_layers: int = 2
+    speech_encoder_layers: int = 1
     decoder_layers: int = 3
     ffn: int = 256
     decoder_ffn: int = 512
