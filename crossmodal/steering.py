@@ -136,7 +136,9 @@ def plan_batch(
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or first.dtype
     batch = len(interventions)
-    per_site: dict[str, dict[int, dict[int, float]]] = {}
+    # per site: (row, feature, value) triples of every row, as arrays (a grid batch holds
+    # ~10^5 of them: element-wise tensor writes would cost seconds)
+    per_site: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for row, intervention in enumerate(interventions):
         for path, (features, values) in intervention.items():
             if len(features) != len(values):
@@ -144,15 +146,16 @@ def plan_batch(
                     f"values must match features in length for site {path!r} (row {row}), got "
                     f"{len(values)} values for {len(features)} features; pass one value per feature"
                 )
-            cells = per_site.setdefault(path, {})
-            for feature, value in zip(features, values, strict=True):
-                cells.setdefault(int(feature), {})[row] = float(value)
+            f = np.asarray(features, dtype=np.int64).reshape(-1)
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            per_site.setdefault(path, []).append((np.full(len(f), row), f, v))
     sites: dict[str, SitePlan] = {}
-    for path, cells in per_site.items():
+    for path, parts in per_site.items():
         module = _resolve(model, path)
-        if not cells:
+        rows, features, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+        if len(features) == 0:
             continue
-        cols = sorted(cells)
+        cols = np.unique(features)
         width = _n_features(module)
         if cols[0] < 0 or (width is not None and cols[-1] >= width):
             bad = cols[0] if cols[0] < 0 else cols[-1]
@@ -160,18 +163,17 @@ def plan_batch(
                 f"feature of site {path!r} must be in [0, {width}), got {bad}; "
                 "check the unit index table against this model"
             )
-        mask = torch.zeros(batch, len(cols), dtype=torch.bool)
-        values = torch.zeros(batch, len(cols), dtype=torch.float32)
-        for j, feature in enumerate(cols):
-            for row, value in cells[feature].items():
-                mask[row, j] = True
-                values[row, j] = value
+        j = np.searchsorted(cols, features)
+        mask = np.zeros((batch, len(cols)), dtype=bool)
+        table = np.zeros((batch, len(cols)), dtype=np.float32)
+        mask[rows, j] = True
+        table[rows, j] = values  # a feature repeated within a row: its last value wins
         sites[path] = SitePlan(
-            cols=torch.tensor(cols, dtype=torch.long, device=device),
-            mask=mask.to(device),
-            values=values.to(device=device, dtype=dtype),
+            cols=torch.from_numpy(cols).to(device),
+            mask=torch.from_numpy(mask).to(device),
+            values=torch.from_numpy(table).to(device=device, dtype=dtype),
             feature_dim=_feature_dim(module),
-            max_col=cols[-1],
+            max_col=int(cols[-1]),
         )
     return BatchPlan(batch_size=batch, sites=sites)
 
