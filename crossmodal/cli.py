@@ -10,8 +10,10 @@ from pathlib import Path
 
 import click
 
+from crossmodal.cli_options import CONTEXT
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(package_name="crossmodal")
 def main() -> None:
     """Language-selective units in SeamlessM4T v2, step by step through generation.

@@ -5,8 +5,16 @@ A :class:`Collector` is a callable class (style lesson 10): ``__init__`` loads t
 builds the :class:`~crossmodal.capture.Capturer` once; each call runs ONE job, a
 :class:`~crossmodal.plan.PilotUnit` (exact values of a pilot sample -> histogram edges, written
 to ``edges[t, m]``) or a :class:`~crossmodal.plan.WorkUnit` (statistics kept on the model's
-device, written to ``parts[p]``), and returns a small JSON-ready summary. It is importable and
-testable without Ray; the driver wraps it with ``ray.remote`` and an actor pool.
+device, written to ``parts[p]``, plus the per-layer Gini sums of
+:mod:`crossmodal.concentration` in ``concentration/<family>/parts[p]``), and returns a small
+JSON-ready summary. It is importable and testable without Ray; the driver wraps it with
+``ray.remote`` and an actor pool.
+
+Edges are shared by the modalities of a task: the driver sends all pilots of one task as ONE
+job, whose speech and text values together choose the edges of the decoder families, written
+to ``edges[t, m]`` of every modality (encoder families only ever see their own modality). So
+speech and text histograms of a task can be compared (the v1 modality-selective units of
+:func:`crossmodal.reduce.modality_pass`); a single :class:`PilotUnit` gives one modality's.
 
 The driver (:func:`run_collect`) is the only writer of metadata: it plans, creates or resumes
 the store (:mod:`crossmodal.store`), runs the pending pilots, then the pending work units,
@@ -29,8 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from tqdm import tqdm
 
+from crossmodal.concentration import GiniStats, LayerGini, concentration_family
 from crossmodal.config import ORGANISM_SOURCE, CollectConfig, load_config
 from crossmodal.faults import FaultPoint, env_vars
 from crossmodal.lock import OutputLock
@@ -51,12 +61,14 @@ from crossmodal.store import (
     UnitCoords,
     create_store,
     finish,
+    has_concentration,
     manifest,
     mark_edges,
     mark_part,
     merge_condition,
     open_existing,
     read_edges,
+    write_concentration,
     write_edges,
     write_part,
 )
@@ -103,11 +115,16 @@ class Collector:
         ends = np.cumsum([counts[f] for f in self.capturer.index.families])
         self.slices = {f: slice(int(e - counts[f]), int(e))
                        for f, e in zip(self.capturer.index.families, ends, strict=True)}  # fmt: skip
+        self.conc_family = concentration_family(self.capturer.index.families)
+        self.layer_gini = None
+        if self.conc_family is not None:
+            layers = UnitCoords.from_index(self.capturer.index, self.conc_family).unit_arrays()
+            self.layer_gini = LayerGini(layers["unit_layer"], self.device)
         self._records: OrderedDict[tuple, tuple[list[Record], int]] = OrderedDict()
         self._fault = FaultPoint("collector", self.store)  # CROSSMODAL_FAULT (faults.py)
 
-    def __call__(self, job: WorkUnit | PilotUnit) -> dict[str, Any]:
-        return self.pilot(job) if isinstance(job, PilotUnit) else self.run(job)
+    def __call__(self, job: WorkUnit | PilotUnit | tuple[PilotUnit, ...]) -> dict[str, Any]:
+        return self.run(job) if isinstance(job, WorkUnit) else self.pilot(job)
 
     # ------------------------------------------------------------------ data
 
@@ -155,23 +172,35 @@ class Collector:
 
     # ------------------------------------------------------------------ jobs
 
-    def pilot(self, job: PilotUnit) -> dict[str, Any]:
-        """Exact pilot values -> ``choose_edges`` per (family, step, pooling) -> ``edges[t, m]``."""
+    def pilot(self, job: PilotUnit | tuple[PilotUnit, ...]) -> dict[str, Any]:
+        """Exact pilot values -> ``choose_edges`` per (family, step, pooling) -> ``edges[t, m]``.
+
+        ``job``: one pilot, or the pilots of every modality of one task (the driver's job):
+        a family then takes its edges from the values of every modality it applies to and
+        writes them to each of them, so they are shared across modalities.
+        """
         start, cfg = time.time(), self.config
-        families = self._families(job.modality)
+        pilots = (job,) if isinstance(job, PilotUnit) else tuple(job)
+        task = pilots[0].task
+        if any(p.task != task for p in pilots):
+            raise ValueError(
+                f"pilots must be one of [one task's], got {[p.task for p in pilots]!r}"
+            )
+        modalities = [p.modality for p in pilots]
+        families = [f for f in cfg.families if any(applies(f, m) for m in modalities)]
         values: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         n_examples = skipped = 0
-        for cond, ids in job.items:
+        for cond, ids in (item for p in pilots for item in p.items):
             records, n_skip = self._load(cond.source, cond.modality, ids)
             n_examples, skipped = n_examples + len(records), skipped + n_skip
             for res in self._capture(records, cond.modality, cond.target):
                 for si, step in enumerate(cfg.steps):
                     for pi, pooling in enumerate(cfg.poolings):
                         v = res.values[(pooling, step)]
-                        for f in families:
+                        for f in self._families(cond.modality):
                             values.setdefault((f, si, pi), []).append(v[:, self.slices[f]])
         fallback = []
-        t, m = cfg.tasks.index(job.task), cfg.modalities.index(job.modality)
+        t = cfg.tasks.index(task)
         for f, si, pi in [(f, si, pi) for f in families for si, pi in self._step_poolings]:
             rows = torch.cat(values.get((f, si, pi), []) or [torch.zeros(0, 0)])
             if rows.shape[0] == 0:  # no pilot output reached this step: use every step's
@@ -179,9 +208,10 @@ class Collector:
                 every = [x for s in range(len(cfg.steps)) for x in values.get((f, s, pi), [])]
                 rows = torch.cat(every or [rows])  # still empty: choose_edges says so
             edges = choose_edges(rows, cfg.n_bins).cpu().numpy()
-            write_edges(self.store, f, (t, m), {(si, pi): edges})  # one at a time: bounded RAM
-        return {"kind": "pilot", "task": job.task, "modality": job.modality,
-                "n_examples": n_examples, "n_skipped": skipped,
+            for mod in (m for m in modalities if applies(f, m)):  # one at a time: bounded RAM
+                write_edges(self.store, f, (t, cfg.modalities.index(mod)), {(si, pi): edges})
+        return {"kind": "pilot", "task": task, "modality": modalities[0],
+                "modalities": modalities, "n_examples": n_examples, "n_skipped": skipped,
                 "edges_from_all_steps": sorted(set(fallback)), "seconds": time.time() - start}  # fmt: skip
 
     def run(self, unit: WorkUnit) -> dict[str, Any]:
@@ -194,6 +224,11 @@ class Collector:
             edges = torch.as_tensor(read_edges(self.store, f, (t, m)), device=self.device)
             for si, pi in self._step_poolings:
                 stats[(f, si, pi)] = UnitStats.empty(edges[si, pi], self.device)
+        conc = (
+            self.conc_family if has_concentration(zarr.open_group(self.store, mode="r")) else None
+        )
+        gini = {sp: GiniStats.empty(len(self.layer_gini.layers), self.device)
+                for sp in self._step_poolings} if conc else {}  # fmt: skip
         records, skipped = self._load(cond.source, cond.modality, unit.example_ids)
         n_rows, n_ended = [0] * len(cfg.steps), [0] * len(cfg.steps)
         texts: list[str] = []
@@ -206,9 +241,17 @@ class Collector:
                     v = res.values[(pooling, step)]
                     for f in families if len(v) else ():  # update() needs >= 1 row
                         stats[(f, si, pi)].update(v[:, self.slices[f]])
+                    if conc and len(v):
+                        gini[(si, pi)].update(self.layer_gini(v[:, self.slices[conc]]))
             self._fault.tick()
         for (f, si, pi), s in stats.items():  # one (step, pooling) at a time: bounded host RAM
             write_part(self.store, f, unit.index, {(si, pi): s.to_numpy()})
+        if conc:  # [step, pooling, layer] per name: one chunk per array
+            arrays = {sp: g.to_numpy() for sp, g in gini.items()}
+            shape = (len(cfg.steps), len(cfg.poolings), -1)
+            write_concentration(self.store, conc, unit.index, {
+                k: np.stack([arrays[sp][k] for sp in self._step_poolings]).reshape(shape)
+                for k in next(iter(arrays.values()))})  # fmt: skip
         dropped = sum(int(s.dropped) for s in stats.values())
         return {"kind": "part", "part": unit.index, "key": unit.key, "n_examples": len(records),
                 "n_skipped": skipped, "n_rows": n_rows, "n_ended": n_ended, "dropped": dropped,
@@ -386,7 +429,11 @@ def _collect(
         root = create_store(store, dims=store_dims(plan), units=units, plan=plan.to_dict(),
                             attrs=attrs)  # fmt: skip
     done = manifest(root)
-    pilots = [p for p in plan.pilots if f"{p.task}/{p.modality}" not in done["edges"]]
+    # One job per task with every modality's pilot (shared edges, see the module docstring);
+    # a task with any pilot missing runs all again: no part ran before every pilot was done.
+    pending = {p.task for p in plan.pilots if f"{p.task}/{p.modality}" not in done["edges"]}
+    pilots = [tuple(p for p in plan.pilots if p.task == task)
+              for task in dict.fromkeys(p.task for p in plan.pilots) if task in pending]  # fmt: skip
     units = [w for w in plan.work_units if str(w.index) not in done["parts"]]
     out["resumed"] = len(plan.work_units) - len(units)
     model_prov: dict[str, Any] = {}
@@ -395,7 +442,8 @@ def _collect(
         actors, started = _start_actors(config, store, address)
         try:
             for s in _pool_map(actors, pilots):
-                mark_edges(root, s["task"], s["modality"], s)
+                for mod in s["modalities"]:
+                    mark_edges(root, s["task"], mod, s)
             initial = plan.n_examples - sum(w.n_examples for w in units)
             with tqdm(total=plan.n_examples, initial=initial, unit="ex", desc="collect",
                       disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip

@@ -16,7 +16,7 @@ import copy
 import difflib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,13 +110,18 @@ class CollectConfig:
         return replace(self, output=str(output))
 
 
+def read_schema(path: Path) -> dict[str, Any]:
+    """A JSON Schema of ``schemas/`` (a fresh copy, safe to mutate)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"schema {str(path)!r} not found; run from a checkout of crossmodal"
+        )
+    return json.loads(path.read_text())
+
+
 def load_schema() -> dict[str, Any]:
     """The collect schema (a fresh copy, safe to mutate)."""
-    if not SCHEMA_PATH.is_file():
-        raise FileNotFoundError(
-            f"schema {str(SCHEMA_PATH)!r} not found; run from a checkout of crossmodal"
-        )
-    return json.loads(SCHEMA_PATH.read_text())
+    return read_schema(SCHEMA_PATH)
 
 
 def read_file(path: str | Path) -> Any:
@@ -139,13 +144,21 @@ def read_file(path: str | Path) -> Any:
 
 def validate(raw: Any) -> list[str]:
     """All violations of ``raw`` (schema first, then cross-field checks), one line each."""
-    schema = load_schema()
+    return validate_against(raw, SCHEMA_PATH, _semantic_errors)
+
+
+def validate_against(
+    raw: Any, schema_path: Path, semantic: Callable[[dict[str, Any]], list[str]]
+) -> list[str]:
+    """Every violation of ``raw``: the schema's, one line each sorted by path; only when
+    there are none, ``semantic`` (the cross-field checks) on ``raw`` with defaults filled."""
+    schema = read_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (list(e.absolute_path), e.message))
-    lines = [_format_error(e) for e in errors]
+    lines = [_format_error(e, schema_path.name) for e in errors]
     if lines or not isinstance(raw, Mapping):
         return lines
-    return _semantic_errors(_with_defaults(raw, schema))
+    return semantic(_with_defaults(raw, schema))
 
 
 def validate_file(path: str | Path) -> list[str]:
@@ -162,11 +175,27 @@ def load_config(source: str | Path | Mapping[str, Any]) -> CollectConfig:
     Raises:
         ConfigError: with every violation, one per line.
     """
+    return from_dict(load_validated(source, SCHEMA_PATH, _semantic_errors, label="config"))
+
+
+def load_validated(
+    source: str | Path | Mapping[str, Any],
+    schema_path: Path,
+    semantic: Callable[[dict[str, Any]], list[str]],
+    *,
+    label: str,
+) -> dict[str, Any]:
+    """Read (a path) and validate a config, then fill the schema's defaults: the complete
+    mapping a frozen config is built from. ``label`` names a mapping source in the error.
+
+    Raises:
+        ConfigError: with every violation (:func:`validate_against`), one per line.
+    """
     raw = read_file(source) if isinstance(source, str | Path) else source
-    errors = validate(raw)
+    errors = validate_against(raw, schema_path, semantic)
     if errors:
-        raise ConfigError(str(source) if isinstance(source, str | Path) else "config", errors)
-    return from_dict(_with_defaults(raw, load_schema()))
+        raise ConfigError(str(source) if isinstance(source, str | Path) else label, errors)
+    return _with_defaults(raw, read_schema(schema_path))
 
 
 def from_dict(values: Mapping[str, Any]) -> CollectConfig:
@@ -217,12 +246,12 @@ def _where(path: Any) -> str:
     return parts or "(top level)"
 
 
-def _format_error(err: jsonschema.ValidationError) -> str:
+def _format_error(err: jsonschema.ValidationError, schema_name: str) -> str:
     """One line: ``<path>: <problem>; <fix>``."""
     if err.validator == "anyOf" and err.context:
         # languages: report the branch that got furthest, not "is not valid under any".
         deepest = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "const"))
-        return _format_error(deepest)
+        return _format_error(deepest, schema_name)
     where = _where(err.absolute_path)
     value, rule = err.instance, err.validator_value
     if err.validator == "enum":
@@ -247,7 +276,7 @@ def _format_error(err: jsonschema.ValidationError) -> str:
             "minLength": "a non-empty string",
         }[err.validator]
         return f"{where}: must have {need}, got {value!r}; fix the list"
-    return f"{where}: {err.message}; see schemas/collect.schema.json"
+    return f"{where}: {err.message}; see schemas/{schema_name}"
 
 
 def _known_languages(source: str) -> frozenset[str]:

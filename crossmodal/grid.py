@@ -23,9 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from crossmodal.config import ConfigError, _format_error, _with_defaults, read_file
+from crossmodal.config import ActorsConfig, load_validated, read_schema, validate_against
 from crossmodal.languages import TEXT_OUTPUT_CODES, format_allowed
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "steer.schema.json"
@@ -58,15 +56,6 @@ class LidSpec:
 
 
 @dataclass(frozen=True)
-class ActorsSpec:
-    count: int
-    num_gpus: float
-    num_cpus: float
-    max_restarts: int
-    max_task_retries: int
-
-
-@dataclass(frozen=True)
 class SteerConfig:
     """A validated steer config (see the schema for each field)."""
 
@@ -93,7 +82,7 @@ class SteerConfig:
     batch_size: int
     cells_per_task: int
     output: str
-    actors: ActorsSpec
+    actors: ActorsConfig  # the collect config's: the same actor resources and retries
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain data; :func:`load_grid` accepts it back."""
@@ -157,18 +146,13 @@ class Cell:
 
 
 def load_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
+    """The steer schema (a fresh copy, safe to mutate)."""
+    return read_schema(SCHEMA_PATH)
 
 
 def validate(raw: Any) -> list[str]:
     """Every violation of ``raw``, schema first then cross-field checks, one line each."""
-    schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (list(e.absolute_path), e.message))
-    lines = [_format_error(e).replace("collect.schema.json", "steer.schema.json") for e in errors]
-    if lines or not isinstance(raw, Mapping):
-        return lines
-    return _semantic_errors(_with_defaults(raw, schema))
+    return validate_against(raw, SCHEMA_PATH, _semantic_errors)
 
 
 def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
@@ -177,11 +161,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
     Raises:
         ConfigError: with every violation, one per line.
     """
-    raw = read_file(source) if isinstance(source, str | Path) else source
-    errors = validate(raw)
-    if errors:
-        raise ConfigError(str(source) if isinstance(source, str | Path) else "steer config", errors)
-    v = _with_defaults(raw, load_schema())
+    v = load_validated(source, SCHEMA_PATH, _semantic_errors, label="steer config")
     tuples = ("roles", "unit_modalities", "input_modalities", "steps", "languages", "set_kinds",
               "scopes", "set_sizes", "forcing", "random_seeds")  # fmt: skip
     return SteerConfig(
@@ -195,7 +175,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         batch_size=v["batch_size"],
         cells_per_task=v["cells_per_task"],
         output=v["output"],
-        actors=ActorsSpec(**v["actors"]),
+        actors=ActorsConfig(**v["actors"]),
     )
 
 

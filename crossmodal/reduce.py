@@ -17,8 +17,13 @@ Passes, each recorded by the driver in the root attribute ``reduce`` and skipped
    exact AP selects), CSVs with the reference's expertise columns, ``roles/<family>``,
    ``overlap/<family>/{sets, sets_by_layer, spearman}``. Redone when k, scopes or widen change.
 
+4. ``modality``: v1 modality-selective units, :func:`crossmodal.modality.modality_pass`
+   (speech vs text AP from histograms with edges shared by the modalities, on the driver) ->
+   ``modality/<family>`` for the decoder families. Redone when k changes.
+
 Group layout: :mod:`crossmodal.results`. Only the driver creates arrays and writes attrs.
-Activation concentration (Gini) is not collected by the collect job, so it is not reduced.
+Activation concentration (Gini) needs no pass: collect merges it per condition into
+``concentration/<family>``; :meth:`crossmodal.results.Results.concentration` reads it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from tqdm import tqdm
 from crossmodal.collect import RAY_ENV, applies
 from crossmodal.config import CollectConfig, from_dict
 from crossmodal.lock import OutputLock
+from crossmodal.modality import FAMILIES as MODALITY_FAMILIES
+from crossmodal.modality import modality_pass
 from crossmodal.plan import Condition, WorkUnit
 from crossmodal.results import Results, default_pooling, group_path, unicode
 from crossmodal.selection import (
@@ -579,6 +586,13 @@ def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: f
         save("sets", f, value=params)
         out["ran"].append(f"sets/{f}")
     out["skipped"] += [f"sets/{f}" for f in families if f not in pending]
+    for f in (f for f in families if f in MODALITY_FAMILIES):
+        if state.get("modality", {}).get(f, {}).get("k") == k:
+            out["skipped"].append(f"modality/{f}")
+            continue
+        summary = modality_pass(root, path, f, _labels(root, f), k)
+        save("modality", f, value={**summary, "k": int(k)})
+        out["ran"].append(f"modality/{f}")
     out["seconds"] = time.time() - start
     echo(f"reduced {path}: ran {', '.join(out['ran']) or 'nothing'}; exact pass re-ran "
          f"{out['exact_units']} work units; {out['csv']} CSVs in {csv_root}; "

@@ -14,8 +14,11 @@ Files written into ``out_dir``:
   * ``layer_counts_<task>.png``: selected units per layer (mean over languages);
   * ``diagonal_vs_step.png``: same-language overlap against step, representation (x2en)
     vs control (en2x), with the random expectation and the off-diagonal mean;
-  * ``concentration.png`` when a Gini summary is given;
-  * ``summary.md``: the numbers behind every figure, as Markdown tables.
+  * ``concentration.png`` when a Gini summary is given (mean Gini per layer, one line per
+    modality and step); ``summary.md`` then also compares speech vs text and Latin vs
+    non-Latin script languages (:data:`NON_LATIN`; for en2x the script is the output's);
+  * ``summary.md``: the numbers behind every figure, as Markdown tables, plus the v1
+    modality-selective unit counts per submodule and site kind when given.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from matplotlib.figure import Figure
 from crossmodal.overlap import COL, ROW, SPEECH, TEXT, count_by, overlap, spearman_matrix
 from crossmodal.roles import ROLE_TASKS
 from crossmodal.selection import KINDS, scope_of, select_sets
+
+NON_LATIN = ("jpn", "cmn")
+"""Languages of the reference set not written in Latin script (method.md v1: concentration
+is higher for non-Latin scripts); every other language counts as Latin."""
 
 
 def paired_tasks(ds: xr.Dataset) -> list[str]:
@@ -48,6 +55,7 @@ def write_report(
     k: int = 1000,
     sets: xr.DataArray | None = None,
     concentration: xr.DataArray | None = None,
+    modality: xr.Dataset | None = None,
     dpi: int = 100,
     figures: bool = True,
 ) -> list[Path]:
@@ -60,7 +68,9 @@ def write_report(
         sets: sets to report (e.g. from ``finalize_selection``); default: ``select_sets``
             on ``selectivity_ds["ap"]``.
         concentration: optional mean Gini per condition, dims ``(task, modality, step,
-            language, layer)`` (the collect job's running mean of :func:`overlap.gini`).
+            language, layer)`` (``Results.concentration()["mean"]``).
+        modality: optional v1 modality-selective units (``Results.modality()``): counts of
+            the speech-/text-selective k-sets per submodule and site kind.
         dpi: PNG resolution.
         figures: False writes ``summary.md`` only (rendering ~14 figures takes seconds).
     """
@@ -87,6 +97,10 @@ def write_report(
         figs = _figures(tasks, k, ov, rho, rho_layer, rho_sub, counts, concentration)
         paths = [_save(fig, out / f"{name}.png", dpi) for name, fig in figs.items()]
     md = _summary(selectivity_ds, tasks, k, sets, ov, rho, rho_sub, counts, concentration)
+    if concentration is not None:
+        md += "\n" + _concentration_md(concentration)
+    if modality is not None:
+        md += "\n" + _modality_md(modality)
     summary = out / "summary.md"
     summary.write_text(md)
     return [*paths, summary]
@@ -379,4 +393,69 @@ def _summary(
         for task in avg["task"].values:
             frame = avg.sel(task=task).transpose("modality", "step").to_pandas()
             lines += [f"### Gini {task}", "", md_table(frame, "{:.3f}", "modality \\ step"), ""]
+    return "\n".join(lines)
+
+
+def concentration_table(gini_mean: xr.DataArray) -> pd.DataFrame:
+    """Mean Gini (over layers, then languages) per (task, step): speech vs text and Latin vs
+    non-Latin script languages, with the differences."""
+    per_lang = gini_mean.mean("layer", skipna=True)
+    langs = [str(x) for x in per_lang["language"].values]
+    non_latin = [x for x in langs if x in NON_LATIN]
+    latin = [x for x in langs if x not in NON_LATIN]
+
+    def mean(da: xr.DataArray) -> float:
+        return float(da.mean(skipna=True)) if da.size else float("nan")
+
+    rows = {}
+    for task in per_lang["task"].values:
+        for step in per_lang["step"].values:
+            sub = per_lang.sel(task=task, step=step)
+            mods = [str(m) for m in sub["modality"].values]
+            speech = mean(sub.sel(modality=SPEECH)) if SPEECH in mods else float("nan")
+            text = mean(sub.sel(modality=TEXT)) if TEXT in mods else float("nan")
+            lat, non = mean(sub.sel(language=latin)), mean(sub.sel(language=non_latin))
+            rows[f"{task} step {step}"] = {"speech": speech, "text": text,
+                                           "speech - text": speech - text, "Latin": lat,
+                                           "non-Latin": non, "non-Latin - Latin": non - lat}  # fmt: skip
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _concentration_md(gini_mean: xr.DataArray) -> str:
+    non = ", ".join(x for x in map(str, gini_mean["language"].values) if x in NON_LATIN)
+    lines = [
+        "## Activation concentration: speech vs text, Latin vs non-Latin script",
+        "",
+        "Mean Gini of |activation| over a layer's units (mean over layers and languages); "
+        f"non-Latin: {non or 'none'}; for en2x the language (and script) is the output's.",
+        "",
+        md_table(concentration_table(gini_mean), "{:.4f}", "condition"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _modality_md(mod: xr.Dataset) -> str:
+    """Speech-/text-selective k-sets per submodule and site kind, mean over languages, with
+    what a random set of k units would hold (the group's share of units x k)."""
+    k = int(mod.attrs.get("k", 0))
+    lines = [
+        "## Modality-selective units (speech vs text task example)",
+        "",
+        f"Top-{k} (speech-selective) and bottom-{k} (text-selective) units by AP of speech vs "
+        "text examples of the same task, language and step; mean over languages. 'random' is "
+        "the expected count of a random set of k units.",
+        "",
+    ]
+    for name, coord in (("by_submodule", "submodule"), ("by_site", "site_kind")):
+        share = pd.Series(np.asarray(mod[coord].values, dtype=str)).value_counts(normalize=True)
+        for task in mod["task"].values:
+            da = mod[name].sel(task=task, kind=["top", "bottom"]).mean("language", skipna=True)
+            da = da.stack(col=("kind", "step")).transpose(f"{coord}s", "col")
+            frame = pd.DataFrame(da.values, index=[str(g) for g in da[f"{coord}s"].values],
+                                 columns=[f"{kd} step {st}" for kd, st in da["col"].values])  # fmt: skip
+            frame["random"] = [k * share.get(g, 0.0) for g in frame.index]
+            frame = frame.sort_values(frame.columns[0], ascending=False)
+            lines += [f"### Modality-selective units by {coord} {task}", "",
+                      md_table(frame, "{:.1f}", coord), ""]  # fmt: skip
     return "\n".join(lines)

@@ -13,7 +13,13 @@ The store is the one ``crossmodal collect`` wrote and ``crossmodal reduce`` comp
     modality, step, language, kind, rank]`` (-1 padded);
   * ``roles/<family>``: the same sets relabelled ``role`` (representation = x2en, control = en2x);
   * ``overlap/<family>/{sets, sets_by_layer, spearman}``: cross-modal overlap with random
-    baselines and Spearman of AP vectors.
+    baselines and Spearman of AP vectors;
+  * ``concentration/<family>`` (written by collect, one family: ffn_act, else decoder): sums
+    of the per-example Gini of |activation| over each decoder layer's units, read as mean and
+    std by :meth:`Results.concentration`;
+  * ``modality/<family>``: v1 modality-selective units, AP of "speech task example" vs "text
+    task example" over ``(task, step, language, unit)``, their top/bottom-k sets and counts
+    per submodule and site kind (default pooling; others in ``modality/<family>/<pooling>``).
 
 Example::
 
@@ -24,10 +30,13 @@ Example::
                                 kind="top")          # unit ids, best first, -1 padded
     r.units("decoder").loc[top[top >= 0].values]      # which modules they are
     r.overlap("decoder")["diagonal"].sel(task="x2en", kind="top")   # same-language overlap
+    r.concentration()["mean"].sel(task="x2en", step=1)                # Gini per language, layer
+    r.modality("decoder")["by_submodule"].sel(kind="top")             # speech-selective units
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,6 +180,39 @@ class Results:
         ds = self._open(f"overlap/{family}/{kind}", "overlap").sel(pooling=self._pooling(pooling))
         return ds.sel(scope=scope) if scope is not None and "scope" in ds.dims else ds
 
+    def concentration(self, pooling: str | None = None) -> xr.Dataset:
+        """Gini of |activation| over each decoder layer's units, per example, aggregated per
+        condition: ``mean``, ``std`` (ddof 1), ``count``, ``dropped`` over ``(task, modality,
+        step, language, layer)``; attrs ``family`` (ffn_act, else decoder) and ``pooling``."""
+        from crossmodal.concentration import mean_std
+
+        p = self._pooling(pooling)
+        root = zarr.open_group(str(self.path), mode="r")
+        family = next(iter(root["concentration"].group_keys()), None) if (
+            "concentration" in root) else None  # fmt: skip
+        if family is None:
+            raise ValueError(
+                f"concentration must be one of [present in the store], got none in "
+                f"{str(self.path)!r}; collect it again with this version (decoder or ffn_act)"
+            )
+        ds = self._open(f"concentration/{family}", "concentration").sel(pooling=p).load()
+        mean, std = mean_std(ds["count"].values, ds["mean"].values, ds["m2"].values)
+        out = xr.Dataset(
+            {"mean": (ds["mean"].dims, mean), "std": (ds["mean"].dims, std),
+             "count": ds["count"], "dropped": ds["dropped"]},
+            coords={c: ds[c] for c in ds.coords if c != "pooling"},
+        )  # fmt: skip
+        out = out.transpose("task", "modality", "step", "language", "layer")
+        return out.assign_attrs(family=family, pooling=p, n_units=ds["n_units"].values.tolist())
+
+    def modality(self, family: str = "decoder", pooling: str | None = None) -> xr.Dataset:
+        """v1 modality-selective units: ``ap``, ``ap_lo``, ``ap_hi`` of "speech task example"
+        vs "text task example" over ``(task, step, language, unit)``; ``units`` (top =
+        speech-selective, bottom = text-selective k-sets), ``by_submodule`` and ``by_site``
+        (counts per submodule / site kind), ``n_speech``, ``n_text``."""
+        p = self._pooling(pooling)
+        return self._open(group_path("modality", family, p, self.poolings), "modality")
+
     def units(self, family: str = "decoder") -> pd.DataFrame:
         """The unit table, indexed by unit id: site (address), path, layer, submodule, type,
         positions, feature."""
@@ -233,7 +275,13 @@ class Results:
         dest = Path(out) if out is not None else self.path.parent / f"{self.path.stem}-report"
         sets = self.sets(family, pooling, scope)
         ds = self.selectivity(family, pooling)
-        paths = write_report(ds, dest, sets=sets, figures=figures)
+        conc = mod = None
+        with contextlib.suppress(ValueError):  # stores collected before these analyses
+            conc = self.concentration(pooling)["mean"]
+        with contextlib.suppress(ValueError):
+            mod = self.modality(family, pooling)
+        paths = write_report(ds, dest, sets=sets, figures=figures, concentration=conc,
+                             modality=mod)  # fmt: skip
         for run in self.steering_runs():
             if (run / "summary.parquet").is_file():
                 paths += steering_figures(run, dest / "steering" / run.name)

@@ -13,6 +13,10 @@ Layout version 1; ``schemas/store.schema.json`` lists every array with dims and 
   underflow, 1..n_bins, n_bins+1 overflow);
 - ``stats/<family>``: the same merged per condition ``[task, modality, language, step,
   pooling, ...]``, plus ``n_examples``, ``n_skipped``, ``n_rows``, ``n_ended``;
+- ``concentration/<family>`` (one family, :func:`crossmodal.concentration.concentration_family`):
+  ``count``/``dropped``/``mean``/``m2[task, modality, language, step, pooling, layer]`` of
+  the per-example Gini of each decoder layer, merged per condition; the parts in
+  ``concentration/<family>/parts`` (``[part, step, pooling, layer]``, kept: they are tiny);
 - ``plan`` attrs (written once) and ``manifest`` attrs (done parts and edges, merged
   conditions).
 
@@ -38,6 +42,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
+from crossmodal.concentration import GiniStats, concentration_family, layer_groups
 from crossmodal.lock import LOCK_NAME
 from crossmodal.stats import UnitStats, merge_all
 from crossmodal.units import UnitIndex
@@ -46,6 +51,7 @@ LAYOUT_VERSION = 1
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
 MOMENTS = ("mean", "m2", "min", "max")
 SCALARS = ("count", "dropped")
+GINI = ("count", "dropped", "mean", "m2")
 _CHUNK_BYTES = 1 << 23
 _UNIT_COORDS = ("unit_site", "unit_layer", "unit_feature")
 _PART_COORDS = ("part_task", "part_modality", "part_language", "part_shard")
@@ -226,10 +232,56 @@ def create_store(
             _counts(sg, name, lead, cond, 0)
         for name in ("n_rows", "n_ended"):
             _counts(sg, name, (*lead, n_s), [*cond, "step"], 1)
+    conc = concentration_family(units)
+    if conc is not None:
+        _create_concentration(root, dims, conc, units[conc])
     root.require_group("plan").attrs.update(_jsonable(plan))
     root.require_group("manifest").attrs.update({"parts": {}, "edges": {}, "merged": []})
     root.attrs.update(_jsonable({"layout_version": LAYOUT_VERSION, **attrs}))
     return root
+
+
+def _create_concentration(root: zarr.Group, dims: StoreDims, family: str,
+                          coords: UnitCoords) -> None:  # fmt: skip
+    """``concentration/<family>`` and its ``parts``: one chunk per condition (driver) or part
+    (its collector), so every writer owns whole chunks."""
+    layers, cols = layer_groups(coords.unit_arrays()["unit_layer"])
+    n_l, sp = len(layers), ["step", "pooling"]
+    g = root.require_group(f"concentration/{family}")
+    g.attrs.update({"family": family, "statistic": "gini of |activation| over a layer's units"})
+    _labels_only(g, dims, ["task", "modality", "language", *sp])
+    _array(g, "layer", layers.astype(np.int32), ["layer"])
+    _array(g, "n_units", np.asarray([c.size for c in cols], np.int64), ["layer"])
+    lead = (len(dims.tasks), len(dims.modalities), len(dims.languages), len(dims.steps),
+            len(dims.poolings), n_l)  # fmt: skip
+    pg = g.require_group("parts")
+    _labels_only(pg, dims, sp)
+    _array(pg, "layer", layers.astype(np.int32), ["layer"])
+    _array(pg, "part", np.arange(len(dims.parts), dtype=np.int64), ["part"])
+    for i, name in enumerate(_PART_COORDS):
+        _array(pg, name, np.asarray([q[i] for q in dims.parts]), ["part"])
+    for name in GINI:
+        dtype, fill = ("int64", 0) if name in SCALARS else ("float64", 0.0)
+        for grp, shape, dim0, coords_ in ((g, lead, ["task", "modality", "language"], ()),
+                                          (pg, (len(dims.parts), *lead[3:]), ["part"],
+                                           _PART_COORDS)):  # fmt: skip
+            grp.create_array(
+                name, shape=shape, dtype=dtype, fill_value=fill, chunks=(*(1,) * (len(shape) - 3),
+                *shape[-3:]), dimension_names=[*dim0, *sp, "layer"],
+                attributes={"coordinates": " ".join(coords_)} if coords_ else {},
+            )  # fmt: skip
+
+
+def _labels_only(group: zarr.Group, dims: StoreDims, names: Sequence[str]) -> None:
+    values = {"task": dims.tasks, "modality": dims.modalities, "language": dims.languages,
+              "step": np.asarray(dims.steps, dtype=np.int32), "pooling": dims.poolings}  # fmt: skip
+    for name in names:
+        _array(group, name, values[name], [name])
+
+
+def has_concentration(root: zarr.Group) -> str | None:
+    """The store's concentration family, or None (a store made before it was collected)."""
+    return next(iter(root["concentration"].group_keys()), None) if "concentration" in root else None
 
 
 def _has_content(path: str | Path) -> bool:
@@ -317,6 +369,15 @@ def write_part(
             group[name][part, si, pi] = int(arrays[name])
 
 
+def write_concentration(path: str | Path, family: str, part: int,
+                        stats: Mapping[str, np.ndarray]) -> None:  # fmt: skip
+    """Write one work unit's Gini sums (``[step, pooling, layer]`` per name of GINI): one
+    chunk per array, owned by the collector that runs ``part``."""
+    group = zarr.open_group(str(path), path=f"concentration/{family}/parts", mode="r+")
+    for name in GINI:
+        group[name][part] = stats[name]
+
+
 # ---------------------------------------------------------------- driver-side bookkeeping
 
 
@@ -355,6 +416,15 @@ def merge_condition(
     """
     t, m, lang = dims.index(*condition)
     names = (*MOMENTS, "hist")
+    conc = has_concentration(root)
+    if conc is not None and conc in families:  # before "merged" is marked: redone on resume
+        pg, cg = root[f"concentration/{conc}/parts"], root[f"concentration/{conc}"]
+        pieces = [GiniStats.from_numpy({k: pg[k][q] for k in GINI}) for q in parts]
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total.merge(piece)
+        for k, v in total.to_numpy().items():
+            cg[k][t, m, lang] = v
     for family in families:
         pg, sg = root[f"parts/{family}"], root[f"stats/{family}"]
         n_units = pg["mean"].shape[-1]

@@ -12,19 +12,15 @@ figures and summary of a reduced store (``crossmodal report STORE``).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
-for _key, _value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_key, _value)  # platform.md: before Ray is imported anywhere
+from crossmodal import cli_options as opts
 
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
+opts.set_ray_env()  # before Ray is imported anywhere
 
 
-@click.command(context_settings=_CONTEXT)
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.command(context_settings=opts.CONTEXT)
+@opts.store_argument
 @click.option("--k", default=1000, show_default=True, help="Units per side of each set.")
 @click.option(
     "--scopes",
@@ -39,14 +35,9 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
     help="Margin added to every AP interval before planning the exact pass.",
 )
 @click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-sets next to it).")
-@click.option(
-    "--address",
-    default=None,
-    help="Ray address: 'auto' joins a running head; default: the submitting cluster under "
-    "`ray job submit`, else an in-process Ray.",
-)
+@opts.address_option
 @click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
+@opts.no_progress_option("bars")
 def main(
     store: str,
     k: int,
@@ -65,7 +56,7 @@ def main(
     """
     from crossmodal.reduce import run_reduce
 
-    try:
+    with opts.exit_on_error():  # store, option and exact-pass errors: one clear message
         run_reduce(
             store,
             k=k,
@@ -77,13 +68,10 @@ def main(
             progress=not no_progress,
             echo=click.echo,
         )
-    except ValueError as err:  # store, option and exact-pass errors: one clear message
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
 
 
-@click.command(context_settings=_CONTEXT)
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.command(context_settings=opts.CONTEXT)
+@opts.store_argument
 @click.option("--out", default=None, help="Output directory (default: STORE-report next to it).")
 @click.option("--family", default="decoder", show_default=True, help="Unit family to report.")
 @click.option("--pooling", default=None, help="Pooling (default: prefix_mean if collected).")
@@ -105,13 +93,10 @@ def report_command(
     """
     from crossmodal import results
 
-    try:
+    with opts.exit_on_error():
         paths = results.open(store).report(
             out, family=family, pooling=pooling, scope=scope, figures=not no_figures
         )
-    except ValueError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
     click.echo(f"wrote {len(paths)} files to {paths[0].parent if paths else out}")
 
 

@@ -12,26 +12,19 @@ config skips the cells whose results are already in the output directory.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
-for _key, _value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_key, _value)  # platform.md: before Ray is imported anywhere
+from crossmodal import cli_options as opts
+
+opts.set_ray_env()  # before Ray is imported anywhere
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--address",
-    default=None,
-    help="Ray address: 'auto' joins a running head; default: the submitting cluster under "
-    "`ray job submit`, else an in-process Ray.",
-)
+@click.command(context_settings=opts.CONTEXT)
+@opts.config_argument
+@opts.address_option
 @click.option("--dry-run", is_flag=True, help="Print the grid size, then stop.")
 @click.option("--output", default=None, help="Results directory, overriding the config's `output`.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
+@opts.no_progress_option()
 def main(
     config: str, address: str | None, dry_run: bool, output: str | None, no_progress: bool
 ) -> None:
@@ -47,21 +40,15 @@ def main(
     from crossmodal.grid import describe, expand, load_grid
     from crossmodal.steer import run_steer
 
-    try:
+    with opts.exit_on_error(ConfigError):
         grid = load_grid(config)
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
     if output is not None:
         grid = replace(grid, output=output)
     click.echo(describe(grid, expand(grid)))
     if dry_run:
         return
-    try:
+    with opts.exit_on_error():
         run_steer(grid, address=address, progress=not no_progress, echo=click.echo)
-    except ValueError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

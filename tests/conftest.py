@@ -1,4 +1,8 @@
-"""Shared fixtures. No hub and no Ray auth in tests (platform.md)."""
+"""Shared fixtures. No hub and no Ray auth in tests (platform.md).
+
+Plain builders several test modules share (model directories, configs, the collect driver
+without Ray, a lock holder) live in tests/helpers.py: ``from helpers import ...``.
+"""
 
 from __future__ import annotations
 
@@ -108,14 +112,14 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shipped_organism() -> Path:
-    """The shipped organism directory; tests that need the trained model skip without it
-    (the message names the directory and the rebuild command)."""
+    """The shipped organism directory (git-tracked: a missing one is a failure, whose message
+    names the directory and the rebuild command)."""
     from crossmodal.organism import OrganismMissingError, organism_path
 
     try:
         return organism_path()
     except OrganismMissingError as err:
-        pytest.skip(str(err))
+        pytest.fail(str(err))
 
 
 def submit_job(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -8,13 +8,12 @@ stereo audio; NaN/Inf activations (a text encoder that outputs +inf for inputs h
 word, as after an fp16 overflow); config schema violations; a store of another layout version; too little
 disk (``shutil.disk_usage`` patched); an output locked by another run (collect, reduce,
 steer). The collect driver runs with one in-process Collector instead of Ray
-(tests/test_verify.py ``local_collect``): the same driver code, no cluster start-up.
+(tests/helpers.py ``local_collect``): the same driver code, no cluster start-up.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import pytest
 import xarray as xr
 import zarr
 from click.testing import CliRunner
-from test_lock import _holder
-from test_verify import build_model_dir, collect_config, local_collect
+from fleurs_fixture import build_fleurs
+from helpers import build_model_dir, collect_config, local_collect
+from helpers import hold_lock as _holder
 
 from crossmodal.records import Record
 from crossmodal.verify import verify_store
@@ -38,9 +38,6 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleurs(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fleurs_fixture import build_fleurs
-
     return build_fleurs(tmp_path_factory.mktemp("fleurs")).root
 
 

@@ -36,7 +36,13 @@ from transformers import (
 from crossmodal import capture
 from crossmodal.capture import Capturer, CaptureResult, step_validity
 from crossmodal.inputs import ModelBatch, batch_from_token_ids, make_batch
-from crossmodal.model import LoadedModel, build_random_model, feature_extractor, tiny_config
+from crossmodal.model import (
+    LoadedModel,
+    build_random_model,
+    feature_extractor,
+    load_model,
+    tiny_config,
+)
 from crossmodal.records import Record
 from crossmodal.reference import reference_capture, reference_valid
 
@@ -126,11 +132,13 @@ def n_hooks(model: torch.nn.Module) -> int:
     return sum(1 for h in hooks if h.__module__ == "crossmodal.capture")
 
 
-def assert_replay_matches_reference(loaded: LoadedModel, batch: ModelBatch) -> CaptureResult:
+def assert_replay_matches_reference(
+    loaded: LoadedModel, batch: ModelBatch, target: str = "eng"
+) -> CaptureResult:
     """One run of the engine vs the reference procedure, both poolings, every step."""
-    res = Capturer(loaded, FAMILIES, STEPS, max_new_tokens=MAX_NEW).run(batch, "eng")
+    res = Capturer(loaded, FAMILIES, STEPS, max_new_tokens=MAX_NEW).run(batch, target)
     ref = reference_capture(
-        loaded, batch, "eng", families=FAMILIES, steps=STEPS, max_new_tokens=MAX_NEW
+        loaded, batch, target, families=FAMILIES, steps=STEPS, max_new_tokens=MAX_NEW
     )
     for i, seq in enumerate(ref.sequences):
         assert res.sequences[i, : len(seq)].tolist() == seq.tolist()
@@ -154,6 +162,21 @@ def assert_replay_matches_reference(loaded: LoadedModel, batch: ModelBatch) -> C
 @pytest.mark.parametrize("modality", ["speech", "text"])
 def test_replay_equals_reference(lively, batches, modality):
     assert_replay_matches_reference(lively, batches[modality])
+
+
+@pytest.mark.parametrize(("modality", "src", "tgt"), [("speech", "deu", "eng"),
+                                                      ("text", "deu", "eng"),
+                                                      ("speech", "eng", "jpn"),
+                                                      ("text", "eng", "cmn")])  # fmt: skip
+def test_replay_equals_reference_on_the_organism(shipped_organism, modality, src, tgt):
+    """The trained organism (real tokenizer, feature extractor, padded batches of real
+    sentences), x2en and en2x: its outputs run past MAX_NEW, so no row ends early here."""
+    from crossmodal.organism import organism_corpus
+
+    loaded = load_model("organism", device="cpu", dtype="float32")
+    batch = make_batch(organism_corpus("test", [src], n_sentences=4), modality, loaded)
+    res = assert_replay_matches_reference(loaded, batch, tgt)
+    assert res.n_ended[11] == 0  # sentences are 12-20 words: every row reaches step 11
 
 
 def test_some_text_row_ends_early(lively, batches):
@@ -181,8 +204,9 @@ def test_batched_equals_unbatched(lively, batches, modality):
 
 
 def test_adapter_kernel_wider_than_stride():
-    """An organism-like adapter (kernel 4, stride 2): HF's sub-sampled length formula counts
-    one frame more than the convolution makes; the guard masks with the real frame count."""
+    """An adapter kernel wider than its stride (4 and 2; v2-large and the organism use equal
+    ones): HF's sub-sampled length formula counts one frame more than the convolution
+    makes; the guard masks with the real frame count."""
     loaded = lively_model(adaptor_kernel_size=4, adaptor_stride=2)
     batch = make_batch(speech_records(), "speech", loaded)
     res = assert_replay_matches_reference(loaded, batch)

@@ -73,7 +73,6 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleurs(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
     from fleurs_fixture import build_fleurs
 
     return build_fleurs(tmp_path_factory.mktemp("data")).root
@@ -280,14 +279,8 @@ def test_ray_job_submit(head, raw_config, tmp_path):
     xr.open_zarr(out, group="stats/decoder", consolidated=False)
 
 
-def test_organism_demo_config(tmp_path):
+def test_organism_demo_config(shipped_organism, tmp_path):
     """configs/organism.yaml (what `make demo` runs), shrunk to 4 sentences per language."""
-    from crossmodal.organism import OrganismMissingError, organism_path
-
-    try:
-        organism_path()
-    except OrganismMissingError as err:  # shipped by the organism build (issue 3)
-        pytest.skip(str(err))
     raw = yaml.safe_load((REPO / "configs" / "organism.yaml").read_text())
     raw["data"]["examples_per_language"] = 4
     raw.update(output=str(tmp_path / "organism.zarr"), shard_size=4, pilot_size=24)

@@ -7,8 +7,7 @@ row; ``sync_every > 1`` (loop runs past the last EOS, output trimmed to HF's wid
 hooks that edit module outputs per row (steering) and a ``text_decoder`` pre-hook reading the
 ``cache`` kwarg (the capture step counter); encoder outputs reused; refused configs.
 
-The organism tests (text and speech, x2en and en2x) skip until ``crossmodal/organism_model``
-ships. A random tiny model repeats one token forever, so :func:`lively_model` rescales its decoder
+The organism tests cover text and speech, x2en and en2x. A random tiny model repeats one token forever, so :func:`lively_model` rescales its decoder
 and gives EOS a logit that fires for some rows and steps: each test asserts its premise
 (rows finish at different steps, ...) so a change of weights cannot make it vacuous.
 """
@@ -217,13 +216,8 @@ def test_refuses_non_greedy_config():
 
 
 @pytest.fixture(scope="module")
-def organism() -> LoadedModel:
-    from crossmodal.organism import OrganismMissingError
-
-    try:
-        return load_model("organism", device="cpu")
-    except OrganismMissingError as err:  # before the organism is built and shipped
-        pytest.skip(str(err))
+def organism(shipped_organism) -> LoadedModel:
+    return load_model("organism", device="cpu")
 
 
 @pytest.mark.parametrize(("modality", "src", "tgt"), [("text", "deu", "eng"),

@@ -150,7 +150,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from test_verify import build_model_dir
+    from helpers import build_model_dir
 
     return build_model_dir(tmp_path_factory.mktemp("model"))
 
@@ -158,7 +158,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fault_raw(model_dir, tmp_path_factory) -> dict:
     """2 actors sharing 0.5 CPU; 4 conditions x 2 work units of 1 + 2 batches each."""
-    from test_verify import collect_config
+    from helpers import collect_config
 
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
     actors = {"count": 2, "num_cpus": 0.25, "max_restarts": 1, "max_task_retries": 1}
@@ -168,7 +168,7 @@ def fault_raw(model_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def reference(fault_raw) -> Path:
     """The fault-free store: the same driver, one in-process Collector, no Ray."""
-    from test_verify import local_collect
+    from helpers import local_collect
 
     with pytest.MonkeyPatch.context() as mp:
         local_collect(mp, fault_raw)
@@ -260,7 +260,7 @@ def test_driver_killed_then_the_same_command_completes(fault_raw, reference, tmp
 @pytest.fixture(scope="module")
 def steer_root(model_dir, tmp_path_factory) -> Path:
     """``root/model`` (the tiny model) and ``root/sel.zarr`` (synthetic selectivity)."""
-    from test_steer_fleet import _selectivity
+    from helpers import steer_selectivity as _selectivity
 
     from crossmodal.model import load_model
 
@@ -281,7 +281,7 @@ def _frames(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def steer_reference(steer_root):
     """Fault-free tables: one SteerWorker called directly on every task, then consolidated."""
-    from test_steer_fleet import _config
+    from helpers import steer_config as _config
 
     from crossmodal.grid import expand, tasks
     from crossmodal.steer import SteerWorker, consolidate
@@ -304,7 +304,7 @@ def _same_tables(out: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> Non
 @pytest.mark.integration
 def test_steer_worker_killed_gives_identical_tables(steer_root, steer_reference, tmp_path,
                                                     monkeypatch):  # fmt: skip
-    from test_steer_fleet import _config
+    from helpers import steer_config as _config
 
     from crossmodal.steer import run_steer
 
@@ -328,7 +328,7 @@ def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference
                                                      monkeypatch):  # fmt: skip
     """The steering driver's fault point, with an in-process executor instead of Ray actors
     and a kill that raises (so pytest survives): one task lands, the re-run does the rest."""
-    from test_steer_fleet import _config
+    from helpers import steer_config as _config
 
     from crossmodal import faults, steer
     from crossmodal.grid import tasks

@@ -20,26 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import hold_lock
 
 from crossmodal.lock import LOCK_NAME, LockError, LockInfo, OutputLock, pid_alive, read_lock
-
-HOLD = (
-    "import sys; from crossmodal.lock import OutputLock; "
-    "lock = OutputLock(sys.argv[1], sys.argv[2]); lock.acquire(); "
-    "print('held', flush=True); sys.stdin.read(); lock.release()"
-)
-
-
-def _holder(out: Path, job: str = "collect") -> subprocess.Popen:
-    """A process that holds the lock of ``out`` until its stdin closes."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out), job],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def _dead_pid() -> int:
@@ -68,7 +51,7 @@ def test_acquire_writes_owner_and_release_removes_it(tmp_path):
 
 def test_second_run_refuses_while_the_first_holds_the_lock(tmp_path):
     out = tmp_path / "store.zarr"
-    proc = _holder(out, "reduce")
+    proc = hold_lock(out, "reduce")
     try:
         with pytest.raises(LockError) as err:
             OutputLock(out, "collect").acquire()
@@ -88,7 +71,7 @@ def test_second_run_refuses_while_the_first_holds_the_lock(tmp_path):
 
 def test_a_killed_holder_leaves_a_stale_lock_that_is_taken_over(tmp_path):
     out = tmp_path / "store.zarr"
-    proc = _holder(out)
+    proc = hold_lock(out)
     proc.kill()  # SIGKILL: no release; the kernel drops the flock, the file stays
     proc.wait()
     assert read_lock(out).pid == proc.pid

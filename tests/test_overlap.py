@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from helpers import synthetic_selectivity
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
-from test_selection import synthetic_selectivity
 
 from crossmodal.overlap import (
     count_by,

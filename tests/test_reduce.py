@@ -152,7 +152,8 @@ def test_exact_worker_without_ray(reference, reduced):
 
 def test_selectivity_brackets_exact_ap(reduced, reference):
     config, first = reduced
-    assert first["ran"] == ["selectivity/decoder", "sets/decoder"] and first["exact_units"] > 0
+    assert first["ran"] == ["selectivity/decoder", "sets/decoder", "modality/decoder"]
+    assert first["exact_units"] > 0
     r = results.open(config.output)
     errors = []
     for pooling in config.poolings:
@@ -234,7 +235,7 @@ def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):
     config, _ = reduced
     again = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
     assert again["ran"] == [] and again["exact_units"] == 0
-    assert again["skipped"] == ["selectivity/decoder", "sets/decoder"]
+    assert again["skipped"] == ["selectivity/decoder", "sets/decoder", "modality/decoder"]
     # The driver died in the exact pass: en2x/text was not written yet.
     r = results.open(config.output)
     before = r.sets(scope=None).load()
@@ -267,14 +268,8 @@ def test_cli_reduce_and_report(reduced, tmp_path):
     assert "Same-language overlap" in (tmp_path / "summary.md").read_text()
 
 
-def test_organism_same_language_overlap_beats_chance(ray_session, tmp_path):
+def test_organism_same_language_overlap_beats_chance(shipped_organism, ray_session, tmp_path):
     """The organism shares language-selective units across modalities at step 1."""
-    from crossmodal.organism import OrganismMissingError, organism_path
-
-    try:
-        organism_path()
-    except OrganismMissingError as err:
-        pytest.skip(f"the organism is not built yet: {err}")
     cfg = load_config({
         "model": "organism", "dtype": "float32", "tasks": ["x2en"], "steps": [1],
         "poolings": ["prefix_mean"], "n_bins": 64, "pilot_size": 60, "batch_size": 32,

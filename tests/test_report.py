@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import synthetic_selectivity
 from matplotlib.image import imread
 from scipy.stats import spearmanr
-from test_selection import synthetic_selectivity
 
 from crossmodal.report import md_table, write_report
 from crossmodal.selection import select_sets, set_ids

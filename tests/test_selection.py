@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from helpers import synthetic_selectivity, unit_coords
 from sklearn.metrics import average_precision_score
 
 from crossmodal.roles import ROLE_TASKS, role_table, roles
@@ -25,46 +26,6 @@ from crossmodal.selection import (
     set_ids,
     write_csv,
 )
-
-SUBMODULES = ("self_attn", "cross_attn", "ffn", "other")
-
-
-def unit_coords(n_units: int, n_layers: int = 4, id_offset: int = 0) -> dict:
-    """Unit coordinates like the store's: layers 0..n_layers-1, the last few units at -1."""
-    per_layer = (n_units - 4) // n_layers
-    layer = np.full(n_units, -1)
-    layer[: per_layer * n_layers] = np.repeat(np.arange(n_layers), per_layer)
-    sub = np.array([SUBMODULES[(i // 5) % 3] for i in range(n_units)], dtype=object)
-    sub[layer == -1] = "other"
-    site = np.array([f"decoder.layers.{lay}.{s}" for lay, s in zip(layer, sub, strict=True)])
-    return {
-        "unit": ("unit", np.arange(n_units) + id_offset),
-        "layer": ("unit", layer),
-        "submodule": ("unit", sub.astype(str)),
-        "site": ("unit", site),
-        "feature": ("unit", np.arange(n_units) % 5),
-    }
-
-
-def synthetic_selectivity(seed: int = 0, n_units: int = 124, slack: float = 0.01) -> xr.Dataset:
-    """A small selectivity dataset with shared structure across modalities, ties and NaNs."""
-    rng = np.random.default_rng(seed)
-    tasks, modalities, steps = ["x2en", "en2x", "asr"], ["speech", "text"], [1, 6, 11]
-    langs = ["eng", "deu", "jpn"]
-    base = rng.random((len(tasks), 1, 1, len(langs), n_units))
-    noise = rng.random((len(tasks), len(modalities), len(steps), len(langs), n_units))
-    weight = np.array([0.1, 0.5, 0.9])[None, None, :, None, None]  # overlap fades with step
-    ap = np.round((1 - weight) * base + weight * noise, 2)  # rounding makes ties
-    ap[1, :, :, 0] = np.nan  # en2x has no eng
-    ap[2, 1] = np.nan  # asr has no text
-    lo = ap - slack * rng.random(ap.shape)
-    hi = ap + slack * rng.random(ap.shape)
-    dims = ("task", "modality", "step", "language", "unit")
-    data = {"ap": ap, "ap_lo": lo, "ap_hi": hi, "auroc": ap * 0.9}
-    data |= {"on_p50": ap + 1.0, "on_p90": ap + 2.0, "off_mean": ap - 1.0}
-    coords = {"task": tasks, "modality": modalities, "step": steps, "language": langs}
-    coords |= unit_coords(n_units)
-    return xr.Dataset({k: (dims, v) for k, v in data.items()}, coords=coords)
 
 
 def brute_top(values: np.ndarray, ids: np.ndarray, k: int, bottom: bool = False) -> list[int]:

@@ -17,68 +17,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import xarray as xr
-from transformers import GenerationConfig, SeamlessM4Tv2Model
+from helpers import build_model_dir, steer_config, steer_selectivity
 
 from crossmodal.grid import expand, load_grid, tasks
-from crossmodal.model import load_model, tiny_config
-from crossmodal.organism import ORGANISM_LANGUAGES, organism_corpus
-from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
-from crossmodal.units import UnitIndex
-
-
-def _model_dir(out: Path) -> Path:
-    """Random tiny weights, the organism's tokenizer, the real feature extractor."""
-    train_sentencepiece([r.text for r in organism_corpus("train", None, 60, 0, audio=False)], out)
-    processor = build_processor(out)
-    tok = processor.tokenizer
-    lang_ids = dict(
-        zip(ORGANISM_LANGUAGES, tok.convert_tokens_to_ids(language_tokens()), strict=True)
-    )
-    torch.manual_seed(0)
-    model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0, max_new_tokens=16,
-        text_decoder_lang_to_code_id=lang_ids,
-    )  # fmt: skip
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    processor.feature_extractor.save_pretrained(out)
-    return out
-
-
-def _selectivity(model: torch.nn.Module, path: Path) -> Path:
-    """Random AP and forcing values over the model's decoder units, reducer layout."""
-    units = UnitIndex.from_model(model, "decoder").table("unit")
-    rng = np.random.default_rng(0)
-    dims = ("task", "modality", "step", "language", "unit")
-    shape = (2, 2, 3, len(ORGANISM_LANGUAGES), len(units))
-    ap = rng.uniform(0, 1, shape)
-    coords = {
-        "task": ["x2en", "en2x"], "modality": ["speech", "text"], "step": [1, 6, 11],
-        "language": list(ORGANISM_LANGUAGES), "unit": np.arange(len(units)),
-        "site": ("unit", units["name"].to_numpy().astype(str)),
-        "feature": ("unit", units["feature"].to_numpy()),
-        "layer": ("unit", units["layer"].fillna(-1).to_numpy().astype(int)),
-        "submodule": ("unit", units["submodule"].to_numpy().astype(str)),
-    }  # fmt: skip
-    data = {"ap": ap, "ap_lo": ap - 0.01, "ap_hi": ap + 0.01, "auroc": ap,
-            "on_p50": rng.normal(0, 4, shape), "on_p90": rng.normal(3, 4, shape),
-            "off_mean": rng.normal(0, 1, shape)}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: fixed-width strings have no v3 spec yet
-        xr.Dataset({k: (dims, v) for k, v in data.items()}, coords=coords).to_zarr(
-            path, group="selectivity/decoder", mode="w", consolidated=False
-        )
-    return path
+from crossmodal.model import load_model
+from crossmodal.organism import organism_corpus
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("steer")
-    model_dir = _model_dir(root / "model")
-    _selectivity(load_model(str(model_dir)).model, root / "sel.zarr")
+    model_dir = build_model_dir(root / "model", sentences=60, max_new_tokens=16)
+    steer_selectivity(load_model(str(model_dir)).model, root / "sel.zarr")
     return root
 
 
@@ -92,26 +43,12 @@ def _read_parts(folder: Path) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
-def _config(root: Path, out: str, **kw):
-    raw = {
-        "model": str(root / "model"), "dtype": "float32",
-        "selectivity": {"path": str(root / "sel.zarr")},
-        "roles": ["control"], "unit_modalities": ["speech"], "steps": [1, 11],
-        "languages": ["deu", "jpn"], "set_sizes": [40], "random_seeds": [0, 1],
-        "n_inputs": 3, "max_new_tokens": 10, "batch_size": 8, "cells_per_task": 3,
-        "lid": {"backends": ["organism"]}, "output": str(root / out),
-        "actors": {"count": 2, "num_cpus": 0.5, "num_gpus": 0},
-    }  # fmt: skip
-    raw.update(kw)
-    return load_grid(raw)
-
-
 @pytest.fixture(scope="module")
 def worker_run(run_dir):
     """One worker, every task of a small grid, called directly (no Ray)."""
     from crossmodal.steer import SteerWorker
 
-    config = _config(run_dir, "direct")
+    config = steer_config(run_dir, "direct")
     worker = SteerWorker(config, device="cpu")
     cells = expand(config)
     results = [worker(task) for task in tasks(cells, config.cells_per_task)]
@@ -226,7 +163,7 @@ def test_fleet_runs_and_resumes(run_dir, monkeypatch):
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    config = _config(run_dir, "fleet")
+    config = steer_config(run_dir, "fleet")
     first = run_steer(config, progress=False, echo=lambda _: None)
     cells = expand(config)
     assert first["ran"] == len(cells) and first["resumed"] == 0
@@ -249,15 +186,6 @@ def test_fleet_runs_and_resumes(run_dir, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the organism
-
-
-def _organism_ready() -> bool:
-    from crossmodal.organism import ORGANISM_DIR, OrganismMissingError, check_organism_dir
-
-    try:
-        return check_organism_dir(ORGANISM_DIR) is not None
-    except OrganismMissingError:
-        return False
 
 
 def _en2x_speech_selectivity(loaded, languages, steps, n_inputs, path: Path) -> Path:
@@ -303,10 +231,7 @@ def _en2x_speech_selectivity(loaded, languages, steps, n_inputs, path: Path) -> 
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(
-    not _organism_ready(), reason="the trained organism (crossmodal/organism_model) is not built"
-)
-def test_organism_speech_control_units_steer_text(tmp_path):
+def test_organism_speech_control_units_steer_text(shipped_organism, tmp_path):
     """Control units of X found on English SPEECH (en2x), forced while the organism reads
     English TEXT, move most outputs to X; random units of the same size do not."""
     from crossmodal.steer import SteerWorker

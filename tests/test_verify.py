@@ -1,7 +1,7 @@
 """``crossmodal verify``: a good store passes; each deliberate corruption is named, one test each.
 
 The stores are written by the real driver (:func:`crossmodal.collect.run_collect`) with a
-local executor in place of Ray (:func:`local_collect`: one in-process
+local executor in place of Ray (``helpers.local_collect``: one in-process
 :class:`~crossmodal.collect.Collector`), on a random tiny model with the organism tokenizer
 and the organism's synthetic corpus: two families (decoder, ffn_act), two steps, two
 poolings, x2en and en2x text, 3 examples per language in shards of 2. Corruptions: layout version, not a store, a missing
@@ -10,78 +10,20 @@ merge, n_rows growing with the step, a histogram that does not sum to the count,
 moments, families that disagree, a finished store with an unmerged condition, broken edges.
 An unfinished store is not corrupt (a note, exit 0); a store whose parts were deleted after
 merging (keep_parts false) passes.
-
-Helpers used by tests/test_faults.py and tests/test_bad_input.py live here (no conftest
-edits): :func:`build_model_dir`, :func:`collect_config`, :func:`local_collect`.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from helpers import build_model_dir, collect_config, local_collect
 
 from crossmodal.verify import verify_command, verify_store
-
-LANGS = ("eng", "deu", "spa", "fra", "jpn", "cmn")
-
-
-def build_model_dir(out: Path, writes: tuple[str, ...] = LANGS) -> Path:
-    """A random tiny SeamlessM4T v2 saved like a checkpoint, with the organism tokenizer;
-    ``writes``: the languages its generation config has a tag for."""
-    import torch
-    from transformers import GenerationConfig, SeamlessM4TFeatureExtractor, SeamlessM4Tv2Model
-
-    from crossmodal.model import tiny_config
-    from crossmodal.organism.corpus import organism_corpus
-    from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
-
-    out.mkdir(parents=True, exist_ok=True)
-    train_sentencepiece([r.text for r in organism_corpus("train", None, 50, 0, audio=False)], out)
-    processor = build_processor(out)
-    tok = processor.tokenizer
-    ids = {t[2:-2]: tok.convert_tokens_to_ids(t) for t in language_tokens()}
-    torch.manual_seed(0)
-    model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        max_new_tokens=8, text_decoder_lang_to_code_id={k: ids[k] for k in writes},
-    )  # fmt: skip
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    SeamlessM4TFeatureExtractor().save_pretrained(out)
-    return out
-
-
-def collect_config(model_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
-    """A small collect config on the organism corpus (raw dict; ``load_config`` it)."""
-    raw: dict[str, Any] = {
-        "model": str(model_dir), "dtype": "float32", "languages": ["eng", "deu", "jpn"],
-        "tasks": ["x2en", "en2x"], "modalities": ["text"], "steps": [1, 3],
-        "families": ["decoder", "ffn_act"], "n_bins": 8, "pilot_size": 4, "batch_size": 1,
-        "max_new_tokens": 4, "data": {"source": "organism", "examples_per_language": 3},
-        "output": str(output), "shard_size": 2, "keep_parts": True,
-        "actors": {"count": 1, "num_cpus": 0.25, "max_restarts": 1, "max_task_retries": 1},
-    }  # fmt: skip
-    raw.update(overrides)
-    return raw
-
-
-def local_collect(monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any], **kw: Any) -> dict:
-    """:func:`run_collect` (the real driver) with one in-process Collector instead of Ray."""
-    from crossmodal import collect
-    from crossmodal.config import load_config
-
-    config = load_config(raw)
-    monkeypatch.setattr(collect, "_start_actors", lambda c, store, address: ([
-        collect.Collector(c, store)], False))  # fmt: skip
-    monkeypatch.setattr(collect, "_pool_map", lambda actors, jobs: (actors[0](j) for j in jobs))
-    return collect.run_collect(config, progress=False, echo=kw.pop("echo", lambda _: None), **kw)
 
 
 @pytest.fixture(scope="module")

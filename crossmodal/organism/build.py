@@ -46,13 +46,13 @@ MAX_NEW_TOKENS = 40
 class ModelShape:
     """The organism's size: one hidden width for every component, as in SeamlessM4T v2."""
 
-    hidden: int = 128
+    hidden: int = 96
     heads: int = 4
     text_encoder_layers: int = 2
     speech_encoder_layers: int = 1
     decoder_layers: int = 3
-    ffn: int = 256
-    decoder_ffn: int = 512
+    ffn: int = 192
+    decoder_ffn: int = 384
     adaptor_kernel: int = 2  # = stride, as the model's mask arithmetic assumes (v2-large: 8, 8)
     adaptor_stride: int = 2
     conv_kernel: int = 15
@@ -63,7 +63,7 @@ class BuildConfig:
     """Everything a build depends on besides the seed."""
 
     n_train_sentences: int = 4000
-    n_speech_sentences: int = 1500
+    n_speech_sentences: int = 2000
     shape: ModelShape = field(default_factory=ModelShape)
     train: TrainConfig = field(default_factory=TrainConfig)
     threads: int = 1  # on a shared CPU, 2 torch threads spin-wait and run ~5x slower

@@ -33,7 +33,7 @@ CTC_BLANK = 1  # <unk>: never a target, so free to serve as the CTC blank
 class TrainConfig:
     """Optimisation settings (defaults: the shipped organism)."""
 
-    steps: int = 2000
+    steps: int = 3000
     batch_text: int = 32
     batch_speech: int = 48
     lr: float = 3e-3
@@ -41,7 +41,7 @@ class TrainConfig:
     hold: float = 0.6  # share of the steps at full learning rate before the cosine decay
     weight_decay: float = 0.01
     clip: float = 1.0
-    log_every: int = 100
+    log_every: int = 250
     ctc_weight: float = 0.5
 
 
