@@ -50,7 +50,7 @@ from crossmodal.units import Site, UnitIndex
 
 POOLINGS = ("prefix_mean", "last")
 REFERENCE_STEPS = (1, 6, 11)
-GENERATORS = ("hf", "fast")
+GENERATORS = ("auto", "hf", "fast")
 Hook = Callable[[nn.Module, tuple, Tensor], Tensor | None]
 
 
@@ -253,7 +253,7 @@ class Capturer:
         poolings: Iterable[str] = POOLINGS,
         max_new_tokens: int | None = None,
         *,
-        generator: str = "hf",
+        generator: str = "auto",
         pad_guard: bool = True,
     ) -> None:
         """Args:
@@ -263,8 +263,10 @@ class Capturer:
                 is simply empty).
             poolings: subset of :data:`POOLINGS`.
             max_new_tokens: generation limit; default the model's generation config.
-            generator: ``hf`` (``model.generate``, which keeps every step's ``[batch, vocab]``
-                scores: prefer ``fast`` (:mod:`crossmodal.fastgen`, same tokens) on GPUs).
+            generator: ``fast`` (:mod:`crossmodal.fastgen`: the same tokens as ``generate``,
+                with less per-step overhead), ``hf`` (``model.generate``, which also keeps
+                every step's ``[batch, vocab]`` scores), or ``auto``: ``fast`` when the
+                model's generation config is plain greedy, else ``hf``.
             pad_guard: zero padded frames before the speech adapter (module docstring).
 
         Raises:
@@ -289,6 +291,10 @@ class Capturer:
         self.max_new_tokens = limit
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {list(GENERATORS)}, got {generator!r}")
+        if generator == "auto":
+            from crossmodal.fastgen import is_plain_greedy
+
+            generator = "fast" if is_plain_greedy(loaded) else "hf"
         self.generator = generator
         self.pad_guard = pad_guard
 

@@ -117,6 +117,15 @@ def _check_greedy_config(model: SeamlessM4Tv2Model) -> list[int]:
     return eos_ids
 
 
+def is_plain_greedy(loaded_or_model: LoadedModel | SeamlessM4Tv2Model) -> bool:
+    """Whether the fast path reproduces this model's ``generate`` (its config is plain greedy)."""
+    try:
+        _check_greedy_config(_unwrap(loaded_or_model))
+    except ValueError:
+        return False
+    return True
+
+
 def lang_tag_ids(
     model: SeamlessM4Tv2Model, tgt_lang: str | Sequence[str], batch_size: int
 ) -> Tensor:

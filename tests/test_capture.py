@@ -340,6 +340,21 @@ def test_one_encoder_pass_and_one_replay(lively, batches, generator):
     assert decoder_steps == res.sequences.shape[1] - 2 + 1  # generation steps + the replay
 
 
+def test_auto_generator_is_fast_only_for_plain_greedy_configs():
+    """``auto`` (the default) takes the fast path unless the generation config asks for
+    something plain greedy does not do (which the fast path would refuse)."""
+    import copy
+
+    loaded = build_random_model("tiny", seed=0)
+    assert Capturer(loaded, ("decoder",), (1,), max_new_tokens=3).generator == "fast"
+    loaded.model.generation_config = copy.deepcopy(loaded.model.generation_config)
+    loaded.model.generation_config.no_repeat_ngram_size = 3
+    assert Capturer(loaded, ("decoder",), (1,), max_new_tokens=3).generator == "hf"
+    assert Capturer(loaded, ("decoder",), (1,), max_new_tokens=3, generator="fast").generator == (
+        "fast"
+    )  # asked for explicitly: refused when it runs (tests/test_fastgen.py)
+
+
 def test_skipped_layer_is_detected():
     loaded = build_random_model("tiny", seed=0)
     cap = Capturer(loaded, ("decoder",), (1,), max_new_tokens=3)
