@@ -54,7 +54,9 @@ from crossmodal.selection import (
     GROUPS,
     _check_k,
     exact_units,
+    expand_scopes,
     finalize_selection,
+    parse_scope,
     plan_exact,
     sets_frame,
 )
@@ -248,7 +250,8 @@ def candidates(views: Mapping[str, xr.Dataset], k: int, scopes: Sequence[str], w
                ) -> tuple[dict[tuple[str, str], xr.Dataset], dict[str, dict[tuple, np.ndarray]]]:  # fmt: skip
     """Plans per (pooling, scope), and the union of their candidates per "task/modality" and
     (step index, pooling index): a unit is re-collected only where it is a candidate."""
-    plans = {(p, s): plan_exact(ds, k=k, group=s, widen=widen)
+    plans = {(p, s): plan_exact(ds, k=k, group=parse_scope(s)[0], layer=parse_scope(s)[1],
+                                widen=widen)
              for p, ds in views.items() for s in scopes}  # fmt: skip
     union: dict[str, dict[tuple, list[np.ndarray]]] = {}
     for (pooling, _), plan in plans.items():
@@ -415,7 +418,8 @@ def write_analyses(store: str, family: str, views: Mapping[str, xr.Dataset],
 
     def scoped(p: str, s: str) -> xr.DataArray:
         da = sets.sel(pooling=p, scope=s, task=tasks, drop=True)
-        return da.assign_attrs(k=int(k), group=str(s), layer="all")
+        group, layer = parse_scope(s)
+        return da.assign_attrs(k=int(k), group=group, layer="all" if layer is None else layer)
 
     idx = pd.Index(poolings, name="pooling")
     scopes = pd.Index([str(s) for s in sets["scope"].values], name="scope")
@@ -495,6 +499,14 @@ def open_reducible(store: str | Path) -> zarr.Group:
     return root
 
 
+def _valid_scope(scope: str) -> bool:
+    try:
+        expand_scopes([scope], [0])
+    except ValueError:
+        return False
+    return True
+
+
 def run_reduce(
     store: str | Path,
     *,
@@ -511,7 +523,8 @@ def run_reduce(
 
     Args:
         k: units per side of each set (top-k, bottom-k; both = their union).
-        scopes: unit groups each ranking runs over (:data:`crossmodal.selection.GROUPS`).
+        scopes: unit groups each ranking runs over (:data:`crossmodal.selection.GROUPS`),
+            optionally per layer: ``ffn@3``, or ``all@*`` for one scope per layer.
         widen: margin added to every AP interval before planning the exact pass (covers
             float differences between the collect run and the exact re-run).
         csv_dir: default ``<store parent>/<store name>-sets``.
@@ -523,9 +536,12 @@ def run_reduce(
     """
     start, path = time.time(), str(Path(store).resolve())
     _check_k(k)
-    bad = [s for s in scopes if s not in GROUPS]
+    bad = [s for s in scopes if not _valid_scope(s)]
     if bad or not scopes:
-        raise ValueError(f"scopes must be one of {list(GROUPS)}, got {list(scopes)!r}")
+        raise ValueError(
+            f"scopes must be one of {list(GROUPS)}, optionally with '@<layer>' or '@*', got "
+            f"{list(scopes)!r}; e.g. all,ffn,all@*"
+        )
     root = open_reducible(path)
     with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         return _reduce(root, path, k, scopes, widen, csv_dir, address, num_cpus, progress, echo,
@@ -538,6 +554,11 @@ def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: f
     """The locked part of :func:`run_reduce`."""
     config = from_dict(root.attrs["config"])
     families = [f for f in config.families if f in root["stats"]]
+    layers = sorted({int(x) for f in families for x in _labels(root, f)["layer"] if x >= 0})
+    scopes = expand_scopes(scopes, layers)  # group@* -> one scope per layer
+    bad = [s for s in scopes if (layer := parse_scope(s)[1]) is not None and layer not in layers]
+    if bad:
+        raise ValueError(f"scopes must be one of [layers {layers}], got {bad!r}; pick a layer")
     state: dict[str, Any] = dict(root.attrs.get("reduce", {}))
     params = {"k": int(k), "scopes": list(scopes), "widen": float(widen)}
     out: dict[str, Any] = {"store": path, "ran": [], "skipped": [], "exact_units": 0, "csv": 0}

@@ -295,5 +295,8 @@ def _scoped(da: xr.DataArray, scope: str | None, k: int) -> xr.DataArray:
     scopes = [str(s) for s in da["scope"].values]
     if scope not in scopes:
         raise ValueError(f"scope must be one of {scopes}, got {scope!r}; reduce with that scope")
+    from crossmodal.selection import parse_scope
+
     out = da.sel(scope=scope, drop=True)
-    return out.assign_attrs(k=int(k), group=scope, layer="all")
+    group, layer = parse_scope(scope)
+    return out.assign_attrs(k=int(k), group=group, layer="all" if layer is None else layer)

@@ -36,7 +36,42 @@ UNIT = "unit"
 KINDS = ("top", "bottom", "both")
 SIDES = ("top", "bottom")
 _PLAN_VARS = ("certain", "certain_ap", "candidate", "candidate_lo", "candidate_hi")
-GROUPS = {"all": None, "attention": ("self_attn", "cross_attn"), "ffn": ("ffn",)}
+GROUPS = {
+    "all": None,
+    "attention": ("self_attn", "cross_attn"),
+    "self_attn": ("self_attn",),
+    "cross_attn": ("cross_attn",),
+    "ffn": ("ffn",),
+}
+"""Submodule groups a ranking can run over. A scope is a group, optionally restricted to one
+layer: ``ffn@3`` ranks layer 3's FFN units only (``group@*``: one scope per layer)."""
+
+
+def parse_scope(scope: str) -> tuple[str, int | None]:
+    """``"group"`` or ``"group@layer"`` -> ``(group, layer or None)``."""
+    group, at, layer = str(scope).partition("@")
+    if group not in GROUPS or (at and not layer.isdigit()):
+        raise ValueError(
+            f"scope must be one of {list(GROUPS)}, optionally with '@<layer>' or '@*', got "
+            f"{scope!r}; e.g. ffn or all@3"
+        )
+    return group, int(layer) if at else None
+
+
+def expand_scopes(scopes: Sequence[str], layers: Sequence[int]) -> list[str]:
+    """Scopes with every ``group@*`` replaced by ``group@L`` for each layer in ``layers``;
+    each checked by :func:`parse_scope`; duplicates dropped, order kept."""
+    out: list[str] = []
+    for scope in scopes:
+        group, at, rest = str(scope).partition("@")
+        names = [f"{group}@{layer}" for layer in layers] if at and rest == "*" else [scope]
+        for name in names:
+            parse_scope(name)
+            if name not in out:
+                out.append(name)
+    return out
+
+
 CSV_COLUMNS = ("ap", "on_p50", "on_p90", "off_mean", "layer", "unit", "site", "feature")
 """Columns of the reference expertise files plus module path and feature. Note: in the
 reference, ``layer`` is the module path and ``unit`` the feature; here ``layer`` is the layer

@@ -26,7 +26,8 @@ opts.set_ray_env()  # before Ray is imported anywhere
     "--scopes",
     default="all,attention,ffn",
     show_default=True,
-    help="Comma-separated unit groups each ranking runs over.",
+    help="Comma-separated unit groups each ranking runs over: all, attention, self_attn, "
+    "cross_attn, ffn; GROUP@LAYER ranks one layer's units, GROUP@* each layer's.",
 )
 @click.option(
     "--widen",

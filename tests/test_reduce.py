@@ -29,14 +29,14 @@ from crossmodal import results
 from crossmodal.collect import RAY_ENV, run_collect
 from crossmodal.config import load_config
 from crossmodal.reduce import ExactWorker, run_reduce, work_units
-from crossmodal.selection import CSV_COLUMNS, select_sets
+from crossmodal.selection import CSV_COLUMNS, parse_scope, scope_mask, select_sets
 from crossmodal.selectivity_math import exact_selectivity
 from crossmodal.stats import ExactValues
 
 pytestmark = pytest.mark.integration
 LANGS = ["eng", "deu", "fra", "jpn"]
 K = 40
-SCOPES = ("all", "ffn")
+SCOPES = ("all", "cross_attn", "ffn@*")  # ffn@*: one scope per decoder layer
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +185,18 @@ def test_final_sets_equal_exact_selection(reduced, reference):
     r = results.open(config.output)
     for pooling in config.poolings:
         exact = _exact_ds(reference, r.selectivity(pooling=pooling).load(), pooling)
-        for scope in SCOPES:
+        scopes = [str(s) for s in r.sets(pooling=pooling, scope=None)["scope"].values]
+        layers = sorted({int(x) for x in exact["layer"].values if x >= 0})
+        assert len(layers) > 1 and scopes == ["all", "cross_attn"] + [f"ffn@{x}" for x in layers]
+        for scope in scopes:
+            group, layer = parse_scope(scope)
             got = r.sets(pooling=pooling, scope=scope)
-            want = select_sets(exact["ap"], k=K, group=scope)
-            assert got.attrs["k"] == K and got.attrs["group"] == scope
+            want = select_sets(exact["ap"], k=K, group=group, layer=layer)
+            assert got.attrs["k"] == K and got.attrs["group"] == group
+            assert got.attrs["layer"] == ("all" if layer is None else layer)
+            ids = np.unique(got.values[got.values >= 0])
+            pool = exact["unit"].values[scope_mask(exact, group, layer)]
+            assert ids.size and np.isin(ids, pool).all()  # every set stays in its scope
             for kind in ("top", "bottom", "both"):
                 g = np.sort(got.sel(kind=kind).values, axis=-1)
                 w = np.sort(want.sel(kind=kind).values, axis=-1)
@@ -221,14 +229,20 @@ def test_roles_overlap_and_csv(reduced):
     assert "layer" in r.overlap(kind="sets_by_layer").dims
     csv = pd.read_csv(
         config.output.replace(".zarr", "-sets")
-        + "/decoder/prefix_mean/ffn/x2en_speech_step1_deu_top.csv"
+        + "/decoder/prefix_mean/ffn@1/x2en_speech_step1_deu_top.csv"
     )
     assert list(csv.columns) == list(CSV_COLUMNS)
-    top = r.sets(scope="ffn").sel(
+    top = r.sets(scope="ffn@1").sel(
         task="x2en", modality="speech", step=1, language="deu", kind="top"
     )
     np.testing.assert_array_equal(csv["unit"].values, top.values[top.values >= 0])
-    assert set(r.units().loc[csv["unit"], "submodule"]) == {"ffn"}
+    assert set(r.units().loc[csv["unit"], "submodule"]) == {"ffn"} and set(csv["layer"]) == {1}
+    # a per-layer scope's overlap counts against that layer's FFN units, not all units
+    n_ffn1 = int(((r.units()["submodule"] == "ffn") & (r.units()["layer"] == 1)).sum())
+    cell = r.overlap(scope="ffn@1").sel(
+        task="x2en", step=1, kind="top", text_language="deu", speech_language="deu"
+    )
+    assert float(cell["expected"]) == pytest.approx(min(K, n_ffn1) ** 2 / n_ffn1)
 
 
 def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):
@@ -256,7 +270,7 @@ def test_cli_reduce_and_report(reduced, tmp_path):
 
     config, _ = reduced
     res = CliRunner().invoke(
-        main, [config.output, "--k", str(K), "--scopes", "all,ffn", "--no-progress"]
+        main, [config.output, "--k", str(K), "--scopes", ",".join(SCOPES), "--no-progress"]
     )
     assert res.exit_code == 0 and "ran nothing" in res.output, res.output
     res = CliRunner().invoke(main, [config.output, "--scopes", "all,layers"])

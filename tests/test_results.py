@@ -158,8 +158,12 @@ def test_reduce_refuses_bad_options_and_unfinished_stores(store, tmp_path):
 
     with pytest.raises(ValueError, match="k must be one of \\[int >= 1\\], got 0"):
         run_reduce(store[0], k=0)
-    with pytest.raises(ValueError, match="scopes must be one of \\['all', 'attention', 'ffn'\\]"):
+    with pytest.raises(
+        ValueError, match="scopes must be one of \\['all', 'attention', 'self_attn'"
+    ):
         run_reduce(store[0], scopes=["layer"])
+    with pytest.raises(ValueError, match="optionally with '@<layer>' or '@\\*', got \\['ffn@x'\\]"):
+        run_reduce(store[0], scopes=["ffn@x"])
     with pytest.raises(ValueError, match="must be one of \\[a collect store\\]"):
         run_reduce(tmp_path)
     path = tmp_path / "half.zarr"

@@ -19,7 +19,9 @@ from crossmodal.selection import (
     CSV_COLUMNS,
     _classify,
     exact_units,
+    expand_scopes,
     finalize_selection,
+    parse_scope,
     plan_exact,
     scope_mask,
     select_sets,
@@ -71,9 +73,26 @@ def test_select_sets_scope_and_unit_ids() -> None:
         assert sets.attrs == {"k": 10, "group": group, "layer": 2}
 
 
+def test_scopes_parse_and_expand_per_layer() -> None:
+    assert parse_scope("all") == ("all", None) and parse_scope("cross_attn@12") == (
+        "cross_attn",
+        12,
+    )
+    assert expand_scopes(["all", "ffn@*", "ffn@1", "self_attn@0"], [0, 1, 2]) == [
+        "all", "ffn@0", "ffn@1", "ffn@2", "self_attn@0"
+    ]  # fmt: skip
+    for bad in ("mlp", "ffn@", "ffn@x", "ffn@-1", "@3"):
+        with pytest.raises(ValueError, match=f"scope must be one of .*, got '{bad}'"):
+            expand_scopes([bad], [0, 1])
+    ds = synthetic_selectivity()
+    sets = select_sets(ds["ap"], k=5, group="self_attn", layer=1)
+    pool = set(ds["unit"].values[(ds["submodule"] == "self_attn") & (ds["layer"] == 1)].tolist())
+    assert set(np.unique(sets.values[sets.values >= 0]).tolist()) <= pool
+
+
 def test_select_sets_errors() -> None:
     ds = synthetic_selectivity()
-    with pytest.raises(ValueError, match=r"group must be one of \['all', 'attention', 'ffn'\]"):
+    with pytest.raises(ValueError, match=r"group must be one of \['all', 'attention', 'self_attn'"):
         select_sets(ds["ap"], group="mlp")
     with pytest.raises(ValueError, match=r"k must be one of \[int >= 1\], got 0"):
         select_sets(ds["ap"], k=0)
