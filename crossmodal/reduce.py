@@ -554,7 +554,8 @@ def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: f
     """The locked part of :func:`run_reduce`."""
     config = from_dict(root.attrs["config"])
     families = [f for f in config.families if f in root["stats"]]
-    layers = sorted({int(x) for f in families for x in _labels(root, f)["layer"] if x >= 0})
+    labels = {f: _labels(root, f) for f in families}  # unit coordinates, read once
+    layers = sorted({int(x) for f in families for x in labels[f]["layer"] if x >= 0})
     scopes = expand_scopes(scopes, layers)  # group@* -> one scope per layer
     bad = [s for s in scopes if (layer := parse_scope(s)[1]) is not None and layer not in layers]
     if bad:
@@ -582,7 +583,6 @@ def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: f
         views = {f: {p: res.selectivity(f, p) for p in config.poolings} for f in families}
         pending = [f for f in families if state.get("sets", {}).get(f) != params]
         plans = {f: candidates(views[f], k, scopes, widen) for f in pending}
-        labels = {f: _labels(root, f) for f in pending}
         for f in pending:  # new k/scopes/widen (or first run): other candidates, measure anew
             if state.get("exact", {}).get(f, {}).get("params") != params:
                 create_exact(path, f, plans[f][1], labels[f], config.poolings)
@@ -611,7 +611,7 @@ def _reduce(root: zarr.Group, path: str, k: int, scopes: Sequence[str], widen: f
         if state.get("modality", {}).get(f, {}).get("k") == k:
             out["skipped"].append(f"modality/{f}")
             continue
-        summary = modality_pass(root, path, f, _labels(root, f), k)
+        summary = modality_pass(root, path, f, labels[f], k)
         save("modality", f, value={**summary, "k": int(k)})
         out["ran"].append(f"modality/{f}")
     out["seconds"] = time.time() - start

@@ -43,6 +43,7 @@ from crossmodal.capture import padding_guard
 from crossmodal.fastgen import encode, greedy_generate
 from crossmodal.grid import Cell
 from crossmodal.model import LoadedModel
+from crossmodal.units import declared_width
 
 Intervention = Mapping[str, tuple[Sequence[int], Sequence[float]]]
 """One row's forcing: module path -> (feature indices, constant values), same lengths."""
@@ -89,17 +90,6 @@ def _feature_dim(module: nn.Module) -> int:
     if isinstance(module, nn.GLU) and module.dim in (1, -2):
         return 1
     return -1
-
-
-def _n_features(module: nn.Module) -> int | None:
-    """Output width when the module declares it (Linear, LayerNorm, Conv1d), else None."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    if isinstance(module, nn.Conv1d):
-        return module.out_channels
-    return None
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
@@ -156,7 +146,7 @@ def plan_batch(
         if len(features) == 0:
             continue
         cols = np.unique(features)
-        width = _n_features(module)
+        width = declared_width(module)
         if cols[0] < 0 or (width is not None and cols[-1] >= width):
             bad = cols[0] if cols[0] < 0 else cols[-1]
             raise SteeringError(

@@ -106,13 +106,21 @@ def resolve_families(families: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if f in wanted)
 
 
-def _n_features(module: nn.Module, parent: nn.Module) -> int:
+def declared_width(module: nn.Module) -> int | None:
+    """Output width when the module declares it (Linear, LayerNorm, Conv1d), else None."""
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.LayerNorm):
         return int(module.normalized_shape[-1])
     if isinstance(module, nn.Conv1d):
         return module.out_channels
+    return None
+
+
+def _n_features(module: nn.Module, parent: nn.Module) -> int:
+    width = declared_width(module)
+    if width is not None:
+        return width
     if isinstance(module, nn.GLU):
         # A GLU halves the output of the first Conv1d of its block (pointwise_conv1, residual_conv).
         conv = next(m for m in parent.children() if isinstance(m, nn.Conv1d))
