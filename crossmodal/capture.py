@@ -175,6 +175,7 @@ class _Recorder:
         self.steps = torch.as_tensor(list(steps), device=self.dev)
         self.calls: dict[str, int] = {}
         self.positions: Tensor | None = None  # decoder position gathered for each step
+        self.bounds: list[int] = []  # positions[j] + 1, as Python ints
         self.masks = FrameMasks(self.dev)
 
     def hooks(self, model: nn.Module, sites: Sequence[Site]) -> list[tuple[nn.Module, Hook]]:
@@ -210,29 +211,29 @@ class _Recorder:
                 f"{wrong[:3]}; put the model in eval mode (LayerDrop skips layers in train mode)"
             )
 
-    def _write(self, site: Site, pooled: dict[str, Tensor]) -> None:
+    def _write_every_step(self, site: Site, value: Tensor) -> None:
         sl = slice(site.offset, site.offset + site.n_features)
-        for pooling, buf in self.buffers.items():
-            value = pooled.get(pooling, pooled.get("*"))
-            buf[:, :, sl] = value if value.dim() == 3 else value[:, None, :]
+        for buf in self.buffers.values():
+            buf[:, :, sl] = value[:, None, :]
 
     def _reduce(self, site: Site, out: Tensor) -> None:
         x = out.float()
         if site.channels_first:
             x = x.transpose(1, 2)
         if site.positions == "decoder":
-            pos = self.positions
-            pooled = {}
+            # Written straight into the buffers (no temporaries): ``last`` gathers the steps'
+            # positions; ``prefix_mean`` holds prefix *sums* until the run divides them.
+            sl = slice(site.offset, site.offset + site.n_features)
             if "last" in self.buffers:
-                pooled["last"] = x.index_select(1, pos)
+                torch.index_select(x, 1, self.positions, out=self.buffers["last"][:, :, sl])
             if "prefix_mean" in self.buffers:
-                denom = (self.steps + 1).float()[None, :, None]
-                pooled["prefix_mean"] = x.cumsum(dim=1).index_select(1, pos) / denom
-            self._write(site, pooled)
+                buf = self.buffers["prefix_mean"]
+                for j, end in enumerate(self.bounds):
+                    torch.sum(x[:, :end], dim=1, out=buf[:, j, sl])
             return
         mask = self.masks.get(site.positions, site.subsample, x.shape[1], site.name)
         mean = (x * mask[..., None]).sum(dim=1) / mask.sum(dim=1)[:, None]
-        self._write(site, {"*": mean})
+        self._write_every_step(site, mean)
 
 
 class Capturer:
@@ -297,6 +298,7 @@ class Capturer:
             generator = "fast" if is_plain_greedy(loaded) else "hf"
         self.generator = generator
         self.pad_guard = pad_guard
+        self._counts: Tensor | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -337,13 +339,28 @@ class Capturer:
             with attached(rec.hooks(model, dec_sites)):
                 self._replay(sequences, hidden, enc_mask, rec)
             rec.check_fired(dec_sites, "decoder")
-            for buf in buffers.values():
-                buf.masked_fill_(~valid[:, :, None], float("nan"))
+            if "prefix_mean" in buffers:  # prefix sums -> means (other columns: / 1)
+                buffers["prefix_mean"].div_(self._prefix_counts(dev))
+            if not bool(valid.all()):
+                for buf in buffers.values():
+                    buf.masked_fill_(~valid[:, :, None], float("nan"))
         tokens = generated_tokens(sequences, end_ids)
         return CaptureResult(
             self.index, self.steps, self.poolings, sequences, tokens, self._texts(tokens),
             buffers, valid, batch.ids, batch.languages,
         )  # fmt: skip
+
+    def _prefix_counts(self, device: torch.device) -> Tensor:
+        """``[1, step, unit]``: positions in each step's prefix on decoder-position columns, 1
+        on the others (step-independent means); cached per device."""
+        if self._counts is None or self._counts.device != device:
+            counts = torch.ones(1, len(self.steps), self.index.n_units)
+            for site in self.index.sites:
+                if site.positions == "decoder":
+                    sl = slice(site.offset, site.offset + site.n_features)
+                    counts[0, :, sl] = torch.tensor(self.steps, dtype=torch.float32)[:, None] + 1
+            self._counts = counts.to(device)
+        return self._counts
 
     def _encode(self, batch: ModelBatch, kwargs: dict, rec: _Recorder) -> tuple[Tensor, Tensor]:
         """The one encoder pass: ``(hidden [batch, frame, hidden], decoder-side mask)``."""
@@ -386,6 +403,7 @@ class Capturer:
         """The one teacher-forced decoder pass, over the positions some step needs."""
         width = min(sequences.shape[1] - 1, max(self.steps) + 1)
         rec.positions = rec.steps.clamp(max=width - 1)
+        rec.bounds = [min(t, width - 1) + 1 for t in self.steps]
         rec.masks.sources["encoder_output"] = [enc_mask]
         self.model.text_decoder(
             input_ids=sequences[:, :width],

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crossmodal import fold
+
 _CHUNK_ELEMS = 1 << 24
 """Largest number of (unit x example) elements a temporary may hold; bounds peak memory."""
 
@@ -347,10 +349,57 @@ class UnitStats:
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
 
-    def update(self, values: Tensor) -> Tensor:
-        """Merge a batch ``[batch, unit]``; returns how many of its rows were dropped (0-d)."""
+    def update(self, values: Tensor, kernel: str = "auto") -> Tensor:
+        """Merge a batch ``[batch, unit]``; returns how many of its rows were dropped (0-d).
+
+        ``kernel``: ``"numba"`` (one pass over the values, CPU only, ~5x faster there; see
+        :mod:`crossmodal.fold`), ``"torch"`` (any device), or ``"auto"``: numba for CPU tensors
+        where it is installed, torch otherwise. Both give the same counts, histograms, min and
+        max, and moments equal up to float64 rounding.
+        """
         _check_values(values, self.n_units)
+        if kernel not in ("auto", "numba", "torch"):
+            raise ValueError(f"kernel must be one of [auto, numba, torch], got {kernel!r}")
         values = values.to(self.edges.device)
+        if values.shape[0] == 0:
+            return torch.zeros((), dtype=torch.int64, device=values.device)
+        if kernel == "numba" and not self._numba_ready():
+            raise ValueError(
+                "kernel must be one of [auto, torch] here, got 'numba'; it needs numba "
+                "installed and every tensor on CPU and contiguous"
+            )
+        if kernel == "numba" or (kernel == "auto" and self._numba_ready()):
+            return self._update_numba(values)
+        return self._update_torch(values)
+
+    def _numba_ready(self) -> bool:
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        return fold.AVAILABLE and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+    def _update_numba(self, values: Tensor) -> Tensor:
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.to(torch.float32)  # exact for fp16 / bf16
+        x = values.detach().contiguous().numpy()
+        rows = np.flatnonzero(fold.finite_rows(x))
+        padded, pivots = self._fold_layout()
+        fold.fold(np.ascontiguousarray(x.T), rows, padded, pivots, self.hist.numpy(),
+                  self.mean.numpy(), self.m2.numpy(), self.min.numpy(), self.max.numpy(),
+                  float(self.count))  # fmt: skip
+        self.count += len(rows)
+        dropped = torch.tensor(x.shape[0] - len(rows))
+        self.dropped += dropped
+        return dropped
+
+    def _fold_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's copy of the edges (:func:`crossmodal.fold.layout`), built on first use
+        and kept while ``edges`` is the same tensor (edges are never changed in place)."""
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached[0] is not self.edges:
+            cached = (self.edges, *fold.layout(self.edges.numpy()))
+            self.__dict__["_layout"] = cached
+        return cached[1], cached[2]
+
+    def _update_torch(self, values: Tensor) -> Tensor:
         keep = finite_rows(values)
         n_b = keep.sum()
         n_a = self.count

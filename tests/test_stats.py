@@ -49,11 +49,16 @@ def _hist_ref(values: torch.Tensor, edges: torch.Tensor) -> np.ndarray:
     )  # fmt: skip
 
 
-def _stats(values: torch.Tensor, edges: torch.Tensor, batch: int = 64) -> UnitStats:
+def _stats(
+    values: torch.Tensor, edges: torch.Tensor, batch: int = 64, kernel: str = "auto"
+) -> UnitStats:
     s = UnitStats.empty(edges)
     for i in range(0, values.shape[0], batch):
-        s.update(values[i : i + batch])
+        s.update(values[i : i + batch], kernel=kernel)
     return s
+
+
+KERNELS = pytest.mark.parametrize("kernel", ["torch", "numba"])
 
 
 # ----------------------------------------------------------------------------- edges
@@ -144,10 +149,11 @@ def test_edges_reject_bad_pilots():
 # ----------------------------------------------------------------------------- UnitStats
 
 
-def test_moments_min_max_hist_match_numpy():
+@KERNELS
+def test_moments_min_max_hist_match_numpy(kernel):
     v = _values(n=300)
     e = choose_edges(v[::5], 32)
-    s = _stats(v, e, batch=37)
+    s = _stats(v, e, batch=37, kernel=kernel)
     x = v.double().numpy()
     assert s.n == 300 and int(s.dropped) == 0
     np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-12, atol=1e-12)
@@ -158,11 +164,12 @@ def test_moments_min_max_hist_match_numpy():
     np.testing.assert_array_equal(s.hist.numpy(), _hist_ref(v, e))
 
 
+@KERNELS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_every_input_dtype(dtype):
+def test_every_input_dtype(dtype, kernel):
     v = _values(n=100).to(dtype)
     e = choose_edges(v[:30], 16)
-    s = _stats(v, e, batch=32)
+    s = _stats(v, e, batch=32, kernel=kernel)
     ref = v.double().numpy()
     np.testing.assert_allclose(s.mean.numpy(), ref.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(s.hist.numpy(), _hist_ref(v, e))
@@ -203,7 +210,9 @@ def merge_reference():
 def test_merge_is_associative_and_commutative(merge_reference, split, order):
     v, e, ref = merge_reference
     bounds = np.cumsum([0, *SPLITS[split]])
-    parts = [_stats(v[a:b], e, batch=max(1, b - a)) for a, b in itertools.pairwise(bounds)]
+    kernels = itertools.cycle(["numba", "torch"])  # parts from either kernel merge alike
+    parts = [_stats(v[a:b], e, batch=max(1, b - a), kernel=next(kernels))
+             for a, b in itertools.pairwise(bounds)]  # fmt: skip
     got = _reduce(parts, order)
     assert int(got.count) == 300 and torch.equal(got.hist, ref.hist)
     assert torch.equal(got.min, ref.min) and torch.equal(got.max, ref.max)
@@ -235,17 +244,18 @@ def test_memory_does_not_grow_with_examples():
     assert s.nbytes == first and s.n == 6400
 
 
-def test_non_finite_examples_are_dropped_and_counted():
+@KERNELS
+def test_non_finite_examples_are_dropped_and_counted(kernel):
     v = _values(n=50)
     bad = v.double()
     bad[3, 1], bad[7, 5], bad[7, 6], bad[20, 0] = float("nan"), float("inf"), -float("inf"), 1e40
     # 1e40 is finite in float64, so it is kept; it overflows float32 -> the overflow bin.
     e = choose_edges(v, 16)
     s = UnitStats.empty(e)
-    assert int(s.update(bad[:10])) == 2 and int(s.update(bad[10:])) == 0
+    assert int(s.update(bad[:10], kernel)) == 2 and int(s.update(bad[10:], kernel)) == 0
     keep = torch.ones(50, dtype=torch.bool)
     keep[[3, 7]] = False
-    ref = _stats(bad[keep], e)
+    ref = _stats(bad[keep], e, kernel="torch")
     assert s.n == 48 and int(s.dropped) == 2
     assert torch.equal(s.hist, ref.hist) and torch.equal(s.max, ref.max)
     torch.testing.assert_close(s.mean, ref.mean, rtol=1e-12, atol=0)
@@ -255,11 +265,42 @@ def test_non_finite_examples_are_dropped_and_counted():
     np.testing.assert_array_equal(ex.values.numpy(), bad[keep][:, [1, 5]].float().numpy())
 
 
-def test_all_rows_dropped_leaves_stats_empty():
+@KERNELS
+def test_all_rows_dropped_leaves_stats_empty(kernel):
     e = choose_edges(_values(), 16)
     s = UnitStats.empty(e)
-    assert int(s.update(torch.full((4, 12), float("nan")))) == 4
+    assert int(s.update(torch.full((4, 12), float("nan")), kernel)) == 4
+    assert int(s.update(torch.zeros((0, 12)), kernel)) == 0
     assert s.n == 0 and int(s.hist.sum()) == 0 and bool((s.mean == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("hist_dtype", "n_bins"),
+    [(torch.int32, 256), (torch.int64, 31), (torch.int32, 15), (torch.int32, 40)],
+)
+def test_numba_kernel_equals_torch_on_edge_cases(hist_dtype, n_bins):
+    """Values exactly on edges, one ulp either side, signed zeros, huge and tiny values, ties;
+    edge counts that are and are not multiples of the kernel's block of 16."""
+    g = torch.Generator().manual_seed(7)
+    v = _values(n=200, units=12, seed=7)
+    e = choose_edges(v[::4], n_bins)  # ReLU columns: edges at exactly 0.0
+    assert bool((e == 0).any())
+    on = e[:, torch.randint(0, e.shape[1], (60,), generator=g)].T
+    up = torch.nextafter(on, torch.full_like(on, torch.inf))
+    down = torch.nextafter(on, torch.full_like(on, -torch.inf))
+    special = torch.tensor([0.0, -0.0, 1e-42, -1e-42, 3e38, -3e38, 1e30, -1e30])
+    x = torch.cat([v, on, up, down, special[:, None].expand(-1, 12), v[:7]])
+    x = x[torch.randperm(x.shape[0], generator=g)]
+    a, b = UnitStats.empty(e, hist_dtype=hist_dtype), UnitStats.empty(e, hist_dtype=hist_dtype)
+    for i in range(0, x.shape[0], 33):
+        a.update(x[i : i + 33], kernel="torch")
+        b.update(x[i : i + 33], kernel="numba")
+    assert a.hist.dtype == b.hist.dtype == hist_dtype and torch.equal(a.hist, b.hist)
+    np.testing.assert_array_equal(b.hist.numpy(), _hist_ref(x, e))
+    assert torch.equal(a.min, b.min) and torch.equal(a.max, b.max) and a.n == b.n == x.shape[0]
+    scale = float(x.double().abs().max())  # +-3e38 cancel: summation order shows at 1e-16 x it
+    torch.testing.assert_close(b.mean, a.mean, rtol=1e-12, atol=1e-14 * scale)
+    torch.testing.assert_close(b.m2, a.m2, rtol=1e-12, atol=0)
 
 
 def test_numpy_round_trip_and_update_errors():
@@ -279,6 +320,14 @@ def test_numpy_round_trip_and_update_errors():
         s.update(v[:, :5])
     with pytest.raises(ValueError, match="hist_dtype must be one of"):
         UnitStats.empty(e, hist_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"kernel must be one of \[auto, numba, torch\]"):
+        s.update(v[:3], kernel="fast")
+    strided = UnitStats.empty(e)
+    strided.mean = torch.zeros(24, dtype=torch.float64)[::2]  # not contiguous: numba refuses
+    with pytest.raises(ValueError, match=r"kernel must be one of \[auto, torch\] here"):
+        strided.update(v[:3], kernel="numba")
+    strided.update(v[:3])  # auto falls back to torch
+    assert strided.n == 3
 
 
 def test_exact_values_merge_and_round_trip():
