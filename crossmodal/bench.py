@@ -181,10 +181,13 @@ def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchCo
     rows = [random_interventions(index, len(b), cfg.steer_units, cfg.seed + i)
             for i, b in enumerate(batches)]  # fmt: skip
 
+    pilots: dict = {}
+
     def capture(gen: str) -> Callable[[], dict]:
         cap = Capturer(loaded, "decoder", cfg.steps, cfg.poolings, mnt, generator=gen)
         pilot = cap.run(batches[0], tgt).values
         edges = {key: choose_edges(v, cfg.n_bins) for key, v in pilot.items()}
+        pilots.update({key: (v, edges[key]) for key, v in pilot.items()})
 
         # Created once, as collect keeps one set of statistics per work unit (hundreds of
         # examples): allocation and the CPU kernel's edge layout are not per-batch costs.
@@ -233,7 +236,27 @@ def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchCo
     # examples folded into each statistic over the warm-up and every timed round
     res["stats_count"] = {f"{p}@{s}": v.n for (p, s), v in t["capture_fast"][1].items()}
     res["stats_kernel"] = "numba" if fold.AVAILABLE and dev.type == "cpu" else "torch"
+    res.update(bench_stats_update(pilots, dev, cfg.repeats))
     return res
+
+
+def bench_stats_update(pilots: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Milliseconds to fold one batch into the statistics of every (pooling, step), per kernel
+    (``stats_{torch,numba}_ms``; numba only on CPU where installed), on the pilot batch."""
+    kernels = ["torch"] + (["numba"] if fold.AVAILABLE and device.type == "cpu" else [])
+    fresh = {
+        k: {key: UnitStats.empty(e, device) for key, (_, e) in pilots.items()} for k in kernels
+    }
+
+    def fold_all(kernel: str) -> Callable[[], None]:
+        def run() -> None:
+            for key, (values, _) in pilots.items():
+                fresh[kernel][key].update(values, kernel=kernel)
+
+        return run
+
+    t = timed({k: fold_all(k) for k in kernels}, device, repeats)
+    return {f"stats_{k}_ms": seconds * 1e3 for k, (seconds, _) in t.items()}
 
 
 def _synthetic_stats(units: int, cfg: BenchConfig, gen: torch.Generator) -> dict[str, UnitStats]:
@@ -335,11 +358,13 @@ COLUMNS = (
     ("fast_identical", "{}"), ("capture_hf_ratio", "{:.2f}"), ("capture_fast_ratio", "{:.2f}"),
     ("reference_eps", "{:.2f}"), ("capture_fast_vs_reference", "{:.1f}"),
     ("steer_hf_ratio", "{:.2f}"), ("steer_fast_ratio", "{:.2f}"),
+    ("stats_torch_ms", "{:.2f}"), ("stats_numba_ms", "{:.2f}"),
 )  # fmt: skip
 
 
 def format_row(cell: dict) -> str:
-    return " ".join(f"{fmt.format(cell[key]):>13}" for key, fmt in COLUMNS)
+    """One table row; ``-`` where a cell lacks the measurement (numba off CPU)."""
+    return " ".join(f"{fmt.format(cell[key]) if key in cell else '-':>13}" for key, fmt in COLUMNS)
 
 
 def format_table(result: dict, header: bool = False) -> str:

@@ -45,6 +45,7 @@ def check_cell(cell: dict, batch: int, kernel: str = "numba") -> None:
     assert cell["fast_identical"] is True and cell["steer_fast_identical"] is True
     steps = {f"prefix_mean@{s}": batch * 2 for s in (1, 6, 11)}  # warm-up + 1 timed round
     assert cell["stats_count"] == steps and cell["stats_kernel"] == kernel
+    assert cell["stats_torch_ms"] > 0 and ("stats_numba_ms" in cell) == (kernel == "numba")
     assert cell["reference_examples"] == 1 and cell["n_examples"] == batch
 
 
