@@ -30,12 +30,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor
 from transformers import SeamlessM4Tv2Model
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import SeamlessM4Tv2Decoder
 
 from crossmodal.model import LoadedModel
@@ -68,50 +67,6 @@ CACHE_KWARG = (
     if "cache" in inspect.signature(SeamlessM4Tv2Decoder.forward).parameters
     else "past_key_values"
 )
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A self-attention cache layer whose storage is allocated once per generation.
-
-    HF's :class:`DynamicLayer` concatenates every step, copying the whole cache each time; here
-    a step is written into place and the layer exposes views of the filled length, so the
-    attention sees the same keys and values (the same shapes and numbers, hence the same
-    tokens). ``capacity`` is the most positions one generation can feed.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        batch, heads, _, dim = key_states.shape
-        self.device = key_states.device
-        self._keys = key_states.new_empty(batch, heads, self.capacity, dim)
-        self._values = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
-        self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"cache capacity {self.capacity} exceeded: {end} positions")
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-
-def _decoder_cache(capacity: int) -> EncoderDecoderCache:
-    """Self-attention layers preallocated for ``capacity`` positions; cross-attention as HF
-    (filled once, at step 0). Config-free: no sliding-window layers here, and building caches
-    from the config deep-copies it (~2 ms per call)."""
-    self_attention = DynamicCache()
-    self_attention.layer_class_to_replicate = partial(_PreallocatedLayer, capacity)
-    return EncoderDecoderCache(self_attention, DynamicCache())
 
 
 @dataclass(frozen=True)
@@ -300,7 +255,9 @@ def _decode(
     tokens[:, 0], tokens[:, 1] = start, tags
     unfinished = torch.ones(batch, dtype=torch.bool, device=hidden.device)
     pad_t = torch.tensor(pad, dtype=torch.long, device=hidden.device)
-    cache = _decoder_cache(1 + max_new)  # positions fed: [start, tag], then one per step
+    # config-free caches: no sliding-window layers here, and building them from the config
+    # deep-copies it (~2 ms per call)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     step_input = tokens[:, :2]
     for step in range(max_new):
         out = dec(

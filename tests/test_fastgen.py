@@ -208,24 +208,6 @@ def test_bad_arguments(lively):
         greedy_generate(torch.nn.Linear(2, 2), batch, "deu", 4)
 
 
-def test_preallocated_cache_layer_matches_dynamic_layer():
-    """The fast path's self-attention cache: same keys and values as HF's concatenating layer,
-    at every step, and a clear error past its capacity."""
-    from transformers.cache_utils import DynamicLayer
-
-    from crossmodal.fastgen import _PreallocatedLayer
-
-    g = torch.Generator().manual_seed(0)
-    ours, hf = _PreallocatedLayer(capacity=5), DynamicLayer()
-    for n in (2, 1, 1, 1):
-        k, v = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
-        got, want = ours.update(k, v), hf.update(k, v)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        assert ours.get_seq_length() == hf.get_seq_length()
-    with pytest.raises(RuntimeError, match="cache capacity 5 exceeded: 6 positions"):
-        ours.update(k, v)
-
-
 def test_refuses_non_greedy_config():
     loaded = build_random_model("tiny", seed=0)
     loaded.model.generation_config.repetition_penalty = 1.3
