@@ -20,6 +20,8 @@ import numpy as np
 
 try:
     import numba
+    from llvmlite import ir
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised on machines without numba
     numba = None
 
@@ -32,18 +34,22 @@ _F32_MAX = np.float32(np.finfo(np.float32).max)
 def layout(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(padded, pivots)`` for ``edges [unit, edge]`` float32 (sorted rows).
 
-    ``padded [unit, BLOCK * (blocks + 1)]``: the edges, then +inf, so no search reads past a
-    row; ``pivots [unit, 8k]``: ``padded[:, BLOCK * j + BLOCK - 1]`` for each block ``j``, then
-    +inf. With ``c`` pivots ``<= x``, the number of edges ``<= x`` lies in
-    ``[BLOCK * c, BLOCK * c + BLOCK - 1]``.
+    ``pivots [unit, 8k]``: ``edges[:, BLOCK * j + BLOCK - 1]`` for the ``blocks`` full blocks
+    that leave at most ``BLOCK - 1`` edges after them, then +inf; ``padded``: the edges, then
+    +inf, so no search reads past a row. With ``c`` pivots ``<= x``, the number of edges
+    ``<= x`` is ``BLOCK * c`` plus how many of the ``BLOCK - 1`` edges from there are ``<= x``.
     """
     n_units, n_edges = edges.shape
-    blocks = -(-n_edges // BLOCK)
+    blocks = max(0, -(-(n_edges - BLOCK + 1) // BLOCK))
     padded = np.full((n_units, BLOCK * (blocks + 1)), np.inf, dtype=np.float32)
     padded[:, :n_edges] = edges
     pivots = np.full((n_units, -(-blocks // 8) * 8), np.inf, dtype=np.float32)
     pivots[:, :blocks] = padded[:, BLOCK - 1 : BLOCK * blocks : BLOCK]
     return padded, pivots
+
+
+_AHEAD = 4
+"""Units ahead whose rows :func:`_fold` prefetches."""
 
 
 def _fold(by_unit, rows, padded, pivots, hist, mean, m2, vmin, vmax, n_a):  # noqa: ANN001, ANN202
@@ -63,7 +69,17 @@ def _fold(by_unit, rows, padded, pivots, hist, mean, m2, vmin, vmax, n_a):  # no
     x64 = np.empty(n_b, dtype=np.float64)
     x32 = np.empty(n_b, dtype=np.float32)
     pos = np.empty(n_b, dtype=np.int64)
+    ahead = min(_AHEAD, n_units - 1)
     for u in range(n_units):
+        # fetch a later unit's rows while this one computes: the searches and counts jump
+        # within each row, which the hardware prefetcher cannot foresee
+        v = min(u + ahead, n_units - 1)
+        for k in range(0, padded.shape[1], 16):
+            _prefetch(padded, v * padded.shape[1] + k)
+        for k in range(0, hist.shape[1], 16):
+            _prefetch(hist, v * hist.shape[1] + k)
+        for k in range(0, n_pivots, 16):
+            _prefetch(pivots, v * n_pivots + k)
         total = 0.0
         lo = np.inf
         hi = -np.inf
@@ -103,6 +119,22 @@ def _fold(by_unit, rows, padded, pivots, hist, mean, m2, vmin, vmax, n_a):  # no
         vmax[u] = max(vmax[u], hi)
 
 
+def _prefetch_intrinsic(typingctx, array, flat_index):  # noqa: ANN001, ANN202
+    """``llvm.prefetch`` (read, high locality) of element ``flat_index`` of a C-contiguous
+    array: a hint, with no effect on results."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return numba.types.void(array, flat_index), codegen
+
+
 def _finite_rows(values):  # noqa: ANN001, ANN202
     """Bool ``[batch]``: rows of ``values [batch, unit]`` with no NaN/Inf (stops at the first)."""
     keep = np.ones(values.shape[0], dtype=np.bool_)
@@ -114,6 +146,7 @@ def _finite_rows(values):  # noqa: ANN001, ANN202
     return keep
 
 
+_prefetch = intrinsic(_prefetch_intrinsic) if AVAILABLE else None
 _jit = numba.njit(nogil=True, cache=True, boundscheck=False) if AVAILABLE else None
 fold = _jit(_fold) if _jit else None
 """Compiled :func:`_fold` (None without numba); compiled once per dtype signature, cached."""

@@ -303,6 +303,18 @@ def test_numba_kernel_equals_torch_on_edge_cases(hist_dtype, n_bins):
     torch.testing.assert_close(b.m2, a.m2, rtol=1e-12, atol=0)
 
 
+def test_numba_kernel_bins_like_searchsorted_for_every_edge_count():
+    """The kernel's blocks of 16 edges: counts below, at and around every multiple of 16."""
+    rng = np.random.default_rng(3)
+    for n_edges in [*range(2, 70), 255, 256, 257, 258, 513]:
+        e = torch.from_numpy(np.sort(rng.standard_normal((5, n_edges)), 1).astype(np.float32))
+        e = e + torch.arange(n_edges) * 1e-3  # strictly increasing
+        x = torch.cat([torch.randn(40, 5) * 2, e[:, rng.integers(0, n_edges, 9)].T])
+        s = UnitStats.empty(e)
+        s.update(x, kernel="numba")
+        np.testing.assert_array_equal(s.hist.numpy(), _hist_ref(x, e), err_msg=f"{n_edges=}")
+
+
 def test_numpy_round_trip_and_update_errors():
     v = _values()
     e = choose_edges(v, 16)
