@@ -208,6 +208,16 @@ def test_bad_arguments(lively):
         greedy_generate(torch.nn.Linear(2, 2), batch, "deu", 4)
 
 
+def test_argmax_equals_torch_on_ties_nan_inf_and_strided_logits():
+    from crossmodal.fastgen import _argmax
+
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, 3, 3, 2], [nan, 5, nan, 1], [1, inf, inf, 0], [-inf] * 4])
+    strided = torch.randn(64, 2, 1507, generator=torch.Generator().manual_seed(0))[:, -1]
+    for logits in (x, x.double(), strided, x.half()):
+        assert torch.equal(_argmax(logits), logits.argmax(dim=-1))
+
+
 def test_refuses_non_greedy_config():
     loaded = build_random_model("tiny", seed=0)
     loaded.model.generation_config.repetition_penalty = 1.3
