@@ -367,10 +367,10 @@ class Capturer:
         on the others (step-independent means); cached per device."""
         if self._counts is None or self._counts.device != device:
             counts = torch.ones(1, len(self.steps), self.index.n_units)
+            prefix = torch.tensor(self.steps, dtype=torch.float32)[:, None] + 1
             for site in self.index.sites:
                 if site.positions == "decoder":
-                    sl = slice(site.offset, site.offset + site.n_features)
-                    counts[0, :, sl] = torch.tensor(self.steps, dtype=torch.float32)[:, None] + 1
+                    counts[0, :, site.offset : site.offset + site.n_features] = prefix
             self._counts = counts.to(device)
         return self._counts
 
