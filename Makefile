@@ -35,9 +35,9 @@ format: setup
 	$(VENV)/bin/ruff format crossmodal jobs tests
 	$(VENV)/bin/ruff check --fix crossmodal jobs tests
 
-# The config reference, generated from schemas/ (tests/test_schema_doc.py checks it).
+# The config reference, generated from crossmodal/schemas/ (tests/test_schema_doc.py checks it).
 docs: setup
-	$(PY) -m crossmodal.schema_doc > docs/config-reference.md
+	$(PY) -m crossmodal.schemas.doc > docs/config-reference.md
 
 # Rebuild the shipped model organism deterministically (crossmodal/organism_model/).
 organism: setup

@@ -2,11 +2,11 @@
 
 For each (modality, batch size), on the same synthetic inputs: ``bare`` HF ``generate`` (greedy,
 ``min_new_tokens = max_new_tokens`` so every row runs every step); ``fast``
-(:func:`crossmodal.fastgen.greedy_generate`, with an identity check); ``capture_hf`` /
-``capture_fast`` (:class:`~crossmodal.capture.Capturer` + :class:`~crossmodal.stats.UnitStats`
-updates per step, ``prefix_mean`` by default); ``reference`` (:func:`~crossmodal.reference.reference_capture`,
+(:func:`crossmodal.model.fastgen.greedy_generate`, with an identity check); ``capture_hf`` /
+``capture_fast`` (:class:`~crossmodal.model.capture.Capturer` + :class:`~crossmodal.stats.running.UnitStats`
+updates per step, ``prefix_mean`` by default); ``reference`` (:func:`~crossmodal.model.reference.reference_capture`,
 batch 1, on a few examples); ``steer_hf`` / ``steer_fast`` (a different forcing per row, HF generate
-under :func:`~crossmodal.steering.forcing` vs :func:`~crossmodal.steering.generate_forced`). Once:
+under :func:`~crossmodal.model.forcing.forcing` vs :func:`~crossmodal.model.forcing.generate_forced`). Once:
 the reducer (AP, AUROC, medians) over synthetic statistics of the real size, chunked over units.
 Times are the best of ``repeats`` after a warm-up (CUDA events on GPU). Imports only torch,
 transformers and numpy besides the project (no Ray, Zarr or click): the GPU command is
@@ -32,15 +32,17 @@ import numpy as np
 import torch
 import transformers
 
-from crossmodal import fastgen, fold
-from crossmodal.capture import Capturer
-from crossmodal.inputs import ModelBatch, batch_from_token_ids
-from crossmodal.model import LoadedModel, build_random_model, feature_extractor, load_model
-from crossmodal.reference import reference_capture
-from crossmodal.selectivity_math import selectivity_from_stats
-from crossmodal.stats import UnitStats, choose_edges
-from crossmodal.steering import forcing, generate_forced, plan_batch
-from crossmodal.units import UnitIndex
+from crossmodal.model import fastgen
+
+from crossmodal.stats import kernel as fold
+from crossmodal.model.capture import Capturer
+from crossmodal.model.inputs import ModelBatch, batch_from_token_ids
+from crossmodal.model.load import LoadedModel, build_random_model, feature_extractor, load_model
+from crossmodal.model.reference import reference_capture
+from crossmodal.stats.finalize import selectivity_from_stats
+from crossmodal.stats.running import UnitStats, choose_edges
+from crossmodal.model.forcing import forcing, generate_forced, plan_batch
+from crossmodal.model.units import UnitIndex
 
 DECODER_UNITS_LARGE = 24 * 20_480 + 1024  # 492,544 (method.md "Units")
 

@@ -77,17 +77,17 @@ def organism(
 def validate(configs: tuple[str, ...]) -> None:
     """Validate collect or steer CONFIGS against their JSON Schemas; list every violation.
 
-    A config with a ``collect`` entry is a pipeline (schemas/pipeline.schema.json, its stage
+    A config with a ``collect`` entry is a pipeline (crossmodal/schemas/pipeline.schema.json, its stage
     configs checked too), one with a ``selectivity`` section a steering grid
-    (schemas/steer.schema.json), any other a collect config (schemas/collect.schema.json).
+    (crossmodal/schemas/steer.schema.json), any other a collect config (crossmodal/schemas/collect.schema.json).
     Exits 1 on any error.
 
     \b
     Example:
       crossmodal validate configs/organism.yaml configs/steer-organism.yaml
     """
-    from crossmodal import config as collect_config
-    from crossmodal import grid
+    from crossmodal.collect import config as collect_config
+    from crossmodal.steer import grid
     from crossmodal.pipeline import load_pipeline
 
     failed = False
@@ -139,7 +139,7 @@ def bench(args: tuple[str, ...]) -> None:
 
 def _register_jobs() -> None:
     """The Ray job entry points double as subcommands: one definition, two ways to call."""
-    from crossmodal.verify import verify_command
+    from crossmodal.store.verify import verify_command
     from jobs.collect import main as collect_main
     from jobs.pipeline import main as pipeline_main
     from jobs.reduce import main as reduce_main

@@ -2,7 +2,7 @@
 
 Each stage is resumable on its own (the collect manifest, the reduce attrs, the steer part
 files), so re-running the pipeline redoes only what is missing. The pipeline config
-(``schemas/pipeline.schema.json``) points at the stage configs; the steering grid always
+(``crossmodal/schemas/pipeline.schema.json``) points at the stage configs; the steering grid always
 reads the selectivity of the collect store of the same pipeline.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 import jsonschema
 import numpy as np
 
-from crossmodal.config import ConfigError, read_file
+from crossmodal.schemas import ConfigError, load_schema, read_file
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "pipeline.schema.json"
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,11 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     Raises:
         ConfigError: one line per violation, stage configs included.
     """
-    from crossmodal import config as collect_config
-    from crossmodal import grid
+    from crossmodal.collect import config as collect_config
+    from crossmodal.steer import grid
 
     raw = read_file(path)
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = load_schema("pipeline")
     errors = [
         f"{'/'.join(map(str, e.absolute_path)) or 'config'}: {e.message}"
         for e in jsonschema.Draft202012Validator(schema).iter_errors(raw)
@@ -91,12 +90,12 @@ def run_pipeline(
     Returns:
         ``{"store", "report", "steer", "headline": {...}}``.
     """
-    from crossmodal import results
-    from crossmodal.collect import run_collect
-    from crossmodal.config import load_config
-    from crossmodal.grid import load_grid
-    from crossmodal.reduce import run_reduce
-    from crossmodal.steer import run_steer
+    from crossmodal.store import results
+    from crossmodal.collect.driver import run_collect
+    from crossmodal.collect.config import load_config
+    from crossmodal.steer.grid import load_grid
+    from crossmodal.reduce.driver import run_reduce
+    from crossmodal.steer.driver import run_steer
 
     collect_cfg = load_config(config.collect)
     echo("== collect ==")
@@ -160,7 +159,7 @@ def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:
 def _manifest_parts(store: Path) -> list[Mapping[str, Any]]:
     import zarr
 
-    from crossmodal.store import manifest
+    from crossmodal.store.layout import manifest
 
     return list(manifest(zarr.open_group(str(store), mode="r"))["parts"].values())
 

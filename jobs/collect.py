@@ -34,7 +34,7 @@ def main(
       crossmodal collect configs/reference.yaml --dry-run
       python -m jobs.collect configs/organism.yaml --address auto
     """
-    from crossmodal.collect import collect_file
+    from crossmodal.collect.driver import collect_file
 
     with opts.exit_on_error():  # config, store, data and model errors: one clear message
         collect_file(

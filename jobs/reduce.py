@@ -55,7 +55,7 @@ def main(
     Example:
       crossmodal reduce results/organism.zarr --k 1000
     """
-    from crossmodal.reduce import run_reduce
+    from crossmodal.reduce.driver import run_reduce
 
     with opts.exit_on_error():  # store, option and exact-pass errors: one clear message
         run_reduce(
@@ -92,7 +92,7 @@ def report_command(
     Example:
       crossmodal report results/organism.zarr --out results/organism-report
     """
-    from crossmodal import results
+    from crossmodal.store import results
 
     with opts.exit_on_error():
         paths = results.open(store).report(

@@ -36,9 +36,9 @@ def main(
     """
     from dataclasses import replace
 
-    from crossmodal.config import ConfigError
-    from crossmodal.grid import describe, expand, load_grid
-    from crossmodal.steer import run_steer
+    from crossmodal.schemas import ConfigError
+    from crossmodal.steer.grid import describe, expand, load_grid
+    from crossmodal.steer.driver import run_steer
 
     with opts.exit_on_error(ConfigError):
         grid = load_grid(config)

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from crossmodal.model import LoadedModel, build_random_model  # noqa: E402
+from crossmodal.model.load import LoadedModel, build_random_model  # noqa: E402
 
 # Unit tests run tiny models: one thread avoids oversubscription on small CI machines
 # (2 cores), where two threads per test process made tiny-model tests up to 10x slower.

@@ -34,7 +34,7 @@ def build_model_dir(
     import torch
     from transformers import GenerationConfig, SeamlessM4Tv2Model
 
-    from crossmodal.model import tiny_config
+    from crossmodal.model.load import tiny_config
     from crossmodal.organism.corpus import organism_corpus
     from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
 
@@ -72,8 +72,8 @@ def collect_config(model_dir: Path, output: Path, **overrides: Any) -> dict[str,
 
 def local_collect(monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any], **kw: Any) -> dict:
     """:func:`run_collect` (the real driver) with one in-process Collector instead of Ray."""
-    from crossmodal import collect
-    from crossmodal.config import load_config
+    from crossmodal.collect import driver as collect
+    from crossmodal.collect.config import load_config
 
     config = load_config(raw)
     monkeypatch.setattr(collect, "_start_actors", lambda c, store, address: ([
@@ -87,7 +87,7 @@ def steer_selectivity(model: Any, path: Path) -> Path:
     (group ``selectivity/decoder`` of the Zarr store at ``path``)."""
     import xarray as xr
 
-    from crossmodal.units import UnitIndex
+    from crossmodal.model.units import UnitIndex
 
     units = UnitIndex.from_model(model, "decoder").table("unit")
     rng = np.random.default_rng(0)
@@ -115,7 +115,7 @@ def steer_selectivity(model: Any, path: Path) -> Path:
 
 def steer_config(root: Path, out: str, **kw: Any):
     """A small steering grid over ``root/model`` and ``root/sel.zarr``, output ``root/out``."""
-    from crossmodal.grid import load_grid
+    from crossmodal.steer.grid import load_grid
 
     raw = {
         "model": str(root / "model"), "dtype": "float32",
@@ -131,7 +131,7 @@ def steer_config(root: Path, out: str, **kw: Any):
 
 
 _HOLD = (
-    "import sys; from crossmodal.lock import OutputLock; "
+    "import sys; from crossmodal.store.lock import OutputLock; "
     "lock = OutputLock(sys.argv[1], sys.argv[2]); lock.acquire(); "
     "print('held', flush=True); sys.stdin.read(); lock.release()"
 )

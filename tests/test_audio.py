@@ -17,7 +17,7 @@ import soundfile as sf
 from fleurs_fixture import tone, wav_bytes
 from scipy.signal import resample_poly
 
-from crossmodal.audio import (
+from crossmodal.data.audio import (
     AudioError,
     decode_audio,
     iter_audio_files,

@@ -26,8 +26,8 @@ from fleurs_fixture import build_fleurs
 from helpers import build_model_dir, collect_config, local_collect
 from helpers import hold_lock as _holder
 
-from crossmodal.records import Record
-from crossmodal.verify import verify_store
+from crossmodal.data.records import Record
+from crossmodal.store.verify import verify_store
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_bad_audio_files_are_counted_skips(model_dir, fleurs, tmp_path, monkeypa
     assert "1007" not in plan_ids  # whitespace text never becomes an example
     assert result["work_units"] == 4 + 2 and verify_store(out).ok  # 7 eng ids, 4 deu
 
-    from crossmodal.fleurs import FleursSource
+    from crossmodal.data.fleurs import FleursSource
 
     source = FleursSource(fleurs, audio=True)
     recs = {r.id: r for r in source.records("eng", "test")}
@@ -137,18 +137,18 @@ def test_bad_audio_files_are_counted_skips(model_dir, fleurs, tmp_path, monkeypa
 
 
 def test_raw_records_with_wrong_rate_stereo_or_empty_audio(model_dir):
-    from crossmodal.inputs import make_batch
-    from crossmodal.model import load_model
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.model.load import load_model
 
     loaded = load_model(str(model_dir))
     mono = np.zeros(1600, dtype=np.float32)
     cases = [
         (Record("a", "eng", "x", mono, 8_000, "test"),
          "sampling_rate must be one of [16000], got 8000 for record 'a'; resample with "
-         "crossmodal.audio.resample"),
+         "crossmodal.data.audio.resample"),
         (Record("b", "eng", "x", np.zeros((1600, 2), np.float32), 16_000, "test"),
          "audio must be one of [non-empty 1-D waveform], got shape (1600, 2) for record 'b'; "
-         "convert to mono with crossmodal.audio.to_mono"),
+         "convert to mono with crossmodal.data.audio.to_mono"),
         (Record("c", "eng", "x", None, 16_000, "test"),
          "audio must be one of [a mono waveform], got None for record 'c'; load audio for "
          "speech batches or use modality='text'"),
@@ -162,7 +162,7 @@ def test_raw_records_with_wrong_rate_stereo_or_empty_audio(model_dir):
 def _poison_text_encoder(monkeypatch: pytest.MonkeyPatch, piece: str) -> None:
     """Every Collector's text encoder outputs +inf for inputs that hold ``piece`` (as an
     fp16 overflow would): their activations are NaN/Inf, the other inputs are untouched."""
-    from crossmodal import collect
+    from crossmodal.collect import driver as collect
 
     init = collect.Collector.__init__
 
@@ -218,8 +218,8 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 
 def test_store_of_another_layout_version(good_store, tmp_path, monkeypatch):
-    from crossmodal.reduce import run_reduce
-    from crossmodal.store import StoreError
+    from crossmodal.reduce.driver import run_reduce
+    from crossmodal.store.layout import StoreError
 
     raw, good = good_store
     out = Path(shutil.copytree(good, tmp_path / "old.zarr"))
@@ -249,10 +249,10 @@ def test_too_little_disk_is_refused_before_starting(model_dir, tmp_path, monkeyp
 
 
 def test_locked_outputs_are_refused_by_collect_reduce_and_steer(good_store, tmp_path, monkeypatch):
-    from crossmodal.grid import load_grid
-    from crossmodal.lock import LockError
-    from crossmodal.reduce import run_reduce
-    from crossmodal.steer import run_steer
+    from crossmodal.steer.grid import load_grid
+    from crossmodal.store.lock import LockError
+    from crossmodal.reduce.driver import run_reduce
+    from crossmodal.steer.driver import run_steer
 
     raw, good = good_store
     out = Path(shutil.copytree(good, tmp_path / "s.zarr"))

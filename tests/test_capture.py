@@ -1,4 +1,4 @@
-"""The per-step capture engine (crossmodal.capture, crossmodal.inputs) against the reference.
+"""The per-step capture engine (crossmodal.model.capture, crossmodal.model.inputs) against the reference.
 
 Tricky cases covered:
   * steps past the end: a row whose output ended (EOS, or pad after EOS in a padded batch)
@@ -33,18 +33,18 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
-from crossmodal import capture
-from crossmodal.capture import Capturer, CaptureResult, step_validity
-from crossmodal.inputs import ModelBatch, batch_from_token_ids, make_batch
-from crossmodal.model import (
+from crossmodal.model import capture
+from crossmodal.model.capture import Capturer, CaptureResult, step_validity
+from crossmodal.model.inputs import ModelBatch, batch_from_token_ids, make_batch
+from crossmodal.model.load import (
     LoadedModel,
     build_random_model,
     feature_extractor,
     load_model,
     tiny_config,
 )
-from crossmodal.records import Record
-from crossmodal.reference import reference_capture, reference_valid
+from crossmodal.data.records import Record
+from crossmodal.model.reference import reference_capture, reference_valid
 
 FAMILIES = ("decoder", "ffn_act", "encoder")
 STEPS = (1, 6, 11, 20)  # 20 > MAX_NEW: past the end of every output
@@ -123,13 +123,13 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray, scale: float) -> float:
 
 
 def n_hooks(model: torch.nn.Module) -> int:
-    """Hooks installed by crossmodal.capture (HF keeps its own output-capturing hooks)."""
+    """Hooks installed by crossmodal.model.capture (HF keeps its own output-capturing hooks)."""
     hooks = [
         h
         for m in model.modules()
         for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     ]
-    return sum(1 for h in hooks if h.__module__ == "crossmodal.capture")
+    return sum(1 for h in hooks if h.__module__ == "crossmodal.model.capture")
 
 
 def assert_replay_matches_reference(

@@ -28,10 +28,10 @@ import yaml
 import zarr
 from conftest import submit_job
 
-from crossmodal.collect import Collector, run_collect, store_dims
-from crossmodal.config import load_config
-from crossmodal.plan import build_plan, unit_index
-from crossmodal.store import StoreError, UnitCoords, create_store
+from crossmodal.collect.driver import Collector, run_collect, store_dims
+from crossmodal.collect.config import load_config
+from crossmodal.collect.plan import build_plan, unit_index
+from crossmodal.store.layout import StoreError, UnitCoords, create_store
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import GenerationConfig, SeamlessM4TFeatureExtractor, SeamlessM4Tv2Model
 
-    from crossmodal.model import tiny_config
+    from crossmodal.model.load import tiny_config
     from crossmodal.organism.corpus import organism_corpus
     from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
 

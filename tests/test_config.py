@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossmodal.config import (
+from crossmodal.schemas import load_schema
+from crossmodal.collect.config import (
     ConfigError,
     from_dict,
     load_config,
-    load_schema,
     validate,
     validate_file,
 )
@@ -21,7 +21,7 @@ from crossmodal.config import (
 CONFIGS = sorted(  # collect configs say so in their header (configs/ also holds other jobs')
     p
     for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")
-    if "schemas/collect.schema.json" in p.read_text()
+    if "crossmodal/schemas/collect.schema.json" in p.read_text()
 )
 FLEURS = {"data": {"source": "fleurs_raw", "path": "data/fleurs"}}
 
@@ -33,7 +33,7 @@ def _walk(schema: dict, where: str = ""):
 
 
 def test_every_field_has_description_and_default():
-    schema = load_schema()
+    schema = load_schema("collect")
     fields = list(_walk(schema))
     assert len(fields) > 20
     for name, prop in fields:

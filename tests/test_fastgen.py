@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossmodal.fastgen import CACHE_KWARG, encode, greedy_generate, hf_generate
-from crossmodal.model import LoadedModel, build_random_model, feature_extractor, load_model
+from crossmodal.model.fastgen import CACHE_KWARG, encode, greedy_generate, hf_generate
+from crossmodal.model.load import LoadedModel, build_random_model, feature_extractor, load_model
 
 EOS = 3
 
@@ -209,7 +209,7 @@ def test_bad_arguments(lively):
 
 
 def test_argmax_equals_torch_on_ties_nan_inf_and_strided_logits():
-    from crossmodal.fastgen import _argmax
+    from crossmodal.model.fastgen import _argmax
 
     nan, inf = float("nan"), float("inf")
     x = torch.tensor([[1.0, 3, 3, 2], [nan, 5, nan, 1], [1, inf, inf, 0], [-inf] * 4])
@@ -235,7 +235,7 @@ def organism(shipped_organism) -> LoadedModel:
                                                       ("text", "eng", "jpn"),
                                                       ("speech", "eng", "fra")])  # fmt: skip
 def test_organism_identical_to_hf(organism, modality, src, tgt):
-    from crossmodal.inputs import make_batch
+    from crossmodal.model.inputs import make_batch
     from crossmodal.organism import organism_corpus
 
     records = organism_corpus("test", languages=[src], n_sentences=8)

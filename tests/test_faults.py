@@ -1,4 +1,4 @@
-"""Fault injection (crossmodal/faults.py) and recovery: nothing lost, nothing counted twice.
+"""Fault injection (crossmodal/fleet/faults.py) and recovery: nothing lost, nothing counted twice.
 
 Unit tests (no Ray): the ``CROSSMODAL_FAULT`` grammar and its one-line errors; a fault fires
 once at the armed count and never again (a restarted actor, a second actor, a re-run
@@ -39,7 +39,7 @@ import xarray as xr
 import yaml
 import zarr
 
-from crossmodal.faults import DIR_ENV, ENV, FAULT_EXIT_CODE, Fault, FaultPoint, env_vars, parse
+from crossmodal.fleet.faults import DIR_ENV, ENV, FAULT_EXIT_CODE, Fault, FaultPoint, env_vars, parse
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_marker_dir_from_the_environment_and_env_vars(tmp_path):
 @pytest.mark.parametrize(("mode", "code"), [("exit", FAULT_EXIT_CODE), ("sigkill", -9)])
 def test_a_real_process_dies_once(tmp_path, mode, code):
     script = (
-        "import sys; from crossmodal.faults import FaultPoint; "
+        "import sys; from crossmodal.fleet.faults import FaultPoint; "
         "p = FaultPoint('driver', sys.argv[1]); [p.tick() for _ in range(5)]; print('survived')"
     )
     env = {**os.environ, ENV: f"driver:after_units=2,mode={mode}"}
@@ -177,9 +177,9 @@ def reference(fault_raw) -> Path:
 
 @pytest.mark.integration
 def test_collector_killed_mid_unit_is_retried_once(fault_raw, reference, tmp_path, monkeypatch):
-    from crossmodal.collect import run_collect
-    from crossmodal.config import load_config
-    from crossmodal.verify import verify_store
+    from crossmodal.collect.driver import run_collect
+    from crossmodal.collect.config import load_config
+    from crossmodal.store.verify import verify_store
 
     out = tmp_path / "faulty.zarr"
     monkeypatch.setenv(ENV, "collector:after_batches=3")  # mid-way through a second unit
@@ -209,10 +209,10 @@ def test_driver_killed_then_the_same_command_completes(fault_raw, reference, tmp
     """SIGKILL after 2 work units, a concurrent run refused meanwhile, then a clean resume."""
     from conftest import group_alive, kill_group
 
-    from crossmodal import collect
-    from crossmodal.config import load_config
-    from crossmodal.lock import LOCK_NAME, LockError, read_lock
-    from crossmodal.verify import verify_store
+    from crossmodal.collect import driver as collect
+    from crossmodal.collect.config import load_config
+    from crossmodal.store.lock import LOCK_NAME, LockError, read_lock
+    from crossmodal.store.verify import verify_store
 
     out = tmp_path / "driver.zarr"
     cfg = tmp_path / "collect.yaml"
@@ -262,7 +262,7 @@ def steer_root(model_dir, tmp_path_factory) -> Path:
     """``root/model`` (the tiny model) and ``root/sel.zarr`` (synthetic selectivity)."""
     from helpers import steer_selectivity as _selectivity
 
-    from crossmodal.model import load_model
+    from crossmodal.model.load import load_model
 
     root = tmp_path_factory.mktemp("steer")
     (root / "model").symlink_to(model_dir)
@@ -283,8 +283,8 @@ def steer_reference(steer_root):
     """Fault-free tables: one SteerWorker called directly on every task, then consolidated."""
     from helpers import steer_config as _config
 
-    from crossmodal.grid import expand, tasks
-    from crossmodal.steer import SteerWorker, consolidate
+    from crossmodal.steer.grid import expand, tasks
+    from crossmodal.steer.driver import SteerWorker, consolidate
 
     ref = _config(steer_root, "ref")
     worker = SteerWorker(ref, device="cpu")
@@ -306,7 +306,7 @@ def test_steer_worker_killed_gives_identical_tables(steer_root, steer_reference,
                                                     monkeypatch):  # fmt: skip
     from helpers import steer_config as _config
 
-    from crossmodal.steer import run_steer
+    from crossmodal.steer.driver import run_steer
 
     _, cells, reference = steer_reference
     actors = {"count": 2, "num_cpus": 0.25, "num_gpus": 0, "max_restarts": 1,
@@ -330,8 +330,10 @@ def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference
     and a kill that raises (so pytest survives): one task lands, the re-run does the rest."""
     from helpers import steer_config as _config
 
-    from crossmodal import faults, steer
-    from crossmodal.grid import tasks
+    from crossmodal.fleet import faults
+
+    from crossmodal.steer import driver as steer
+    from crossmodal.steer.grid import tasks
 
     worker, cells, reference = steer_reference
 

@@ -18,7 +18,7 @@ import soundfile as sf
 from fleurs_fixture import CODES, RESYNTH_FREQ, ROWS, FleursFixture, build_fleurs, wav_bytes
 from scipy.signal import resample_poly
 
-from crossmodal.data import (
+from crossmodal.data.sources import (
     DataError,
     DataSource,
     OrganismSource,
@@ -26,8 +26,8 @@ from crossmodal.data import (
     join_by_id,
     joined_records,
 )
-from crossmodal.fleurs import FleursParquetSource, FleursSource, ParquetColumns
-from crossmodal.records import Record
+from crossmodal.data.fleurs import FleursParquetSource, FleursSource, ParquetColumns
+from crossmodal.data.records import Record
 
 EN_SKIPS = {
     "audio_undecodable": 2,  # d.wav, h_1.wav (1008 falls back to h_2.wav)

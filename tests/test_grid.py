@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal.config import ConfigError
-from crossmodal.grid import Cell, expand, load_grid, load_schema, tasks, validate
+from crossmodal.schemas import ConfigError
+from crossmodal.schemas import load_schema
+from crossmodal.steer.grid import Cell, expand, load_grid, tasks, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {"selectivity": {"path": "results/organism.zarr"}}
@@ -30,7 +31,7 @@ def _walk(schema, path="") -> list[tuple[str, dict]]:
 
 
 def test_every_field_has_description_and_default():
-    schema = load_schema()
+    schema = load_schema("steer")
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     for name, prop in _walk(schema):
         assert prop.get("description"), name

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from crossmodal.data import REFERENCE_LANGUAGES
-from crossmodal.languages import (
+from crossmodal.data.sources import REFERENCE_LANGUAGES
+from crossmodal.data.languages import (
     FLEURS_TO_SEAMLESS,
     LANGUAGE_NAMES,
     SEAMLESS_TO_FLEURS,
@@ -111,7 +111,7 @@ def test_validate_language_messages_are_one_line() -> None:
             SEAMLESS_TO_FLEURS,
             r"Hausa is not among SeamlessM4T v2's languages .*cannot be used here$",
         ),
-        ("qqqqq", {"deu"}, r"see crossmodal.languages"),
+        ("qqqqq", {"deu"}, r"see crossmodal.data.languages"),
         (None, {"deu"}, r"got None; pass a language code string, not NoneType$"),
     ]
     for code, allowed, pattern in cases:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from crossmodal.lid import (
+from crossmodal.steer.lid import (
     BACKENDS,
     LanguageIdentifier,
     OrganismLID,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from crossmodal.lid_backends import (
+from crossmodal.steer.lid_backends import (
     BACKENDS,
     LanguageIdentifier,
     LidError,

@@ -1,4 +1,4 @@
-"""The output lock (crossmodal/lock.py): one writer per store or steering output.
+"""The output lock (crossmodal/store/lock.py): one writer per store or steering output.
 
 Tricky cases: a holder in ANOTHER process (flock is per open file, so the holder runs in a
 subprocess); a stale lock file of a dead pid on this host (taken over, with a message); a
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import hold_lock
 
-from crossmodal.lock import LOCK_NAME, LockError, LockInfo, OutputLock, pid_alive, read_lock
+from crossmodal.store.lock import LOCK_NAME, LockError, LockInfo, OutputLock, pid_alive, read_lock
 
 
 def _dead_pid() -> int:
@@ -142,7 +142,7 @@ def test_release_racing_with_acquire_never_gives_two_holders(tmp_path):
     import fcntl
 
     fcntl.flock(stale_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds: the inode is unlinked
-    from crossmodal.lock import _same_file
+    from crossmodal.store.lock import _same_file
 
     assert not _same_file(stale_fd, out / LOCK_NAME)  # so acquire would not keep it
     with OutputLock(out, "collect") as second:  # a new file: locked for real

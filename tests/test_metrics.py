@@ -12,7 +12,7 @@ import jiwer
 import pytest
 import sacrebleu
 
-from crossmodal import metrics as M
+from crossmodal.steer import metrics as M
 
 
 def test_char_scripts_and_rates():

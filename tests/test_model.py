@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from crossmodal.model import (
+from crossmodal.model.load import (
     REFERENCE_MODEL,
     ModelLoadError,
     build_random_model,

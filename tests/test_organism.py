@@ -21,7 +21,7 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
-from crossmodal.lid import OrganismLID
+from crossmodal.steer.lid import OrganismLID
 from crossmodal.organism import (
     ORGANISM_LANGUAGES,
     BuildConfig,
@@ -48,7 +48,7 @@ from crossmodal.organism.grammar import (
     split_of,
 )
 from crossmodal.organism.speech import synthesize, word_templates
-from crossmodal.records import TARGET_SAMPLING_RATE
+from crossmodal.data.records import TARGET_SAMPLING_RATE
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from helpers import synthetic_selectivity
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
-from crossmodal.overlap import (
+from crossmodal.reduce.overlap import (
     count_by,
     expected_overlap,
     gini,
@@ -30,7 +30,7 @@ from crossmodal.overlap import (
     spearman_matrix,
     spearman_rows,
 )
-from crossmodal.selection import select_sets, set_ids
+from crossmodal.reduce.selection import select_sets, set_ids
 
 
 def brute_p(x: int, n: int, a: int, b: int) -> float:

@@ -17,8 +17,8 @@ import xarray as xr
 import yaml
 from conftest import submit_job
 
-from crossmodal import results
-from crossmodal.config import ConfigError
+from crossmodal.store import results
+from crossmodal.schemas import ConfigError
 from crossmodal.pipeline import format_headline, load_pipeline, steering_headline
 
 REPO = Path(__file__).resolve().parent.parent

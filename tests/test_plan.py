@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal.config import load_config
-from crossmodal.plan import (
+from crossmodal.collect.config import load_config
+from crossmodal.collect.plan import (
     FLEURS_SENTENCES,
     build_plan,
     compression_ratios,

@@ -5,7 +5,7 @@ an ordinary model directory. Data: the organism corpus (4 languages, 12 sentence
 x2en and en2x, speech and text, steps 1 and 3, both poolings, 16 bins (coarse on purpose:
 wide AP intervals put most units in the exact pass). One in-process Ray serves collect and
 reduce. Reference: every unit's per-example values captured independently with
-:class:`~crossmodal.capture.Capturer`, exact AP from them (spot-checked against sklearn).
+:class:`~crossmodal.model.capture.Capturer`, exact AP from them (spot-checked against sklearn).
 
 Edge cases: conditions that do not exist (x2en/eng, en2x/eng) stay NaN and have no sets;
 a scope (ffn) smaller than the store; a re-run with nothing to do; an exact pass interrupted
@@ -25,13 +25,13 @@ import zarr
 from click.testing import CliRunner
 from sklearn.metrics import average_precision_score
 
-from crossmodal import results
-from crossmodal.collect import RAY_ENV, run_collect
-from crossmodal.config import load_config
-from crossmodal.reduce import ExactWorker, run_reduce, work_units
-from crossmodal.selection import CSV_COLUMNS, parse_scope, scope_mask, select_sets
-from crossmodal.selectivity_math import exact_selectivity
-from crossmodal.stats import ExactValues
+from crossmodal.store import results
+from crossmodal.collect.driver import RAY_ENV, run_collect
+from crossmodal.collect.config import load_config
+from crossmodal.reduce.driver import ExactWorker, run_reduce, work_units
+from crossmodal.reduce.selection import CSV_COLUMNS, parse_scope, scope_mask, select_sets
+from crossmodal.stats.finalize import exact_selectivity
+from crossmodal.stats.running import ExactValues
 
 pytestmark = pytest.mark.integration
 LANGS = ["eng", "deu", "fra", "jpn"]
@@ -53,7 +53,7 @@ def ray_session():
 def model_dir(tmp_path_factory):
     from transformers import GenerationConfig, SeamlessM4TFeatureExtractor, SeamlessM4Tv2Model
 
-    from crossmodal.model import tiny_config
+    from crossmodal.model.load import tiny_config
     from crossmodal.organism.corpus import organism_corpus
     from crossmodal.organism.tokenizer import build_processor, language_tokens, train_sentencepiece
 
@@ -97,9 +97,9 @@ def reduced(ray_session, config):
 def reference(config, reduced):
     """Per (task, modality, language): exact values ``[(pooling, step)] -> [rows, unit]``,
     captured like collect does (its work units, batches and records), without Ray."""
-    from crossmodal.capture import Capturer
-    from crossmodal.inputs import make_batch
-    from crossmodal.model import load_model
+    from crossmodal.model.capture import Capturer
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.model.load import load_model
     from crossmodal.organism import organism_corpus
 
     loaded = load_model(config.model, device="cpu", dtype="float32")
@@ -316,9 +316,9 @@ def test_organism_reduced_ap_and_sets_match_sklearn(organism_store, modality):
     with 24 examples per language, a bin shared by a few positives and negatives moves one
     unit's AP by several hundredths (the 1e-2 max bar is for ~3,000 examples:
     tests/test_stats_accuracy.py)."""
-    from crossmodal.capture import Capturer
-    from crossmodal.inputs import make_batch
-    from crossmodal.model import load_model
+    from crossmodal.model.capture import Capturer
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.model.load import load_model
     from crossmodal.organism import organism_corpus
 
     langs = ["deu", "spa", "fra", "jpn", "cmn"]

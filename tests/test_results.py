@@ -1,6 +1,6 @@
-"""crossmodal.results on a small synthetic store (no model, no Ray): fast unit tests.
+"""crossmodal.store.results on a small synthetic store (no model, no Ray): fast unit tests.
 
-The groups are written with :func:`crossmodal.reduce.write_dataset`, the writer the reduce
+The groups are written with :func:`crossmodal.reduce.driver.write_dataset`, the writer the reduce
 job uses, so these tests also pin the layout: dimension names, non-index coordinates,
 variable-length strings (read back as numpy StringDType, which results turns into '<U'
 label axes and object site names, because numpy cannot ``.astype(str)`` StringDType).
@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from crossmodal import results
-from crossmodal.overlap import overlap
-from crossmodal.reduce import write_dataset
-from crossmodal.selection import scope_mask, select_sets, set_ids
-from crossmodal.store import StoreDims, UnitCoords, create_store
+from crossmodal.store import results
+from crossmodal.reduce.overlap import overlap
+from crossmodal.reduce.driver import write_dataset
+from crossmodal.reduce.selection import scope_mask, select_sets, set_ids
+from crossmodal.store.layout import StoreDims, UnitCoords, create_store
 
 LANGS = ["eng", "deu", "fra"]
 SITES = ["decoder.layers.0.self_attn.q_proj", "decoder.layers.0.ffn.fc1", "decoder.layer_norm"]
@@ -154,7 +154,7 @@ def test_steering_runs(store, tmp_path):
 
 def test_reduce_refuses_bad_options_and_unfinished_stores(store, tmp_path):
     """Checked before Ray starts: one-line errors naming the value and the fix."""
-    from crossmodal.reduce import run_reduce
+    from crossmodal.reduce.driver import run_reduce
 
     with pytest.raises(ValueError, match="k must be one of \\[int >= 1\\], got 0"):
         run_reduce(store[0], k=0)

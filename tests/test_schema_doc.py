@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from crossmodal.schema_doc import render
+from crossmodal.schemas.doc import render
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "config-reference.md"
 

@@ -14,8 +14,8 @@ import xarray as xr
 from helpers import synthetic_selectivity, unit_coords
 from sklearn.metrics import average_precision_score
 
-from crossmodal.roles import ROLE_TASKS, role_table, roles
-from crossmodal.selection import (
+from crossmodal.reduce.roles import ROLE_TASKS, role_table, roles
+from crossmodal.reduce.selection import (
     CSV_COLUMNS,
     _classify,
     exact_units,

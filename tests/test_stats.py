@@ -16,7 +16,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from crossmodal.selectivity_math import (
+from crossmodal.stats.finalize import (
     ap_from_hist,
     auroc_from_hist,
     exact_ap,
@@ -26,7 +26,7 @@ from crossmodal.selectivity_math import (
     selectivity_from_stats,
     single_value_bins,
 )
-from crossmodal.stats import ExactValues, UnitStats, choose_edges, finite_rows, merge_all
+from crossmodal.stats.running import ExactValues, UnitStats, choose_edges, finite_rows, merge_all
 
 
 def _values(n: int = 240, units: int = 12, seed: int = 0) -> torch.Tensor:

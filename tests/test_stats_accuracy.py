@@ -21,8 +21,8 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
-from crossmodal.selectivity_math import exact_ap_auroc, selectivity_from_stats
-from crossmodal.stats import UnitStats, choose_edges
+from crossmodal.stats.finalize import exact_ap_auroc, selectivity_from_stats
+from crossmodal.stats.running import UnitStats, choose_edges
 
 LANG_COUNTS = (480, 520, 500, 510, 490, 500)
 CHUNK = 8192

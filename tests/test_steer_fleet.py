@@ -20,8 +20,8 @@ import pytest
 import xarray as xr
 from helpers import build_model_dir, steer_config, steer_selectivity
 
-from crossmodal.grid import expand, load_grid, tasks
-from crossmodal.model import load_model
+from crossmodal.steer.grid import expand, load_grid, tasks
+from crossmodal.model.load import load_model
 from crossmodal.organism import organism_corpus
 
 
@@ -46,7 +46,7 @@ def _read_parts(folder: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def worker_run(run_dir):
     """One worker, every task of a small grid, called directly (no Ray)."""
-    from crossmodal.steer import SteerWorker
+    from crossmodal.steer.driver import SteerWorker
 
     config = steer_config(run_dir, "direct")
     worker = SteerWorker(config, device="cpu")
@@ -71,8 +71,8 @@ def test_worker_writes_one_part_per_task(worker_run):
 
 
 def test_baseline_rows_equal_plain_generation(worker_run):
-    from crossmodal.fastgen import hf_generate
-    from crossmodal.inputs import make_batch
+    from crossmodal.model.fastgen import hf_generate
+    from crossmodal.model.inputs import make_batch
 
     config, worker, cells, _ = worker_run
     frame = _read_parts(Path(config.output) / "parts")
@@ -88,7 +88,7 @@ def test_baseline_rows_equal_plain_generation(worker_run):
 
 
 def test_forcing_moves_outputs_and_rows_do_not_depend_on_the_task(worker_run):
-    from crossmodal.steer import SteerWorker
+    from crossmodal.steer.driver import SteerWorker
 
     config, worker, cells, _ = worker_run
     frame = _read_parts(Path(config.output) / "parts").set_index(["cell_id", "input_id"])
@@ -110,7 +110,7 @@ def test_forcing_moves_outputs_and_rows_do_not_depend_on_the_task(worker_run):
 def test_consolidate_ignores_tmp_and_duplicates(worker_run, tmp_path):
     import shutil
 
-    from crossmodal.steer import consolidate, done_cells
+    from crossmodal.steer.driver import consolidate, done_cells
 
     config, _, cells, results = worker_run
     parts = Path(config.output) / "parts"
@@ -139,8 +139,8 @@ def test_consolidate_ignores_tmp_and_duplicates(worker_run, tmp_path):
 def test_report_figures(worker_run, tmp_path):
     from dataclasses import replace
 
-    from crossmodal.steer import consolidate
-    from crossmodal.steer_report import share_table, steering_figures
+    from crossmodal.steer.driver import consolidate
+    from crossmodal.report.steering import share_table, steering_figures
 
     config, _, cells, _ = worker_run
     consolidate(config, cells)
@@ -159,7 +159,7 @@ def test_report_figures(worker_run, tmp_path):
 @pytest.mark.integration
 def test_fleet_runs_and_resumes(run_dir, monkeypatch):
     """Ray in-process, two fractional actors; a re-run redoes only the missing cells."""
-    from crossmodal.steer import run_steer
+    from crossmodal.steer.driver import run_steer
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -190,10 +190,10 @@ def test_fleet_runs_and_resumes(run_dir, monkeypatch):
 
 def _en2x_speech_selectivity(loaded, languages, steps, n_inputs, path: Path) -> Path:
     """Exact en2x/speech selectivity of the organism's decoder units (capture + exact AP)."""
-    from crossmodal.capture import Capturer
-    from crossmodal.inputs import make_batch
-    from crossmodal.selectivity_math import exact_selectivity
-    from crossmodal.stats import ExactValues
+    from crossmodal.model.capture import Capturer
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.stats.finalize import exact_selectivity
+    from crossmodal.stats.running import ExactValues
 
     capturer = Capturer(
         loaded, ("decoder",), steps, ("prefix_mean",), max_new_tokens=max(steps) + 4
@@ -237,7 +237,7 @@ def test_organism_speech_control_units_steer_text(shipped_organism, tmp_path):
     the same size do not. k = 350 of the organism's 4,704 decoder units; measured with the
     shipped organism: selected 0.74, random 0.03 (k = 250: 0.43 vs 0.00; k = 500: 0.95 vs
     0.27: random sets that large carry the target's on_p50 on enough units too)."""
-    from crossmodal.steer import SteerWorker
+    from crossmodal.steer.driver import SteerWorker
 
     languages, steps = ("deu", "spa", "fra", "jpn", "cmn"), (1, 6)
     loaded = load_model("organism", device="cpu", dtype="float32")
@@ -266,7 +266,7 @@ def test_fleurs_inputs_and_references(tmp_path, source):
     """Inputs are n sentences every measured language has; references join by FLEURS id."""
     from fleurs_fixture import ROWS, build_fleurs
 
-    from crossmodal.steer import _input_records
+    from crossmodal.steer.driver import _input_records
 
     fx = build_fleurs(tmp_path)
     root = fx.root if source == "fleurs_raw" else fx.parquet_root

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from crossmodal.steering import (
+from crossmodal.model.forcing import (
     NO_FORCING,
     SteeringError,
     forcing,

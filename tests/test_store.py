@@ -13,8 +13,8 @@ import torch
 import xarray as xr
 import zarr
 
-from crossmodal.stats import UnitStats, choose_edges
-from crossmodal.store import (
+from crossmodal.stats.running import UnitStats, choose_edges
+from crossmodal.store.layout import (
     LAYOUT_VERSION,
     StoreDims,
     StoreError,
@@ -30,7 +30,7 @@ from crossmodal.store import (
     write_edges,
     write_part,
 )
-from crossmodal.units import UnitIndex
+from crossmodal.model.units import UnitIndex
 
 N_BINS = 16
 STEPS = (1, 6)
@@ -258,14 +258,14 @@ def test_open_existing_checks(tmp_path):
 
 
 def test_store_matches_its_schema(tmp_path):
-    """Every array is documented in schemas/store.schema.json with its dims and dtype."""
+    """Every array is documented in crossmodal/schemas/store.schema.json with its dims and dtype."""
     import json
     from pathlib import Path
 
     import jsonschema
 
     schema = json.loads(
-        (Path(__file__).resolve().parent.parent / "schemas/store.schema.json").read_text()
+        (Path(__file__).resolve().parent.parent / "crossmodal/schemas/store.schema.json").read_text()
     )
     path, root = _make(tmp_path)
     attrs = {**root.attrs.asdict(), "created": "t", "provenance": {"packages": {}, "host": "h"}}

@@ -1,4 +1,4 @@
-"""Unit families and the address scheme (crossmodal.units).
+"""Unit families and the address scheme (crossmodal.model.units).
 
 Tricky cases covered:
   * the unit counts per family, by hand, for the tiny config and the real large shapes (the
@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import SeamlessM4Tv2Model
 
-from crossmodal.capture import attached
-from crossmodal.model import feature_extractor, large_config
-from crossmodal.units import UnitIndex, resolve_families
+from crossmodal.model.capture import attached
+from crossmodal.model.load import feature_extractor, large_config
+from crossmodal.model.units import UnitIndex, resolve_families
 
 ALL = ("decoder", "ffn_act", "encoder")
 

@@ -4,8 +4,8 @@ Store: the real collect driver with one in-process Collector (tests/test_verify.
 a random tiny SeamlessM4T v2 and the organism corpus: x2en speech and text, eng/deu/jpn,
 steps 1 and 3, both poolings, families decoder and ffn_act (so concentration uses ffn_act),
 4 examples per language in shards of 2. Reference: every example's values captured again with
-:class:`~crossmodal.capture.Capturer` (exact mode), Gini by the pairwise definition in numpy,
-modality AP by sklearn / :func:`~crossmodal.selectivity_math.exact_ap`.
+:class:`~crossmodal.model.capture.Capturer` (exact mode), Gini by the pairwise definition in numpy,
+modality AP by sklearn / :func:`~crossmodal.stats.finalize.exact_ap`.
 
 Edge cases: rows that ended before a step (not counted), a row with NaN (dropped, not merged),
 unequal layer sizes (per-layer path), one part per condition vs two (merge = addition), a part
@@ -26,12 +26,12 @@ import zarr
 from helpers import build_model_dir, collect_config, local_collect, synthetic_selectivity
 from sklearn.metrics import average_precision_score
 
-from crossmodal import results
-from crossmodal.concentration import GiniStats, LayerGini, concentration_family, mean_std
-from crossmodal.modality import modality_pass
-from crossmodal.reduce import _labels, work_units
-from crossmodal.report import NON_LATIN, write_report
-from crossmodal.selectivity_math import exact_ap
+from crossmodal.store import results
+from crossmodal.stats.concentration import GiniStats, LayerGini, concentration_family, mean_std
+from crossmodal.reduce.modality import modality_pass
+from crossmodal.reduce.driver import _labels, work_units
+from crossmodal.report.selection import NON_LATIN, write_report
+from crossmodal.stats.finalize import exact_ap
 
 LANGS = ["eng", "deu", "jpn"]
 
@@ -99,10 +99,10 @@ def store(model_dir, tmp_path_factory) -> Path:
 def reference(store):
     """Per (modality, language): ``{(pooling, step): [rows, unit]}`` per family, captured
     exactly as collect batches them (its work units, in order)."""
-    from crossmodal.capture import Capturer
-    from crossmodal.config import from_dict
-    from crossmodal.inputs import make_batch
-    from crossmodal.model import load_model
+    from crossmodal.model.capture import Capturer
+    from crossmodal.collect.config import from_dict
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.model.load import load_model
     from crossmodal.organism import organism_corpus
 
     root = zarr.open_group(str(store), mode="r")

@@ -35,7 +35,7 @@ from crossmodal.organism.tokenizer import (
     train_sentencepiece,
 )
 from crossmodal.organism.training import TrainConfig, TrainData, train
-from crossmodal.records import TARGET_SAMPLING_RATE
+from crossmodal.data.records import TARGET_SAMPLING_RATE
 
 LEXICON_FILE = "organism_lexicon.json"
 BUILD_FILE = "organism_build.json"

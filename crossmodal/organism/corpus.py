@@ -1,4 +1,4 @@
-"""The organism's parallel corpus, served as :class:`~crossmodal.records.Record` objects.
+"""The organism's parallel corpus, served as :class:`~crossmodal.data.records.Record` objects.
 
 One concept sentence per id, rendered in every requested language (text) and spoken in
 that language's voice (audio), like FLEURS: records of different languages join on ``id``.
@@ -19,7 +19,7 @@ from crossmodal.organism.grammar import (
     sentence_id,
 )
 from crossmodal.organism.speech import synthesize
-from crossmodal.records import TARGET_SAMPLING_RATE, Record
+from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
 
 DEFAULT_SIZES = {"train": 4000, "dev": 300, "test": 300}
 """Sentences per split when ``n_sentences`` is not given (the build trains on ``train``)."""

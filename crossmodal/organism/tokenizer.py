@@ -8,7 +8,7 @@ the tokenizer from ``vocab_file=`` silently builds a 4-token vocabulary (see
 shared/notes/platform.md), hence the directory round trip.
 
 The vocabulary is grown until every word of every language is one piece: then each output
-token belongs to exactly one language, which is what makes :class:`~crossmodal.lid.OrganismLID`
+token belongs to exactly one language, which is what makes :class:`~crossmodal.steer.lid.OrganismLID`
 exact.
 """
 

@@ -1,0 +1,1 @@
+"""Where examples come from: one record format, sources behind ``open_source``, audio, languages."""

@@ -1,0 +1,185 @@
+"""What every data source shares: splits, the skip report, the source protocol, the id join.
+
+A data source yields :class:`~crossmodal.data.records.Record` objects for one (language, split)
+and counts the examples it had to drop in a :class:`SkipReport`: a bad example (missing,
+truncated or corrupt audio, empty text, a malformed metadata row) is skipped and counted,
+never raised, so one bad file cannot end a run. Configuration mistakes (unknown language,
+missing dataset directory) do raise, as one line.
+
+Sources: :class:`crossmodal.data.fleurs.FleursSource` (raw FLEURS layout),
+:class:`crossmodal.data.fleurs.FleursParquetSource` (a Parquet copy) and :class:`OrganismSource`
+(the model organism's synthetic corpus).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from crossmodal.data.languages import validate_language
+from crossmodal.data.records import Record
+
+SPLITS = ("train", "dev", "test")
+REFERENCE_LANGUAGES = ("eng", "deu", "spa", "fra", "jpn", "cmn")
+"""Seamless codes of the reference run (English pivot plus five)."""
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as configured (one line: value, allowed, fix)."""
+
+
+def validate_split(split: object) -> str:
+    """Return ``split`` if it is train/dev/test, else raise a one-line :class:`DataError`."""
+    if isinstance(split, str) and split in SPLITS:
+        return split
+    hint = "FLEURS calls its validation split 'dev'" if split == "validation" else "pick one"
+    raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}; {hint}")
+
+
+@dataclass
+class SkipReport:
+    """Skipped examples by reason, with a few example labels per reason.
+
+    Reasons used by the loaders: ``audio_missing``, ``audio_truncated``,
+    ``audio_undecodable`` (not audio / corrupt), ``audio_empty``, ``audio_nonfinite``,
+    ``audio_unreadable`` (unreadable file or archive), ``text_empty``, ``row_malformed``.
+    """
+
+    max_examples: int = 5
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, example: str) -> None:
+        """Count one skipped example; keep its label if fewer than ``max_examples`` are kept."""
+        self.counts[reason] += 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < self.max_examples:
+            kept.append(example)
+
+    def merge(self, other: SkipReport) -> None:
+        """Add ``other``'s counts and examples into this report (e.g. across workers)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] += n
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(other.examples.get(reason, [])[: max(0, self.max_examples - len(kept))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        """JSON-ready ``{reason: {"count": n, "examples": [...]}}``."""
+        return {
+            r: {"count": n, "examples": list(self.examples.get(r, []))}
+            for r, n in sorted(self.counts.items())
+        }
+
+    def __str__(self) -> str:
+        if not self.counts:
+            return "nothing skipped"
+        parts = [
+            f"{r}={n} (e.g. {', '.join(self.examples.get(r, [])[:2])})"
+            for r, n in sorted(self.counts.items())
+        ]
+        return f"{self.total} skipped: " + "; ".join(parts)
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Anything that yields records for a (Seamless language code, split) and counts skips."""
+
+    skipped: SkipReport
+
+    def records(self, language: str, split: str) -> Iterator[Record]: ...
+
+
+def id_key(record_id: str) -> tuple[int, int, str]:
+    """Sort FLEURS's numeric ids numerically, anything else after them as text."""
+    return (0, int(record_id), "") if record_id.isdigit() else (1, 0, record_id)
+
+
+def join_by_id(records_by_language: Mapping[str, Iterable[Record]]) -> dict[str, list[Record]]:
+    """Keep the ids present in every language; return aligned lists sorted by id.
+
+    ``result[lang][i]`` is the same sentence in every language. When a language yields
+    an id more than once (FLEURS has several recordings per sentence), the FIRST record in
+    iteration order is kept; the FLEURS loaders already yield one recording per id (the
+    first by file name that decodes), so the choice is deterministic.
+
+    This materialises every record, audio included: for large runs join text-only records
+    first, then load audio with ``records(..., ids=...)`` for the joined ids.
+    """
+    firsts: dict[str, dict[str, Record]] = {}
+    for language, records in records_by_language.items():
+        kept: dict[str, Record] = {}
+        for record in records:
+            kept.setdefault(record.id, record)
+        firsts[language] = kept
+    if not firsts:
+        return {}
+    common = set.intersection(*(set(kept) for kept in firsts.values()))
+    order = sorted(common, key=id_key)
+    return {language: [kept[i] for i in order] for language, kept in firsts.items()}
+
+
+def joined_records(
+    source: DataSource, languages: Sequence[str], split: str
+) -> dict[str, list[Record]]:
+    """``join_by_id`` over ``source.records(language, split)`` for each language."""
+    return join_by_id({language: source.records(language, split) for language in languages})
+
+
+class OrganismSource:
+    """The model organism's synthetic corpus served as a :class:`DataSource`.
+
+    ``crossmodal.organism.corpus.organism_corpus`` is imported lazily, inside the iteration,
+    so this module imports even where the organism package is absent or being rebuilt. The
+    corpus of a split is built once per source object and then filtered by language.
+
+    Args:
+        n_sentences: sentences per split (``None``: the organism's default split sizes).
+        seed: corpus seed (the shipped organism was trained on seed 0).
+        languages: organism language codes to build.
+        audio: synthesise speech; ``False`` for text-only records.
+    """
+
+    def __init__(
+        self,
+        n_sentences: int | None = None,
+        seed: int = 0,
+        languages: Sequence[str] = REFERENCE_LANGUAGES,
+        audio: bool = True,
+    ) -> None:
+        if n_sentences is not None and (not isinstance(n_sentences, int) or n_sentences <= 0):
+            fix = "e.g. 64, or None for the organism's split sizes"
+            raise DataError(f"n_sentences must be a positive integer, got {n_sentences!r}; {fix}")
+        self.n_sentences = n_sentences
+        self.seed = seed
+        self.languages = tuple(languages)
+        self.audio = audio
+        self.skipped = SkipReport()
+        self._corpus: dict[str, list[Record]] = {}
+
+    def records(self, language: str, split: str) -> Iterator[Record]:
+        """Records of ``language`` in ``split``; empty-text records are skipped and counted."""
+        split = validate_split(split)
+        validate_language(language, self.languages)
+        return self._records(language, split)
+
+    def _records(self, language: str, split: str) -> Iterator[Record]:
+        if split not in self._corpus:
+            from crossmodal.organism.corpus import organism_corpus
+
+            corpus = organism_corpus(
+                split, list(self.languages), self.n_sentences, self.seed, audio=self.audio
+            )
+            self._corpus[split] = list(corpus)
+        for record in self._corpus[split]:
+            if record.language != language:
+                continue
+            if not record.text.strip():
+                self.skipped.add("text_empty", f"{language}/{split}/{record.id}")
+                continue
+            yield record

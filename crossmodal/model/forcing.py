@@ -1,0 +1,385 @@
+"""Forcing: which units a grid cell sets to which constants, and the hooks that do it.
+
+A unit is (module path, output feature). Forcing it replaces that feature of the module's
+output with a constant, at every position and at every call of the module, so at every
+decoding step of ``generate`` (method.md, "Interventions"). Different rows of one batch
+carry different interventions, so many steering-grid cells share one ``generate`` call.
+
+Which units (:class:`UnitForcing`): a ``selected`` cell forces the top/bottom/both set of
+the task of its role (x2en representation, en2x control) for its language, unit modality
+and identification step, ranked by ``ap`` within its scope
+(:func:`crossmodal.reduce.selection.select_sets`); a ``random`` cell forces ``n_units`` units drawn
+from the same scope with its seed (one draw for every language and step). Each unit is set
+to its ``on_p50``/``on_p90``/``off_mean`` of that same condition, or zero; units whose value
+is NaN (never observed) are dropped and counted.
+
+Invariants (what the tests pin):
+- :func:`plan_batch` builds, once per batch and per hooked module, the union ``cols`` of
+  the features any row forces plus ``[batch, len(cols)]`` mask and value tensors.
+- The hook rewrites ``out[b, ..., cols]`` only where ``mask[b]`` is set: a row without
+  forcing gets back exactly the values it would have had (bit-identical), and no row ever
+  sees another row's forcing.
+- Cross-attention ``k_proj``/``v_proj`` run once over the encoder frames and their result is
+  cached: forcing that call forces every later step too (method.md).
+- ``ffn.fc1`` units are forced before the ReLU (the reference's units); ``ffn.act`` units are
+  the post-ReLU activations. Conv1d and GLU outputs (encoder units) carry features on dim 1.
+- Hooks exist only inside :func:`forcing`, which removes them in ``finally``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+from transformers import SeamlessM4Tv2Model
+
+from crossmodal.model.capture import padding_guard
+from crossmodal.model.fastgen import encode, greedy_generate
+from crossmodal.steer.grid import Cell
+from crossmodal.model.load import LoadedModel
+from crossmodal.model.units import declared_width
+
+Intervention = Mapping[str, tuple[Sequence[int], Sequence[float]]]
+"""One row's forcing: module path -> (feature indices, constant values), same lengths."""
+
+NO_FORCING: Intervention = {}
+"""The unforced row (the grid's baseline)."""
+
+
+class SteeringError(ValueError):
+    """An intervention that cannot be applied (one line: value, allowed, fix)."""
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """The forcing of one hooked module for a whole batch.
+
+    Attributes:
+        cols: ``[n_cols]`` features forced in at least one row (sorted, unique).
+        mask: ``[batch, n_cols]`` True where that row forces that feature.
+        values: ``[batch, n_cols]`` the constants (ignored where ``mask`` is False).
+        feature_dim: the output dim that indexes features (-1, or 1 for Conv1d/GLU).
+        max_col: the largest forced feature (checked against the output without a sync).
+    """
+
+    cols: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor
+    feature_dim: int
+    max_col: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Per-site plans for one batch of ``batch_size`` rows."""
+
+    batch_size: int
+    sites: Mapping[str, SitePlan]
+
+
+def _feature_dim(module: nn.Module) -> int:
+    """Conv1d outputs are [batch, channels, time]; GLU keeps the dim it halves."""
+    if isinstance(module, nn.Conv1d):
+        return 1
+    if isinstance(module, nn.GLU) and module.dim in (1, -2):
+        return 1
+    return -1
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=2, cutoff=0.6)
+        hint = "did you mean " + " or ".join(repr(c) for c in close) + "?" if close else ""
+        raise SteeringError(
+            f"site must be a module path of the model (e.g. 'text_decoder.layers.0.ffn.fc1'), "
+            f"got {path!r}; {hint or 'list them with model.named_modules()'}"
+        ) from None
+
+
+def plan_batch(
+    model: nn.Module,
+    interventions: Sequence[Intervention],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> BatchPlan:
+    """Build the per-site ``[batch, n_cols]`` masks and values for one batch.
+
+    Args:
+        model: the module whose submodules are named by the interventions' paths.
+        interventions: one per row (``NO_FORCING`` for an unforced row).
+        device, dtype: where the plan lives; default: the model's first parameter.
+
+    Raises:
+        SteeringError: unknown module path, mismatched lengths, feature out of range.
+    """
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else first.device
+    dtype = dtype or first.dtype
+    batch = len(interventions)
+    # per site: (row, feature, value) triples of every row, as arrays (a grid batch holds
+    # ~10^5 of them: element-wise tensor writes would cost seconds)
+    per_site: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for row, intervention in enumerate(interventions):
+        for path, (features, values) in intervention.items():
+            if len(features) != len(values):
+                raise SteeringError(
+                    f"values must match features in length for site {path!r} (row {row}), got "
+                    f"{len(values)} values for {len(features)} features; pass one value per feature"
+                )
+            f = np.asarray(features, dtype=np.int64).reshape(-1)
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            per_site.setdefault(path, []).append((np.full(len(f), row), f, v))
+    sites: dict[str, SitePlan] = {}
+    for path, parts in per_site.items():
+        module = _resolve(model, path)
+        rows, features, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+        if len(features) == 0:
+            continue
+        cols = np.unique(features)
+        width = declared_width(module)
+        if cols[0] < 0 or (width is not None and cols[-1] >= width):
+            bad = cols[0] if cols[0] < 0 else cols[-1]
+            raise SteeringError(
+                f"feature of site {path!r} must be in [0, {width}), got {bad}; "
+                "check the unit index table against this model"
+            )
+        j = np.searchsorted(cols, features)
+        mask = np.zeros((batch, len(cols)), dtype=bool)
+        table = np.zeros((batch, len(cols)), dtype=np.float32)
+        mask[rows, j] = True
+        table[rows, j] = values  # a feature repeated within a row: its last value wins
+        sites[path] = SitePlan(
+            cols=torch.from_numpy(cols).to(device),
+            mask=torch.from_numpy(mask).to(device),
+            values=torch.from_numpy(table).to(device=device, dtype=dtype),
+            feature_dim=_feature_dim(module),
+            max_col=int(cols[-1]),
+        )
+    return BatchPlan(batch_size=batch, sites=sites)
+
+
+def _apply(plan: SitePlan, batch: int, path: str, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with the planned features replaced row by row (out of place)."""
+    if out.shape[0] != batch:
+        raise SteeringError(
+            f"batch size at site {path!r} must be {batch} (the planned rows), got "
+            f"{out.shape[0]}; plan one intervention per row of the generate call"
+        )
+    dim = plan.feature_dim % out.ndim
+    if plan.max_col >= out.shape[dim]:
+        raise SteeringError(
+            f"feature of site {path!r} must be < {out.shape[dim]}, got {plan.max_col}; "
+            "check the unit index table against this model"
+        )
+    shape = [1] * out.ndim
+    shape[0], shape[dim] = batch, plan.cols.numel()
+    mask = plan.mask.view(shape)
+    values = plan.values.to(out.dtype).view(shape)
+    current = out.index_select(dim, plan.cols)
+    return out.index_copy(dim, plan.cols, torch.where(mask, values, current))
+
+
+def _hook(plan: SitePlan, batch: int, path: str):  # noqa: ANN202 - a torch forward hook
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if isinstance(out, tuple):
+            return (_apply(plan, batch, path, out[0]), *out[1:])
+        return _apply(plan, batch, path, out)
+
+    return hook
+
+
+@contextmanager
+def forcing(model: nn.Module, plan: BatchPlan) -> Iterator[BatchPlan]:
+    """Hook every planned site for the duration of the block; hooks go in ``finally``.
+
+    Example::
+
+        plan = plan_batch(model, [NO_FORCING, {"text_decoder.layers.0.ffn.fc1": ([3], [2.5])}])
+        with forcing(model, plan):
+            out = model.generate(...)  # row 0 unforced, row 1 forced
+    """
+    handles = []
+    try:
+        for path, site in plan.sites.items():
+            module = _resolve(model, path)
+            handles.append(module.register_forward_hook(_hook(site, plan.batch_size, path)))
+        yield plan
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _unwrap(loaded_or_model: LoadedModel | nn.Module) -> nn.Module:
+    return loaded_or_model.model if isinstance(loaded_or_model, LoadedModel) else loaded_or_model
+
+
+def _is_decoder_only(plan: BatchPlan, decoder: str = "text_decoder.") -> bool:
+    return all(path.startswith(decoder) for path in plan.sites)
+
+
+def generate_forced(
+    loaded_or_model: LoadedModel | SeamlessM4Tv2Model,
+    batch: Mapping[str, torch.Tensor],
+    tgt_lang: str | Sequence[str],
+    interventions: Sequence[Intervention],
+    *,
+    max_new_tokens: int,
+    rows: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Greedy text generation with one intervention (and target language) per row.
+
+    Args:
+        loaded_or_model: a ``SeamlessM4Tv2Model`` (or :class:`LoadedModel`) in eval mode.
+        batch: ``input_ids`` or ``input_features``, plus ``attention_mask``: the distinct inputs.
+        tgt_lang: output language code, or one per row.
+        interventions: one per generated row.
+        max_new_tokens: decoding budget (reference: 128).
+        rows: which input of ``batch`` each generated row reads (default: row i reads input
+            i). With only decoder sites forced, each distinct input is encoded once and its
+            encoder output shared by its rows (many grid cells x one input).
+
+    Returns:
+        ``[rows, 2 + n_generated]`` sequences ``[</s>, lang_tag, tok1, ...]``, 0-padded
+        after EOS: what ``model.generate`` (greedy, text only) returns.
+    """
+    model = _unwrap(loaded_or_model)
+    n_inputs = next(iter(batch.values())).shape[0]
+    index = list(range(n_inputs)) if rows is None else [int(r) for r in rows]
+    if len(index) != len(interventions) or (index and not 0 <= min(index) <= max(index) < n_inputs):
+        raise SteeringError(
+            f"rows must name one input in [0, {n_inputs}) per intervention "
+            f"({len(interventions)}), got {len(index)} rows; pass rows=None or one index per row"
+        )
+    plan = plan_batch(model, interventions)
+    take = torch.tensor(index, dtype=torch.long)
+    speech = batch.get("input_features") is not None
+    guard = padding_guard if speech and batch.get("attention_mask") is not None else _no_guard
+    with forcing(model, plan), torch.inference_mode():
+        if _is_decoder_only(plan):
+            with guard(model, batch.get("attention_mask")):
+                hidden, mask = encode(model, batch)
+            dev = hidden.device
+            take = take.to(dev)
+            shared = (
+                hidden.index_select(0, take),
+                None if mask is None else mask.index_select(0, take),
+            )
+            out = greedy_generate(model, {}, tgt_lang, max_new_tokens, encoder_outputs=shared)
+        else:
+            rows_batch = {k: v.index_select(0, take.to(v.device)) for k, v in batch.items()}
+            with guard(model, rows_batch.get("attention_mask")):
+                encoded = encode(model, rows_batch)
+            out = greedy_generate(model, {}, tgt_lang, max_new_tokens, encoder_outputs=encoded)
+    return out.sequences
+
+
+@contextmanager
+def _no_guard(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    yield
+
+
+# --------------------------------------------------------------------------- which units
+
+
+class UnitForcing:
+    """Cells -> per-row interventions, from the selectivity Dataset and the model's modules.
+
+    Args:
+        ds: variables ``ap``, ``on_p50``, ``on_p90``, ``off_mean`` over ``(task, modality,
+            step, language, unit)``; unit coords ``site`` (site name or module path),
+            ``feature``, ``submodule``, ``layer``.
+        model: the model whose module paths the sites resolve to.
+    """
+
+    def __init__(self, ds: xr.Dataset, model: nn.Module) -> None:
+        from crossmodal.reduce.selection import scope_mask, unit_ids
+
+        extra = set(ds["ap"].dims) - {"task", "modality", "step", "language", "unit"}
+        if extra:
+            raise ValueError(
+                f"selectivity dims must be one of ['task', 'modality', 'step', 'language', "
+                f"'unit'], got extra {sorted(extra)}; select one value of each before steering"
+            )
+        self.ds = ds
+        self._ids = unit_ids(ds)
+        self._pos = {int(u): i for i, u in enumerate(self._ids)}
+        self._scopes = {s: np.flatnonzero(scope_mask(ds, s)) for s in ("all", "attention", "ffn")}
+        sites = np.asarray(ds["site"].values).astype(str)
+        names, codes = np.unique(sites, return_inverse=True)
+        self._paths = np.array(_module_paths(model, names.tolist()), dtype=object)[codes]
+        self._features = np.asarray(ds["feature"].values).astype(np.int64)
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def _vector(self, var: str, cell: Cell) -> np.ndarray:
+        key = (var, cell.task, cell.unit_modality, cell.step, cell.language)
+        if key not in self._cache:
+            where = dict(task=cell.task, modality=cell.unit_modality, step=cell.step,
+                         language=cell.language)  # fmt: skip
+            self._cache[key] = np.asarray(self.ds[var].sel(where).values, dtype=np.float64)
+        return self._cache[key]
+
+    def positions(self, cell: Cell) -> np.ndarray:
+        """Positions (along ``unit``) of the cell's units, before dropping NaN values."""
+        if cell.kind == "baseline":
+            return np.zeros(0, dtype=np.int64)
+        pool = self._scopes[cell.scope or "all"]
+        if cell.kind == "random":
+            scope_code = ("all", "attention", "ffn").index(cell.scope or "all")
+            rng = np.random.default_rng([int(cell.seed or 0), int(cell.n_units), scope_code])
+            return np.sort(rng.choice(pool, size=min(cell.n_units, pool.size), replace=False))
+        from crossmodal.reduce.selection import select_sets, set_ids
+
+        ap = self.ds["ap"].sel(task=cell.task, modality=cell.unit_modality, step=cell.step,
+                               language=cell.language)  # fmt: skip
+        sets = select_sets(ap.load(), k=int(cell.k or 1), group=cell.scope or "all")
+        return np.array(
+            [self._pos[int(u)] for u in set_ids(sets, kind=cell.set_kind)], dtype=np.int64
+        )
+
+    def intervention(self, cell: Cell) -> tuple[Intervention, dict[str, float]]:
+        """The cell's forcing and its bookkeeping (``n_forced``, ``mean_ap``)."""
+        pos = self.positions(cell)
+        if pos.size == 0:
+            return NO_FORCING, {"n_forced": 0, "mean_ap": float("nan")}
+        values = (
+            np.zeros(pos.size) if cell.forcing == "zero" else self._vector(cell.forcing, cell)[pos]
+        )
+        keep = np.isfinite(values)
+        pos, values = pos[keep], values[keep]
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        for p, v in zip(pos.tolist(), values.tolist(), strict=True):
+            feats, vals = out.setdefault(self._paths[p], ([], []))
+            feats.append(int(self._features[p]))
+            vals.append(float(v))
+        ap = self._vector("ap", cell)[pos]
+        mean_ap = float(np.nanmean(ap)) if pos.size else float("nan")
+        return out, {"n_forced": int(pos.size), "mean_ap": mean_ap}
+
+
+def _module_paths(model: nn.Module, sites: Sequence[str]) -> list[str]:
+    """Site names (``decoder.layers.0.ffn.fc1``) or module paths -> module paths."""
+    modules = dict(model.named_modules())
+    index = None
+    out = []
+    for site in sites:
+        if "@" in site:
+            raise SteeringError(
+                f"site must be one of [sites of modules run once per forward], got {site!r}; "
+                "a module called twice per forward cannot be forced per call"
+            )
+        if site not in modules and index is None:
+            from crossmodal.model.units import FAMILIES, UnitIndex
+
+            index = UnitIndex.from_model(model, FAMILIES)
+        out.append(site if site in modules else index.site(site).module_path)
+    return out

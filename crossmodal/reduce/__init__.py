@@ -1,0 +1,1 @@
+"""Stage 2, reduce: selectivity, exact sets, roles, overlap and modality passes over a store."""

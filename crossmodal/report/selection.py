@@ -1,0 +1,461 @@
+"""Figures (PNG) and a Markdown summary of selection, overlap and Spearman results.
+
+Input: the selectivity dataset of :mod:`crossmodal.reduce.selection` (in memory or opened lazily
+from the store). Overlap and Spearman are computed for every task that has both a text and
+a speech modality with data (x2en, en2x; not asr). Matplotlib is used through
+``matplotlib.figure.Figure`` (Agg rendering for ``savefig``), never ``pyplot``, so no global
+backend or figure registry is touched.
+
+Files written into ``out_dir``:
+  * ``overlap_<task>_<kind>.png``: text-by-speech intersection heatmaps, one panel per step;
+  * ``spearman_<task>.png``: AP Spearman heatmaps (all units), one panel per step;
+  * ``spearman_<task>_components.png``: mean same-language Spearman per layer and per
+    submodule against step;
+  * ``layer_counts_<task>.png``: selected units per layer (mean over languages);
+  * ``diagonal_vs_step.png``: same-language overlap against step, representation (x2en)
+    vs control (en2x), with the random expectation and the off-diagonal mean;
+  * ``concentration.png`` when a Gini summary is given (mean Gini per layer, one line per
+    modality and step); ``summary.md`` then also compares speech vs text and Latin vs
+    non-Latin script languages (:data:`NON_LATIN`; for en2x the script is the output's);
+  * ``summary.md``: the numbers behind every figure, as Markdown tables, plus the v1
+    modality-selective unit counts per submodule and site kind when given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure
+
+from crossmodal.reduce.overlap import COL, ROW, SPEECH, TEXT, count_by, overlap, spearman_matrix
+from crossmodal.reduce.roles import ROLE_TASKS
+from crossmodal.reduce.selection import KINDS, scope_of, select_sets
+
+NON_LATIN = ("jpn", "cmn")
+"""Languages of the reference set not written in Latin script (method.md v1: concentration
+is higher for non-Latin scripts); every other language counts as Latin."""
+
+
+def paired_tasks(ds: xr.Dataset) -> list[str]:
+    """Tasks with finite AP in both the text and the speech modality."""
+    has = np.isfinite(ds["ap"]).any([d for d in ds["ap"].dims if d not in ("task", "modality")])
+    return [
+        str(t) for t in ds["task"].values if bool(has.sel(task=t, modality=[TEXT, SPEECH]).all())
+    ]
+
+
+def write_report(
+    selectivity_ds: xr.Dataset,
+    out_dir: str | Path,
+    *,
+    k: int = 1000,
+    sets: xr.DataArray | None = None,
+    concentration: xr.DataArray | None = None,
+    modality: xr.Dataset | None = None,
+    dpi: int = 100,
+    figures: bool = True,
+) -> list[Path]:
+    """Write every figure and ``summary.md``; returns the paths written.
+
+    Args:
+        selectivity_ds: the selectivity dataset.
+        out_dir: created if missing.
+        k: set size per side, used when ``sets`` is None.
+        sets: sets to report (e.g. from ``finalize_selection``); default: ``select_sets``
+            on ``selectivity_ds["ap"]``.
+        concentration: optional mean Gini per condition, dims ``(task, modality, step,
+            language, layer)`` (``Results.concentration()["mean"]``).
+        modality: optional v1 modality-selective units (``Results.modality()``): counts of
+            the speech-/text-selective k-sets per submodule and site kind.
+        dpi: PNG resolution.
+        figures: False writes ``summary.md`` only (rendering ~14 figures takes seconds).
+    """
+    tasks = paired_tasks(selectivity_ds)
+    if not tasks:
+        raise ValueError(
+            f"task must be one of [tasks with text and speech data], got none in "
+            f"{selectivity_ds['task'].values.tolist()!r}; reduce x2en or en2x for both modalities"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = select_sets(selectivity_ds["ap"], k=k) if sets is None else sets
+    k = scope_of(sets)[0]
+    ov = overlap(sets.sel(task=tasks), selectivity_ds)
+    ap = selectivity_ds["ap"].sel(task=tasks)
+    rho = spearman_matrix(ap)
+    rho_layer = _diagonal(spearman_matrix(ap, by="layer"))
+    rho_sub = _diagonal(spearman_matrix(ap, by="submodule"))
+    present = (sets.sel(task=tasks) >= 0).any("rank")  # en2x/eng has no set: not a zero
+    counts = count_by(sets.sel(task=tasks), selectivity_ds, "layer").where(present)
+    counts = counts.mean("language", skipna=True)
+    paths = []
+    if figures:
+        figs = _figures(tasks, k, ov, rho, rho_layer, rho_sub, counts, concentration)
+        paths = [_save(fig, out / f"{name}.png", dpi) for name, fig in figs.items()]
+    md = _summary(selectivity_ds, tasks, k, sets, ov, rho, rho_sub, counts, concentration)
+    if concentration is not None:
+        md += "\n" + _concentration_md(concentration)
+    if modality is not None:
+        md += "\n" + _modality_md(modality)
+    summary = out / "summary.md"
+    summary.write_text(md)
+    return [*paths, summary]
+
+
+def _figures(
+    tasks: Sequence[str],
+    k: int,
+    ov: xr.Dataset,
+    rho: xr.DataArray,
+    rho_layer: xr.DataArray,
+    rho_sub: xr.DataArray,
+    counts: xr.DataArray,
+    concentration: xr.DataArray | None,
+) -> dict[str, Figure]:
+    """Every figure by file stem (see the module docstring)."""
+    figs: dict[str, Figure] = {}
+    for task in tasks:
+        for kind in KINDS:
+            title = f"{task} {kind}-{k} overlap (rows text, columns speech)"
+            figs[f"overlap_{task}_{kind}"] = _heatmaps(
+                ov["count"].sel(task=task, kind=kind), title, "{:.0f}"
+            )
+        title = f"{task} AP Spearman, all units"
+        figs[f"spearman_{task}"] = _heatmaps(rho.sel(task=task), title, "{:.2f}", vlim=(-1, 1))
+        figs[f"spearman_{task}_components"] = _components(
+            rho_layer.sel(task=task), rho_sub.sel(task=task), task
+        )
+        figs[f"layer_counts_{task}"] = _layer_counts(counts.sel(task=task), task, k)
+    figs["diagonal_vs_step"] = _diagonal_vs_step(ov, k)
+    if concentration is not None:
+        figs["concentration"] = _concentration(concentration)
+    return figs
+
+
+def _diagonal(rho: xr.DataArray) -> xr.DataArray:
+    """Mean over languages of the same-language Spearman (text L vs speech L)."""
+    langs = [lang for lang in rho[ROW].values if lang in set(rho[COL].values)]
+    idx = xr.DataArray(langs, dims="language")
+    return rho.sel({ROW: idx, COL: idx}).mean("language", skipna=True)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _heatmaps(da: xr.DataArray, title: str, fmt: str, vlim: tuple | None = None) -> Figure:
+    """One heatmap per step of ``da [step, text_language, speech_language]``."""
+    steps = da["step"].values
+    fig = Figure(figsize=(3.6 * len(steps) + 0.8, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(steps)))
+    finite = da.values[np.isfinite(da.values)]
+    lo, hi = vlim or ((finite.min(), finite.max()) if finite.size else (0.0, 1.0))
+    for ax, step in zip(axes, steps, strict=True):
+        m = da.sel(step=step).transpose(ROW, COL).values
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_title(f"step {step}")
+        ax.set_xticks(range(m.shape[1]), da[COL].values, rotation=45)
+        ax.set_yticks(range(m.shape[0]), da[ROW].values)
+        ax.set_xlabel("speech")
+        ax.set_ylabel("text")
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):  # dark text on the bright end of viridis
+                color = "k" if (v - lo) > 0.6 * (hi - lo) else "w"
+                ax.text(j, i, fmt.format(v), ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.suptitle(title)
+    return fig
+
+
+def _components(by_layer: xr.DataArray, by_sub: xr.DataArray, task: str) -> Figure:
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, da, dim in ((axes[0], by_layer, "layer"), (axes[1], by_sub, "submodule")):
+        m = da.transpose(dim, "step").values
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
+        ax.set_yticks(range(m.shape[0]), da[dim].values)
+        ax.set_xticks(range(m.shape[1]), da["step"].values)
+        ax.set_xlabel("step")
+        ax.set_ylabel(dim)
+        ax.set_title(f"{task}: same-language Spearman by {dim}")
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    return fig
+
+
+def _layer_counts(counts: xr.DataArray, task: str, k: int) -> Figure:
+    """``counts [modality, step, kind, layer]``: lines per step, panels modality x kind."""
+    mods, layers = counts["modality"].values, counts["layer"].values
+    fig = Figure(figsize=(4 * len(KINDS), 3 * len(mods)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(mods), len(KINDS), squeeze=False))
+    for r, mod in enumerate(mods):
+        for c, kind in enumerate(KINDS):
+            ax = axes[r, c]
+            for step in counts["step"].values:
+                ax.plot(
+                    layers,
+                    counts.sel(modality=mod, kind=kind, step=step).values,
+                    marker="o",
+                    label=f"step {step}",
+                )
+            ax.set_title(f"{task} {mod} {kind}-{k}")
+            ax.set_xlabel("layer (-1: outside layers)")
+            ax.set_ylabel("selected units (mean over languages)")
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def _role_series(ov: xr.Dataset, kind: str) -> dict[str, xr.Dataset]:
+    """Per role (or task when roles are absent): diagonal mean, expectation, off-diagonal."""
+    tasks = [str(t) for t in ov["task"].values]
+    names = {role: t for role, t in ROLE_TASKS.items() if t in tasks} or {t: t for t in tasks}
+    out = {}
+    for name, task in names.items():
+        sub = ov.sel(task=task, kind=kind)
+        out[f"{name} ({task})"] = xr.Dataset(
+            {
+                "diagonal": sub["diagonal"].mean("language", skipna=True),
+                "expected": sub["diagonal_expected"].mean("language", skipna=True),
+                "offdiag": sub["offdiag_mean"],
+            }
+        )
+    return out
+
+
+def _diagonal_vs_step(ov: xr.Dataset, k: int) -> Figure:
+    fig = Figure(figsize=(4.5 * len(KINDS), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(KINDS))
+    for ax, kind in zip(axes, KINDS, strict=True):
+        for (name, s), color in zip(
+            _role_series(ov, kind).items(), ("C0", "C1", "C2", "C3"), strict=False
+        ):
+            steps = s["step"].values
+            ax.plot(
+                steps, s["diagonal"].values, marker="o", color=color, label=f"{name}: same language"
+            )
+            ax.plot(
+                steps, s["offdiag"].values, ls=":", color=color, label=f"{name}: other languages"
+            )
+            ax.plot(
+                steps,
+                s["expected"].values,
+                ls="--",
+                color=color,
+                alpha=0.5,
+                label=f"{name}: random expectation",
+            )
+        ax.set_title(f"{kind}-{k}: text/speech overlap")
+        ax.set_xlabel("step")
+        ax.set_ylabel("shared units")
+        ax.set_xticks(steps)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _concentration(gini_mean: xr.DataArray) -> Figure:
+    tasks = gini_mean["task"].values
+    fig = Figure(figsize=(4.5 * len(tasks), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
+    avg = gini_mean.mean("language", skipna=True)
+    for ax, task in zip(axes, tasks, strict=True):
+        for mod in avg["modality"].values:
+            for step in avg["step"].values:
+                ax.plot(
+                    avg["layer"].values,
+                    avg.sel(task=task, modality=mod, step=step).values,
+                    marker=".",
+                    label=f"{mod} step {step}",
+                )
+        ax.set_title(f"{task}: Gini of |activation|")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean Gini")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def fmt_value(v: float, spec: str) -> str:
+    """A table cell: ``spec`` format, or an en dash for a missing (NaN) value."""
+    return "–" if v is None or not np.isfinite(v) else spec.format(v)
+
+
+def md_table(df: pd.DataFrame, spec: str | Sequence[str], index_name: str = "") -> str:
+    """A Markdown table of ``df``; numbers formatted by ``spec`` (one, or one per column)."""
+    specs = [spec] * len(df.columns) if isinstance(spec, str) else list(spec)
+    head = "| " + " | ".join([index_name or df.index.name or "", *map(str, df.columns)]) + " |"
+    rule = "|" + "---|" * (len(df.columns) + 1)
+    body = [
+        "| "
+        + " | ".join([str(idx), *(fmt_value(float(v), f) for v, f in zip(row, specs, strict=True))])
+        + " |"
+        for idx, row in zip(df.index, df.to_numpy(), strict=True)
+    ]
+    return "\n".join([head, rule, *body])
+
+
+def _matrix_frame(da: xr.DataArray) -> pd.DataFrame:
+    m = da.transpose(ROW, COL)
+    return pd.DataFrame(m.values, index=m[ROW].values, columns=m[COL].values)
+
+
+def _summary(
+    ds: xr.Dataset,
+    tasks: Sequence[str],
+    k: int,
+    sets: xr.DataArray,
+    ov: xr.Dataset,
+    rho: xr.DataArray,
+    rho_sub: xr.DataArray,
+    counts: xr.DataArray,
+    concentration: xr.DataArray | None,
+) -> str:
+    _, group, layer = scope_of(sets)
+    lines = [
+        "# Cross-modal selectivity report",
+        "",
+        f"- units: {ds.sizes['unit']} (scope: group {group}, layer {layer or 'all'}); k = {k} per side",
+        f"- tasks compared across modalities: {', '.join(tasks)}; steps: {', '.join(map(str, ds['step'].values))}",
+        f"- languages: {', '.join(map(str, ds['language'].values))}",
+        "- overlap rows are text sets, columns speech sets; '–' marks a condition that does not exist",
+        "",
+        "## Same-language overlap against chance",
+        "",
+    ]
+    rows = []
+    for task in tasks:
+        for kind in KINDS:
+            for step in ov["step"].values:
+                s = ov.sel(task=task, kind=kind, step=step)
+                rows.append(
+                    {
+                        "condition": f"{task} {kind} step {step}",
+                        "diagonal mean": float(s["diagonal"].mean(skipna=True)),
+                        "off-diagonal mean": float(s["offdiag_mean"]),
+                        "random expectation": float(s["diagonal_expected"].mean(skipna=True)),
+                        "max diagonal p": float(s["diagonal_p"].max(skipna=True)),
+                    }
+                )
+    table = pd.DataFrame(rows).set_index("condition")
+    lines += [md_table(table, ["{:.2f}"] * 3 + ["{:.2e}"]), ""]
+    lines += ["## Overlap matrices", ""]
+    for task in tasks:
+        for kind in KINDS:
+            for step in ov["step"].values:
+                da = ov["count"].sel(task=task, kind=kind, step=step)
+                lines += [
+                    f"### Overlap {task} {kind} step {step}",
+                    "",
+                    md_table(_matrix_frame(da), "{:.0f}", "text \\ speech"),
+                    "",
+                ]
+    lines += ["## Spearman of AP vectors (all units)", ""]
+    for task in tasks:
+        for step in rho["step"].values:
+            da = rho.sel(task=task, step=step)
+            lines += [
+                f"### Spearman {task} step {step}",
+                "",
+                md_table(_matrix_frame(da), "{:.3f}", "text \\ speech"),
+                "",
+            ]
+    lines += ["## Same-language Spearman by submodule (mean over languages)", ""]
+    for task in tasks:
+        frame = rho_sub.sel(task=task).transpose("submodule", "step").to_pandas()
+        lines += [
+            f"### Spearman by submodule {task}",
+            "",
+            md_table(frame, "{:.3f}", "submodule \\ step"),
+            "",
+        ]
+    lines += ["## Selected units per layer (both sets, mean over languages)", ""]
+    for task in tasks:
+        c = (
+            counts.sel(task=task, kind="both")
+            .stack(col=("modality", "step"))
+            .transpose("layer", "col")
+        )
+        frame = pd.DataFrame(
+            c.values, index=c["layer"].values, columns=[f"{m} {s}" for m, s in c["col"].values]
+        )
+        lines += [f"### Units per layer {task}", "", md_table(frame, "{:.1f}", "layer"), ""]
+    if concentration is not None:
+        avg = concentration.mean(["language", "layer"], skipna=True)
+        lines += ["## Activation concentration (mean Gini over languages and layers)", ""]
+        for task in avg["task"].values:
+            frame = avg.sel(task=task).transpose("modality", "step").to_pandas()
+            lines += [f"### Gini {task}", "", md_table(frame, "{:.3f}", "modality \\ step"), ""]
+    return "\n".join(lines)
+
+
+def concentration_table(gini_mean: xr.DataArray) -> pd.DataFrame:
+    """Mean Gini (over layers, then languages) per (task, step): speech vs text and Latin vs
+    non-Latin script languages, with the differences."""
+    per_lang = gini_mean.mean("layer", skipna=True)
+    langs = [str(x) for x in per_lang["language"].values]
+    non_latin = [x for x in langs if x in NON_LATIN]
+    latin = [x for x in langs if x not in NON_LATIN]
+
+    def mean(da: xr.DataArray) -> float:
+        return float(da.mean(skipna=True)) if da.size else float("nan")
+
+    rows = {}
+    for task in per_lang["task"].values:
+        for step in per_lang["step"].values:
+            sub = per_lang.sel(task=task, step=step)
+            mods = [str(m) for m in sub["modality"].values]
+            speech = mean(sub.sel(modality=SPEECH)) if SPEECH in mods else float("nan")
+            text = mean(sub.sel(modality=TEXT)) if TEXT in mods else float("nan")
+            lat, non = mean(sub.sel(language=latin)), mean(sub.sel(language=non_latin))
+            rows[f"{task} step {step}"] = {"speech": speech, "text": text,
+                                           "speech - text": speech - text, "Latin": lat,
+                                           "non-Latin": non, "non-Latin - Latin": non - lat}  # fmt: skip
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _concentration_md(gini_mean: xr.DataArray) -> str:
+    non = ", ".join(x for x in map(str, gini_mean["language"].values) if x in NON_LATIN)
+    lines = [
+        "## Activation concentration: speech vs text, Latin vs non-Latin script",
+        "",
+        "Mean Gini of |activation| over a layer's units (mean over layers and languages); "
+        f"non-Latin: {non or 'none'}; for en2x the language (and script) is the output's.",
+        "",
+        md_table(concentration_table(gini_mean), "{:.4f}", "condition"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _modality_md(mod: xr.Dataset) -> str:
+    """Speech-/text-selective k-sets per submodule and site kind, mean over languages, with
+    what a random set of k units would hold (the group's share of units x k)."""
+    k = int(mod.attrs.get("k", 0))
+    lines = [
+        "## Modality-selective units (speech vs text task example)",
+        "",
+        f"Top-{k} (speech-selective) and bottom-{k} (text-selective) units by AP of speech vs "
+        "text examples of the same task, language and step; mean over languages. 'random' is "
+        "the expected count of a random set of k units.",
+        "",
+    ]
+    for name, coord in (("by_submodule", "submodule"), ("by_site", "site_kind")):
+        share = pd.Series(np.asarray(mod[coord].values, dtype=str)).value_counts(normalize=True)
+        for task in mod["task"].values:
+            da = mod[name].sel(task=task, kind=["top", "bottom"]).mean("language", skipna=True)
+            da = da.stack(col=("kind", "step")).transpose(f"{coord}s", "col")
+            frame = pd.DataFrame(da.values, index=[str(g) for g in da[f"{coord}s"].values],
+                                 columns=[f"{kd} step {st}" for kd, st in da["col"].values])  # fmt: skip
+            frame["random"] = [k * share.get(g, 0.0) for g in frame.index]
+            frame = frame.sort_values(frame.columns[0], ascending=False)
+            lines += [f"### Modality-selective units by {coord} {task}", "",
+                      md_table(frame, "{:.1f}", coord), ""]  # fmt: skip
+    return "\n".join(lines)

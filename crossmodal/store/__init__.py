@@ -1,0 +1,1 @@
+"""The Zarr store of a run: names, layout and writes, the writer lock, verification, the reader."""

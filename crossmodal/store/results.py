@@ -1,0 +1,302 @@
+"""Read a reduced store as labelled xarray objects, and its steering runs as pandas tables.
+
+The store is the one ``crossmodal collect`` wrote and ``crossmodal reduce`` completed. Groups
+(``<family>`` is decoder, ffn_act, speech_encoder or text_encoder):
+
+  * ``stats/<family>``: merged statistics ``[task, modality, language, step, pooling, unit]``;
+  * ``selectivity/<family>``: AP (+ bounds), AUROC (+ bounds), on_p50, on_p90, off_mean over
+    ``(task, modality, step, language, unit)`` for the default pooling (``prefix_mean``, the
+    reference's value); every other pooling in the subgroup ``selectivity/<family>/<pooling>``;
+  * ``exact/<family>``: exact AP/AUROC of the units whose top/bottom-k membership the
+    histogram intervals left open (``[pooling, task, modality, step, language, unit]``);
+  * ``sets/<family>``: exact top/bottom/both sets, unit ids ``[scope, pooling, task,
+    modality, step, language, kind, rank]`` (-1 padded);
+  * ``roles/<family>``: the same sets relabelled ``role`` (representation = x2en, control = en2x);
+  * ``overlap/<family>/{sets, sets_by_layer, spearman}``: cross-modal overlap with random
+    baselines and Spearman of AP vectors;
+  * ``concentration/<family>`` (written by collect, one family: ffn_act, else decoder): sums
+    of the per-example Gini of |activation| over each decoder layer's units, read as mean and
+    std by :meth:`Results.concentration`;
+  * ``modality/<family>``: v1 modality-selective units, AP of "speech task example" vs "text
+    task example" over ``(task, step, language, unit)``, their top/bottom-k sets and counts
+    per submodule and site kind (default pooling; others in ``modality/<family>/<pooling>``).
+
+Example::
+
+    from crossmodal.store import results
+    r = results.open("results/organism.zarr")
+    ds = r.selectivity("decoder")                     # the Dataset selection/report/steer take
+    top = r.sets("decoder").sel(task="x2en", modality="speech", step=1, language="deu",
+                                kind="top")          # unit ids, best first, -1 padded
+    r.units("decoder").loc[top[top >= 0].values]      # which modules they are
+    r.overlap("decoder")["diagonal"].sel(task="x2en", kind="top")   # same-language overlap
+    r.concentration()["mean"].sel(task="x2en", step=1)                # Gini per language, layer
+    r.modality("decoder")["by_submodule"].sel(kind="top")             # speech-selective units
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+DEFAULT_POOLING = "prefix_mean"
+"""The reference study's per-example value (method.md): what downstream code gets by default."""
+OVERLAP_KINDS = ("sets", "sets_by_layer", "spearman")
+
+
+def default_pooling(poolings: Sequence[str]) -> str:
+    """``prefix_mean`` when collected, else the first pooling of the store."""
+    return DEFAULT_POOLING if DEFAULT_POOLING in poolings else str(poolings[0])
+
+
+def group_path(kind: str, family: str, pooling: str, poolings: Sequence[str]) -> str:
+    """``<kind>/<family>`` for the default pooling, ``<kind>/<family>/<pooling>`` otherwise."""
+    base = f"{kind}/{family}"
+    return base if pooling == default_pooling(poolings) else f"{base}/{pooling}"
+
+
+def unicode(values: Any) -> np.ndarray:
+    """Strings as a fixed-width ``<U`` array (numpy cannot cast StringDType to it directly)."""
+    return np.asarray(np.asarray(values, dtype=object).tolist(), dtype=str)
+
+
+def decode_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Zarr strings come back as numpy StringDType, which numpy cannot ``.astype(str)`` and
+    whose elements have no ``.item()``: label axes become ``<U``, other string coords object.
+    Apply it to any ``xr.open_zarr`` result before selection/overlap/steering code."""
+    strings = [c for c in ds.coords if ds[c].dtype.kind == "T"]
+    return ds.assign_coords({c: (ds[c].dims, unicode(ds[c].values) if c in ds.dims
+                                 else np.asarray(ds[c].values, dtype=object))
+                             for c in strings})  # fmt: skip
+
+
+def open(path: str | Path) -> Results:  # noqa: A001 - the documented entry point
+    """The results of the store at ``path`` (lazy: arrays load when their values are read).
+
+    Raises:
+        ValueError: ``path`` is not a collect store.
+    """
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise ValueError(
+            f"path must be one of [a store written by `crossmodal collect`], got {str(p)!r}; "
+            "run `crossmodal collect CONFIG` and `crossmodal reduce STORE` first"
+        )
+    return Results(p)
+
+
+@dataclass(frozen=True)
+class Results:
+    """Labelled views of one store; every method opens its group anew (no cached state)."""
+
+    path: Path
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes: config, provenance, and ``reduce`` (what the reduce job did)."""
+        return zarr.open_group(str(self.path), mode="r").attrs.asdict()
+
+    @property
+    def families(self) -> list[str]:
+        return list(self.attrs["config"]["families"])
+
+    @property
+    def poolings(self) -> list[str]:
+        return list(self.attrs["config"]["poolings"])
+
+    def _pooling(self, pooling: str | None) -> str:
+        pooling = default_pooling(self.poolings) if pooling is None else pooling
+        if pooling not in self.poolings:
+            raise ValueError(
+                f"pooling must be one of {self.poolings}, got {pooling!r}; pick a collected one"
+            )
+        return pooling
+
+    def _open(self, group: str, what: str) -> xr.Dataset:
+        family = group.split("/")[1] if "/" in group else ""
+        if family and family not in self.families:
+            raise ValueError(f"family must be one of {self.families}, got {family!r}")
+        if not (self.path / group / "zarr.json").is_file():
+            raise ValueError(
+                f"{what} must be one of [present in the store], got no group {group!r} in "
+                f"{str(self.path)!r}; run `crossmodal reduce {self.path}`"
+            )
+        return decode_strings(xr.open_zarr(self.path, group=group, consolidated=False))
+
+    def stats(self, family: str = "decoder") -> xr.Dataset:
+        """Merged statistics ``[task, modality, language, step, pooling, unit(, bin)]``."""
+        return self._open(f"stats/{family}", "stats")
+
+    def selectivity(self, family: str = "decoder", pooling: str | None = None) -> xr.Dataset:
+        """AP, bounds, AUROC, on_p50, on_p90, off_mean over ``(task, modality, step,
+        language, unit)`` with unit coords layer, submodule, site, feature."""
+        p = self._pooling(pooling)
+        return self._open(group_path("selectivity", family, p, self.poolings), "selectivity")
+
+    def exact(self, family: str = "decoder") -> xr.Dataset:
+        """Exact AP/AUROC of the candidate units only (the exact pass)."""
+        return self._open(f"exact/{family}", "exact")
+
+    def sets(
+        self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
+    ) -> xr.DataArray:
+        """Exact selected sets: unit ids ``[task, modality, step, language, kind, rank]``.
+
+        ``scope`` is the unit group the ranking ran over (all, attention, ffn); None keeps
+        the ``scope`` dim. The result carries attrs ``k``, ``group``, ``layer`` for
+        :func:`crossmodal.reduce.overlap.overlap` and :func:`crossmodal.report.selection.write_report`.
+        """
+        ds = self._open(f"sets/{family}", "sets")
+        return _scoped(ds["units"].sel(pooling=self._pooling(pooling)), scope, ds.attrs["k"])
+
+    def roles(
+        self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
+    ) -> xr.DataArray:
+        """The sets by role: ``[role, modality, step, language, kind, rank]``."""
+        ds = self._open(f"roles/{family}", "roles")
+        return _scoped(ds["units"].sel(pooling=self._pooling(pooling)), scope, ds.attrs["k"])
+
+    def overlap(
+        self,
+        family: str = "decoder",
+        kind: str = "sets",
+        pooling: str | None = None,
+        scope: str | None = "all",
+    ) -> xr.Dataset:
+        """Cross-modal results: ``sets`` (intersection counts, expected k*k/N, hypergeometric
+        p, diagonal, off-diagonal mean), ``sets_by_layer`` or ``spearman`` (all units, by
+        layer, by submodule); rows ``text_language``, columns ``speech_language``."""
+        if kind not in OVERLAP_KINDS:
+            raise ValueError(f"kind must be one of {list(OVERLAP_KINDS)}, got {kind!r}")
+        ds = self._open(f"overlap/{family}/{kind}", "overlap").sel(pooling=self._pooling(pooling))
+        return ds.sel(scope=scope) if scope is not None and "scope" in ds.dims else ds
+
+    def concentration(self, pooling: str | None = None) -> xr.Dataset:
+        """Gini of |activation| over each decoder layer's units, per example, aggregated per
+        condition: ``mean``, ``std`` (ddof 1), ``count``, ``dropped`` over ``(task, modality,
+        step, language, layer)``; attrs ``family`` (ffn_act, else decoder) and ``pooling``."""
+        from crossmodal.stats.concentration import mean_std
+
+        p = self._pooling(pooling)
+        root = zarr.open_group(str(self.path), mode="r")
+        family = next(iter(root["concentration"].group_keys()), None) if (
+            "concentration" in root) else None  # fmt: skip
+        if family is None:
+            raise ValueError(
+                f"concentration must be one of [present in the store], got none in "
+                f"{str(self.path)!r}; collect it again with this version (decoder or ffn_act)"
+            )
+        ds = self._open(f"concentration/{family}", "concentration").sel(pooling=p).load()
+        mean, std = mean_std(ds["count"].values, ds["mean"].values, ds["m2"].values)
+        out = xr.Dataset(
+            {"mean": (ds["mean"].dims, mean), "std": (ds["mean"].dims, std),
+             "count": ds["count"], "dropped": ds["dropped"]},
+            coords={c: ds[c] for c in ds.coords if c != "pooling"},
+        )  # fmt: skip
+        out = out.transpose("task", "modality", "step", "language", "layer")
+        return out.assign_attrs(family=family, pooling=p, n_units=ds["n_units"].values.tolist())
+
+    def modality(self, family: str = "decoder", pooling: str | None = None) -> xr.Dataset:
+        """v1 modality-selective units: ``ap``, ``ap_lo``, ``ap_hi`` of "speech task example"
+        vs "text task example" over ``(task, step, language, unit)``; ``units`` (top =
+        speech-selective, bottom = text-selective k-sets), ``by_submodule`` and ``by_site``
+        (counts per submodule / site kind), ``n_speech``, ``n_text``."""
+        p = self._pooling(pooling)
+        return self._open(group_path("modality", family, p, self.poolings), "modality")
+
+    def units(self, family: str = "decoder") -> pd.DataFrame:
+        """The unit table, indexed by unit id: site (address), path, layer, submodule, type,
+        positions, feature."""
+        u = self._open(f"units/{family}", "units").load()
+        site = u["unit_site"].values
+        cols = {"site": u["site_name"].values[site], "path": u["site_path"].values[site],
+                "layer": u["unit_layer"].values, "submodule": u["site_submodule"].values[site],
+                "type": u["site_type"].values[site], "positions": u["site_positions"].values[site],
+                "feature": u["unit_feature"].values}  # fmt: skip
+        frame = pd.DataFrame({k: np.asarray(v) for k, v in cols.items()}, index=u["unit"].values)
+        return frame.rename_axis("unit")
+
+    def steering_runs(self) -> list[Path]:
+        """Steer output directories next to the store whose grid reads this store."""
+        runs = []
+        for grid in sorted(self.path.resolve().parent.glob("*/grid.json")):
+            source = json.loads(grid.read_text())["config"].get("selectivity", {}).get("path")
+            if source and (
+                Path(source).resolve() == self.path.resolve() or Path(source).name == self.path.name
+            ):
+                runs.append(grid.parent)
+        return runs
+
+    def steering(self, run: str | Path | None = None, table: str = "summary") -> pd.DataFrame:
+        """A steer run's ``summary`` (per cell) or ``results`` (per cell and input) table.
+
+        ``run``: the steer output directory; default: the only run of :meth:`steering_runs`.
+        """
+        if table not in ("summary", "results"):
+            raise ValueError(f"table must be one of ['summary', 'results'], got {table!r}")
+        if run is None:
+            runs = self.steering_runs()
+            if len(runs) != 1:
+                raise ValueError(
+                    f"run must be one of {[str(r) for r in runs]}, got None; pass the steer "
+                    "output directory (run `crossmodal steer CONFIG` first if there is none)"
+                )
+            run = runs[0]
+        path = Path(run) / f"{table}.parquet"
+        if not path.is_file():
+            raise ValueError(
+                f"run must hold {table}.parquet, got {str(run)!r}; finish the steer run"
+            )
+        return pd.read_parquet(path)
+
+    def report(
+        self,
+        out: str | Path | None = None,
+        *,
+        family: str = "decoder",
+        pooling: str | None = None,
+        scope: str = "all",
+        figures: bool = True,
+    ) -> list[Path]:
+        """``crossmodal report``: figures + summary.md of the exact sets, plus the steering
+        figures of every run of :meth:`steering_runs` (under ``steering/<run>``)."""
+        from crossmodal.report.selection import write_report
+        from crossmodal.report.steering import steering_figures
+
+        dest = Path(out) if out is not None else self.path.parent / f"{self.path.stem}-report"
+        sets = self.sets(family, pooling, scope)
+        ds = self.selectivity(family, pooling)
+        conc = mod = None
+        with contextlib.suppress(ValueError):  # stores collected before these analyses
+            conc = self.concentration(pooling)["mean"]
+        with contextlib.suppress(ValueError):
+            mod = self.modality(family, pooling)
+        paths = write_report(ds, dest, sets=sets, figures=figures, concentration=conc,
+                             modality=mod)  # fmt: skip
+        for run in self.steering_runs():
+            if (run / "summary.parquet").is_file():
+                paths += steering_figures(run, dest / "steering" / run.name)
+        return paths
+
+
+def _scoped(da: xr.DataArray, scope: str | None, k: int) -> xr.DataArray:
+    """Select one scope and put the attrs :func:`crossmodal.reduce.selection.scope_of` reads."""
+    if scope is None:
+        return da.assign_attrs(k=int(k))
+    scopes = [str(s) for s in da["scope"].values]
+    if scope not in scopes:
+        raise ValueError(f"scope must be one of {scopes}, got {scope!r}; reduce with that scope")
+    from crossmodal.reduce.selection import parse_scope
+
+    out = da.sel(scope=scope, drop=True)
+    group, layer = parse_scope(scope)
+    return out.assign_attrs(k=int(k), group=group, layer="all" if layer is None else layer)
