@@ -43,7 +43,7 @@ docs: setup
 organism: setup
 	$(VENV)/bin/crossmodal organism --build crossmodal/organism_model
 
-# A local one-GPU (or CPU) Ray head with the environment this project needs (platform.md):
+# A local one-GPU (or CPU) Ray head with the environment this project needs (docs/design.md, "Platform: Ray"):
 # token auth off so `ray job submit` and `ray status` work, usage stats off.
 cluster-up: setup
 	$(RAY_ENV) $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats

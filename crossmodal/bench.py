@@ -1,4 +1,4 @@
-"""``crossmodal bench``: generation, capture, reference, steering and reducer speed (issue 8).
+"""``crossmodal bench``: how fast generation, capture, the reference, steering and the reducer run.
 
 For each (modality, batch size), on the same synthetic inputs: ``bare`` HF ``generate`` (greedy,
 ``min_new_tokens = max_new_tokens`` so every row runs every step); ``fast``
@@ -8,9 +8,14 @@ updates per step, ``prefix_mean`` by default); ``reference`` (:func:`~crossmodal
 batch 1, on a few examples); ``steer_hf`` / ``steer_fast`` (a different forcing per row, HF generate
 under :func:`~crossmodal.model.forcing.forcing` vs :func:`~crossmodal.model.forcing.generate_forced`). Once:
 the reducer (AP, AUROC, medians) over synthetic statistics of the real size, chunked over units.
-Times are the best of ``repeats`` after a warm-up (CUDA events on GPU). Imports only torch,
-transformers and numpy besides the project (no Ray, Zarr or click): the GPU command is
-``python -m crossmodal.bench --device cuda --model large``.
+Times are the best of ``repeats`` after a warm-up (CUDA events on GPU). Per cell also: peak
+memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS), and the replay
+check: one batched teacher-forced capture of the reference examples against the per-prefix
+reference, both poolings, within the dtype's tolerance (:data:`REPLAY_TOL`). Then the goals
+(:func:`goals`) at the largest batch size. Imports only torch, transformers and numpy
+besides the project (no Ray, Zarr, click or sentencepiece): the GPU check is
+``python -m crossmodal.bench --device cuda --out gpu-check.json`` (large random model, bf16,
+speech 10 s and text, batch 32 and 128, within :data:`GPU_DEFAULTS`' time limit).
 """
 
 from __future__ import annotations
@@ -33,18 +38,17 @@ import torch
 import transformers
 
 from crossmodal.model import fastgen
-
-from crossmodal.stats import kernel as fold
-from crossmodal.model.capture import Capturer
+from crossmodal.model.capture import POOLINGS, Capturer
+from crossmodal.model.forcing import forcing, generate_forced, plan_batch
 from crossmodal.model.inputs import ModelBatch, batch_from_token_ids
 from crossmodal.model.load import LoadedModel, build_random_model, feature_extractor, load_model
 from crossmodal.model.reference import reference_capture
+from crossmodal.model.units import UnitIndex
+from crossmodal.stats import kernel as fold
 from crossmodal.stats.finalize import selectivity_from_stats
 from crossmodal.stats.running import UnitStats, choose_edges
-from crossmodal.model.forcing import forcing, generate_forced, plan_batch
-from crossmodal.model.units import UnitIndex
 
-DECODER_UNITS_LARGE = 24 * 20_480 + 1024  # 492,544 (method.md "Units")
+DECODER_UNITS_LARGE = 24 * 20_480 + 1024  # 492,544 (docs/method.md, "Units")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class BenchConfig:
     reducer_threads: int = 2
     n_bins: int = 256
     threads: int | None = None
+    time_limit_s: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -133,7 +138,9 @@ def fixed_length(model: torch.nn.Module, n: int):  # noqa: ANN201 - a context ma
 def load(cfg: BenchConfig) -> LoadedModel:
     """The organism (or a path / hub id), or a random ``tiny``/``large`` model."""
     if cfg.model in ("tiny", "large"):
-        return build_random_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        return build_random_model(
+            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, processor=False
+        )
     return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
 
 
@@ -141,8 +148,8 @@ def make_inputs(loaded: LoadedModel, modality: str, n: int, cfg: BenchConfig) ->
     """``n`` synthetic examples: ``speech_seconds`` of tones + noise, or random token ids."""
     rng = np.random.default_rng(cfg.seed)
     if modality == "text":
-        vocab = loaded.model.config.vocab_size - len(loaded.lang_to_code_id)
-        ids = rng.integers(4, vocab, size=(n, cfg.text_tokens)).tolist()
+        first_tag = min(loaded.lang_to_code_id.values(), default=loaded.model.config.vocab_size)
+        ids = rng.integers(4, first_tag, size=(n, cfg.text_tokens)).tolist()
         return batch_from_token_ids(ids)
     t = np.arange(int(16_000 * cfg.speech_seconds)) / 16_000
     tone = [0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t) for i in range(n)]
@@ -171,74 +178,191 @@ def random_interventions(index: UnitIndex, rows: int, k: int, seed: int) -> list
     return out
 
 
-def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
-    """Every measurement for one (modality, batch size) on the same inputs."""
-    model, dev, mnt, tgt = loaded.model, loaded.device, cfg.max_new_tokens, cfg.tgt_lang
+@dataclass
+class CellInputs:
+    """The synthetic inputs of one (modality, batch size) cell, shared by every measurement.
+
+    Attributes:
+        batches: ``n_batches`` batches of ``batch_size`` examples.
+        kwargs: each batch's model kwargs on the device.
+        reference: the first ``reference_examples`` examples (the batch-1 reference is slow).
+        index: the decoder unit index.
+        interventions: per batch, per row, random units forced to random values.
+    """
+
+    batches: list[ModelBatch]
+    kwargs: list[dict]
+    reference: ModelBatch
+    index: UnitIndex
+    interventions: list[list[dict]]
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def cell_inputs(
+    loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig
+) -> CellInputs:
+    """Synthetic batches, their model kwargs, the reference subset and random interventions."""
     n = batch_size * cfg.n_batches
     data = make_inputs(loaded, modality, n, cfg)
     batches = [_rows(data, slice(i, i + batch_size)) for i in range(0, n, batch_size)]
-    kwargs = [b.model_kwargs(dev, loaded.dtype) for b in batches]
-    ref = _rows(data, slice(0, min(cfg.reference_examples, n)))
-    index = UnitIndex.from_model(model, "decoder")
-    rows = [random_interventions(index, len(b), cfg.steer_units, cfg.seed + i)
-            for i, b in enumerate(batches)]  # fmt: skip
+    index = UnitIndex.from_model(loaded.model, "decoder")
+    return CellInputs(
+        batches=batches,
+        kwargs=[b.model_kwargs(loaded.device, loaded.dtype) for b in batches],
+        reference=_rows(data, slice(0, min(cfg.reference_examples, n))),
+        index=index,
+        interventions=[
+            random_interventions(index, len(b), cfg.steer_units, cfg.seed + i)
+            for i, b in enumerate(batches)
+        ],
+    )
 
-    pilots: dict = {}
 
-    def capture(gen: str) -> Callable[[], dict]:
-        cap = Capturer(loaded, "decoder", cfg.steps, cfg.poolings, mnt, generator=gen)
-        pilot = cap.run(batches[0], tgt).values
-        edges = {key: choose_edges(v, cfg.n_bins) for key, v in pilot.items()}
-        pilots.update({key: (v, edges[key]) for key, v in pilot.items()})
+def _capture_fn(
+    loaded: LoadedModel, inputs: CellInputs, generator: str, cfg: BenchConfig, pilots: dict
+) -> Callable[[], dict]:
+    """Capture + statistics updates over every batch; the pilot batch's values go to ``pilots``."""
+    tgt = cfg.tgt_lang
+    cap = Capturer(
+        loaded, "decoder", cfg.steps, cfg.poolings, cfg.max_new_tokens, generator=generator
+    )
+    pilot = cap.run(inputs.batches[0], tgt).values
+    edges = {key: choose_edges(v, cfg.n_bins) for key, v in pilot.items()}
+    pilots.update({key: (v, edges[key]) for key, v in pilot.items()})
 
-        # Created once, as collect keeps one set of statistics per work unit (hundreds of
-        # examples): allocation and the CPU kernel's edge layout are not per-batch costs.
-        stats = {key: UnitStats.empty(e, dev) for key, e in edges.items()}
+    # Created once, as collect keeps one set of statistics per work unit (hundreds of
+    # examples): allocation and the CPU kernel's edge layout are not per-batch costs.
+    stats = {key: UnitStats.empty(e, loaded.device) for key, e in edges.items()}
 
-        def run() -> dict:
-            for b in batches:
-                for key, values in cap.run(b, tgt).values.items():
-                    stats[key].update(values)
-            return stats
+    def run() -> dict:
+        for b in inputs.batches:
+            for key, values in cap.run(b, tgt).values.items():
+                stats[key].update(values)
+        return stats
 
-        return run
+    return run
+
+
+def cell_functions(
+    loaded: LoadedModel, inputs: CellInputs, cfg: BenchConfig, pilots: dict
+) -> dict[str, Callable[[], Any]]:
+    """The timed functions of one cell, by name (``bare``, ``fast``, ``capture_*``, ...)."""
+    model, dev, mnt, tgt = loaded.model, loaded.device, cfg.max_new_tokens, cfg.tgt_lang
+    pairs = list(zip(inputs.kwargs, inputs.interventions, strict=True))
 
     def steer_hf() -> list[torch.Tensor]:  # planning is counted on both sides
         out = []
-        for k, r in zip(kwargs, rows, strict=True):
+        for k, r in pairs:
             with forcing(model, plan_batch(model, r, device=dev)):
                 out.append(fastgen.hf_generate(loaded, k, tgt, mnt))
         return out
 
-    with fixed_length(model, mnt):
-        fns = {
-            "bare": lambda: [fastgen.hf_generate(loaded, k, tgt, mnt) for k in kwargs],
-            "fast": lambda: [fastgen.greedy_generate(loaded, k, tgt, mnt).sequences for k in kwargs],
-            "capture_hf": capture("hf"),
-            "capture_fast": capture("fast"),
-            "reference": lambda: reference_capture(loaded, ref, tgt, steps=cfg.steps, max_new_tokens=mnt),
-            "steer_hf": steer_hf,
-            "steer_fast": lambda: [generate_forced(loaded, k, tgt, r, max_new_tokens=mnt)
-                                   for k, r in zip(kwargs, rows, strict=True)],
-        }  # fmt: skip
-        t = timed(fns, dev, cfg.repeats)
-    eps = {k: (len(ref) if k == "reference" else n) / seconds for k, (seconds, _) in t.items()}
-    res: dict[str, Any] = {"modality": modality, "batch_size": batch_size, "n_examples": n,
-                           "n_units": index.n_units, "reference_examples": len(ref),
-                           "steer_units_per_row": cfg.steer_units}  # fmt: skip
+    return {
+        "bare": lambda: [fastgen.hf_generate(loaded, k, tgt, mnt) for k in inputs.kwargs],
+        "fast": lambda: [
+            fastgen.greedy_generate(loaded, k, tgt, mnt).sequences for k in inputs.kwargs
+        ],
+        "capture_hf": _capture_fn(loaded, inputs, "hf", cfg, pilots),
+        "capture_fast": _capture_fn(loaded, inputs, "fast", cfg, pilots),
+        "reference": lambda: reference_capture(
+            loaded, inputs.reference, tgt, steps=cfg.steps, max_new_tokens=mnt
+        ),
+        "steer_hf": steer_hf,
+        "steer_fast": lambda: [
+            generate_forced(loaded, k, tgt, r, max_new_tokens=mnt) for k, r in pairs
+        ],
+    }
+
+
+IDENTICAL = {"fast_identical": ("bare", "fast"), "steer_fast_identical": ("steer_hf", "steer_fast")}
+"""Result key -> the two functions whose outputs must be the same tokens."""
+REPLAY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+"""Largest ``|replay - reference| / max |reference|`` accepted per dtype: batched and
+per-prefix runs round differently, and bf16 keeps 8 significant bits (fp16 11, fp32 24)."""
+
+
+def replay_check(loaded: LoadedModel, inputs: CellInputs, reference: Any, cfg: BenchConfig) -> dict:
+    """One batched capture of the reference examples (both poolings) vs the per-prefix
+    reference's tokens and values, relative to the reference's largest value."""
+    res = Capturer(loaded, "decoder", cfg.steps, POOLINGS, cfg.max_new_tokens)
+    got = res.run(inputs.reference, cfg.tgt_lang)
+    same = all(
+        got.sequences[i, : len(seq)].tolist() == seq.tolist()
+        for i, seq in enumerate(reference.sequences)
+    )
+    scale = max(float(np.nanmax(np.abs(v), initial=0.0)) for v in reference.values.values())
+    worst = 0.0
+    for key, expected in reference.values.items():
+        values = got.values[key].float().cpu().numpy()
+        if values.shape != expected.shape:
+            same, worst = False, float("inf")
+            continue
+        worst = max(worst, float(np.nanmax(np.abs(values - expected), initial=0.0)) / scale)
+    tol = REPLAY_TOL.get(loaded.dtype, REPLAY_TOL[torch.float32])
+    return {
+        "replay_tokens_equal": same,
+        "replay_max_rel_diff": worst,
+        "replay_tol": tol,
+        "replay_ok": same and worst <= tol,
+    }
+
+
+def cell_result(
+    modality: str,
+    batch_size: int,
+    inputs: CellInputs,
+    t: dict[str, tuple[float, Any]],
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    """Throughputs (examples/s), ratios to ``bare`` and to the reference, identity checks."""
+    n, n_ref = inputs.n_examples, len(inputs.reference)
+    eps = {k: (n_ref if k == "reference" else n) / seconds for k, (seconds, _) in t.items()}
+    res: dict[str, Any] = {
+        "modality": modality,
+        "batch_size": batch_size,
+        "n_examples": n,
+        "n_units": inputs.index.n_units,
+        "reference_examples": n_ref,
+        "steer_units_per_row": cfg.steer_units,
+    }
+    res["fast_speedup"] = eps["fast"] / eps["bare"]
     for k, v in eps.items():
         res[f"{k}_eps"] = v
         if k not in ("bare", "fast", "reference"):
             res[f"{k}_ratio"] = v / eps["bare"]
         if k.startswith("capture"):
             res[f"{k}_vs_reference"] = v / eps["reference"]
-    for key, (a, b) in {"fast_identical": ("bare", "fast"),
-                        "steer_fast_identical": ("steer_hf", "steer_fast")}.items():  # fmt: skip
+    for key, (a, b) in IDENTICAL.items():
         res[key] = all(torch.equal(x, y) for x, y in zip(t[a][1], t[b][1], strict=True))
     # examples folded into each statistic over the warm-up and every timed round
     res["stats_count"] = {f"{p}@{s}": v.n for (p, s), v in t["capture_fast"][1].items()}
-    res["stats_kernel"] = "numba" if fold.AVAILABLE and dev.type == "cpu" else "torch"
-    res.update(bench_stats_update(pilots, dev, cfg.repeats))
+    return res
+
+
+def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
+    """Every measurement for one (modality, batch size) on the same inputs."""
+    inputs = cell_inputs(loaded, modality, batch_size, cfg)
+    pilots: dict = {}
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    with fixed_length(loaded.model, cfg.max_new_tokens):
+        t = timed(cell_functions(loaded, inputs, cfg, pilots), loaded.device, cfg.repeats)
+        replay = replay_check(loaded, inputs, t["reference"][1], cfg)
+    res = cell_result(modality, batch_size, inputs, t, cfg)
+    res.update(replay)
+    if cuda:
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated(loaded.device) / 2**30
+        res["peak_memory_kind"] = "gpu max_memory_allocated"
+    else:
+        res["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        res["peak_memory_kind"] = "process peak RSS"
+    cpu_kernel = fold.AVAILABLE and loaded.device.type == "cpu"
+    res["stats_kernel"] = "numba" if cpu_kernel else "torch"
+    res.update(bench_stats_update(pilots, loaded.device, cfg.repeats))
     return res
 
 
@@ -277,10 +401,15 @@ def _synthetic_stats(units: int, cfg: BenchConfig, gen: torch.Generator) -> dict
         hist.scatter_add_(1, bins.clamp(0, n_k - 1).long(), torch.ones(units, n, dtype=torch.int32))
         mean = torch.randn(units, dtype=torch.float64, generator=gen)
         out[f"l{lang}"] = UnitStats(
-            edges=edges, count=torch.tensor(n), dropped=torch.tensor(0), mean=mean,
+            edges=edges,
+            count=torch.tensor(n),
+            dropped=torch.tensor(0),
+            mean=mean,
             m2=torch.full((units,), float(n), dtype=torch.float64),
-            min=mean - 4, max=mean + 4, hist=hist,
-        )  # fmt: skip
+            min=mean - 4,
+            max=mean + 4,
+            hist=hist,
+        )
     return out
 
 
@@ -294,8 +423,10 @@ def bench_reducer(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.reducer_threads)
     gen = torch.Generator().manual_seed(cfg.seed)
     finalize = build = 0.0
-    chunks = [min(cfg.reducer_chunk, cfg.reducer_units - i)
-              for i in range(0, cfg.reducer_units, cfg.reducer_chunk)]  # fmt: skip
+    chunks = [
+        min(cfg.reducer_chunk, cfg.reducer_units - i)
+        for i in range(0, cfg.reducer_units, cfg.reducer_chunk)
+    ]
     try:
         for units in chunks * cfg.reducer_groups:
             t0 = time.perf_counter()
@@ -308,10 +439,17 @@ def bench_reducer(cfg: BenchConfig) -> dict:
     finally:
         torch.set_num_threads(threads)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    return {"units": cfg.reducer_units, "conditions": cfg.reducer_groups * cfg.reducer_languages,
-            "n_bins": cfg.n_bins, "examples_per_language": cfg.reducer_examples,
-            "chunk_units": cfg.reducer_chunk, "threads": cfg.reducer_threads,
-            "finalize_s": finalize, "synthetic_build_s": build, "peak_rss_gib": rss}  # fmt: skip
+    return {
+        "units": cfg.reducer_units,
+        "conditions": cfg.reducer_groups * cfg.reducer_languages,
+        "n_bins": cfg.n_bins,
+        "examples_per_language": cfg.reducer_examples,
+        "chunk_units": cfg.reducer_chunk,
+        "threads": cfg.reducer_threads,
+        "finalize_s": finalize,
+        "synthetic_build_s": build,
+        "peak_rss_gib": rss,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -319,10 +457,16 @@ def machine() -> dict[str, Any]:
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "load_avg": os.getloadavg()}  # fmt: skip
+    info = {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -344,24 +488,65 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         out["reducer"] = bench_reducer(cfg)
         print(format_table({"cells": [], "reducer": out["reducer"]}), flush=True)
     if cfg.modalities:
+        start = time.perf_counter()
         loaded = load(cfg)
         out["model"] = loaded.provenance()
+        out["model_load_s"] = time.perf_counter() - start
         print(format_table({"cells": []}, header=True), flush=True)
         for modality in cfg.modalities:
             for bs in cfg.batch_sizes:
-                out["cells"].append(bench_cell(loaded, modality, bs, cfg))
-                print(format_row(out["cells"][-1]), flush=True)
+                if cfg.time_limit_s and time.perf_counter() - start > cfg.time_limit_s:
+                    cell = {"modality": modality, "batch_size": bs, "skipped": "time limit"}
+                else:
+                    cell = bench_cell(loaded, modality, bs, cfg)
+                out["cells"].append(cell)
+                print(format_row(cell), flush=True)
+        out["goals"] = goals(out["cells"])
     out["load_avg_end"] = os.getloadavg()
     return out
 
 
+GOALS = (
+    ("capture_fast_ratio", 0.90, "capture with statistics within 10% of bare generate"),
+    ("fast_speedup", 2.0, "the fast path at least 2x HF generate"),
+    ("steer_fast_ratio", 0.80, "steering within 20% of bare generate"),
+)
+"""(cell key, least value, meaning), judged at each modality's largest batch size."""
+
+
+def goals(cells: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """``"<modality>@<batch>" -> key -> {value, goal, met}`` at each modality's largest batch."""
+    out: dict[str, dict[str, Any]] = {}
+    for modality in dict.fromkeys(c["modality"] for c in cells):
+        ran = [c for c in cells if c["modality"] == modality and "skipped" not in c]
+        if not ran:
+            continue
+        cell = max(ran, key=lambda c: c["batch_size"])
+        out[f"{modality}@{cell['batch_size']}"] = {
+            key: {"value": cell[key], "goal": least, "met": cell[key] >= least, "means": what}
+            for key, least, what in GOALS
+        }
+    return out
+
+
 COLUMNS = (
-    ("modality", "{}"), ("batch_size", "{}"), ("bare_eps", "{:.1f}"), ("fast_eps", "{:.1f}"),
-    ("fast_identical", "{}"), ("capture_hf_ratio", "{:.2f}"), ("capture_fast_ratio", "{:.2f}"),
-    ("reference_eps", "{:.2f}"), ("capture_fast_vs_reference", "{:.1f}"),
-    ("steer_hf_ratio", "{:.2f}"), ("steer_fast_ratio", "{:.2f}"),
-    ("stats_torch_ms", "{:.2f}"), ("stats_numba_ms", "{:.2f}"),
-)  # fmt: skip
+    ("modality", "{}"),
+    ("batch_size", "{}"),
+    ("bare_eps", "{:.1f}"),
+    ("fast_eps", "{:.1f}"),
+    ("fast_identical", "{}"),
+    ("fast_speedup", "{:.2f}"),
+    ("capture_hf_ratio", "{:.2f}"),
+    ("capture_fast_ratio", "{:.2f}"),
+    ("reference_eps", "{:.2f}"),
+    ("capture_fast_vs_reference", "{:.1f}"),
+    ("steer_hf_ratio", "{:.2f}"),
+    ("steer_fast_ratio", "{:.2f}"),
+    ("stats_torch_ms", "{:.2f}"),
+    ("stats_numba_ms", "{:.2f}"),
+    ("peak_memory_gib", "{:.2f}"),
+    ("replay_ok", "{}"),
+)
 
 
 def format_row(cell: dict) -> str:
@@ -373,6 +558,12 @@ def format_table(result: dict, header: bool = False) -> str:
     """The printed summary: one row per (modality, batch size), then the reducer."""
     lines = [" ".join(f"{k[:13]:>13}" for k, _ in COLUMNS)] if header or result["cells"] else []
     lines += [format_row(c) for c in result["cells"]]
+    for where, checks in result.get("goals", {}).items():
+        lines += [
+            f"goal {where}: {key} {c['value']:.2f} >= {c['goal']:.2f}: "
+            f"{'met' if c['met'] else 'NOT met'} ({c['means']})"
+            for key, c in checks.items()
+        ]
     if r := result.get("reducer"):
         lines.append(
             f"reducer: {r['units']} units x {r['conditions']} conditions: finalize "
@@ -381,8 +572,18 @@ def format_table(result: dict, header: bool = False) -> str:
     return "\n".join(lines)
 
 
-GPU_DEFAULTS = {"model": "large", "dtype": "float16", "batch_sizes": (32, 64, 128),
-                "max_new_tokens": 32}  # fmt: skip
+GPU_DEFAULTS = {
+    "model": "large",
+    "dtype": "bfloat16",
+    "batch_sizes": (32, 128),
+    "max_new_tokens": 16,
+    "repeats": 2,
+    "reference_examples": 2,
+    "reducer": False,
+    "time_limit_s": 360.0,
+}
+"""The GPU check: SeamlessM4T v2 large's shapes (random weights), bf16, speech (10 s) and text,
+batch 32 and 128; no cell starts after 6 minutes, so one H100 finishes within 8."""
 
 
 def bench(out: str | None = None, **options: Any) -> dict[str, Any]:
@@ -391,8 +592,9 @@ def bench(out: str | None = None, **options: Any) -> dict[str, Any]:
     Args:
         out: JSON path, or ``None``.
         options: :class:`BenchConfig` fields; ``device`` defaults to ``cuda`` when present,
-            and a CUDA run defaults to :data:`GPU_DEFAULTS` (large random model, fp16,
-            B=32/64/128, 32 new tokens); a CPU run to the organism (:class:`BenchConfig`).
+            and a CUDA run defaults to :data:`GPU_DEFAULTS` (large random model, bf16,
+            B=32/128, 16 new tokens, no reducer); a CPU run to the organism
+            (:class:`BenchConfig`).
     """
     device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = GPU_DEFAULTS if device.startswith("cuda") else {}
@@ -411,17 +613,58 @@ _PARSE: dict[str, Callable[[str], Any]] = {
     "int": int,
     "int | None": int,
     "float": float,
+    "float | None": float,
     "tuple[int, ...]": lambda v: tuple(int(x) for x in v.split(",")),
     "tuple[str, ...]": lambda v: tuple(x for x in v.split(",") if x),  # "" -> no model cells
 }
 
 
+HELP = """\
+How fast generation, capture, the reference procedure, steering and the reducer run.
+
+For each (modality, batch size), on the same synthetic inputs: bare HF generate, the fast
+greedy loop (with an identity check), capture plus statistics updates (HF and fast
+generation), the batch-1 reference procedure, and steering (a different forcing per row, HF
+and fast). Once: the reducer (AP, AUROC, medians) over synthetic statistics of the real size.
+Lists take commas (--batch-sizes 8,32); booleans take true/false.
+
+Per cell also: peak memory and the replay check (batched capture vs the per-prefix
+reference within the dtype's tolerance); then the goals at the largest batch size.
+
+The GPU check (large random model, bf16, speech 10 s and text, batch sizes 32,128,
+16 new tokens, no reducer; no cell starts after 6 minutes):
+  python -m crossmodal.bench --device cuda --out gpu-check.json
+"""
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _flag_help(name: str, default: Any) -> str:
+    """``default: X`` (and the CUDA default where it differs) for one :class:`BenchConfig` flag."""
+    if name == "device":
+        return "default: cuda when available, else cpu"
+    if name in GPU_DEFAULTS:
+        return f"default: {_show(default)} (on CUDA: {_show(GPU_DEFAULTS[name])})"
+    return f"default: {_show(default)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m crossmodal.bench [--device cuda --model large] [--out results.json]``."""
-    parser = argparse.ArgumentParser(prog="python -m crossmodal.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m crossmodal.bench",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default=None, help="write the JSON result here")
     for f in fields(BenchConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_PARSE.get(str(f.type), str))
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_PARSE.get(str(f.type), str),
+            metavar=f.name.upper(),
+            help=_flag_help(f.name, f.default),
+        )
     bench(**vars(parser.parse_args(argv)))
     return 0
 

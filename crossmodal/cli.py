@@ -1,16 +1,48 @@
-"""The ``crossmodal`` command line: thin click wrappers over the library.
+"""The ``crossmodal`` command line: one click group, thin wrappers over the library.
 
 Each subcommand parses its options and calls one library function; none holds logic of its
-own. Every ``--help`` ends with an example that runs as written.
+own, and each imports the library only when it runs, so ``--help`` answers at once. Every
+``--help`` ends with an example that runs as written. ``jobs/*.py`` are the same commands
+as Ray job entry points (``python -m jobs.collect CONFIG``).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
-from crossmodal.cli_options import CONTEXT
+F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+config_argument = click.argument("config", type=click.Path(exists=True, dir_okay=False))
+store_argument = click.argument("store", type=click.Path(exists=True, file_okay=False))
+address_option = click.option(
+    "--address",
+    default=None,
+    help="Ray address: 'auto' joins a running head; default: the submitting cluster under "
+    "`ray job submit`, else an in-process Ray.",
+)
+
+
+def no_progress_option(what: str = "bar") -> Callable[[F], F]:
+    """``--no-progress``; ``what`` names the progress display (``bar`` or ``bars``)."""
+    return click.option("--no-progress", is_flag=True, help=f"No progress {what} (logs, CI).")
+
+
+@contextmanager
+def exit_on_error(kind: type[Exception] = ValueError) -> Iterator[None]:
+    """Turn a ``kind`` error (config, store, data, model) into one ``error: ...`` line on
+    stderr and exit status 2, instead of a traceback."""
+    try:
+        yield
+    except kind as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
 
 
 @click.group(context_settings=CONTEXT)
@@ -22,9 +54,195 @@ def main() -> None:
     Example:
       crossmodal run configs/pipeline-organism.yaml
     """
+    from crossmodal.fleet import set_ray_env
+
+    set_ray_env()  # before Ray is imported anywhere
 
 
-@main.command()
+@main.command("run", context_settings=CONTEXT)
+@config_argument
+@address_option
+@no_progress_option("bars")
+def run(config: str, address: str | None, no_progress: bool) -> None:
+    """Run collect, reduce, steer and report for a pipeline CONFIG (resumable).
+
+    \b
+    Example:
+      crossmodal run configs/pipeline-organism.yaml
+    """
+    from crossmodal.pipeline import format_headline, load_pipeline, run_pipeline
+
+    with exit_on_error():  # ConfigError is a ValueError
+        pipeline = load_pipeline(config)
+        result = run_pipeline(pipeline, address=address, progress=not no_progress, echo=click.echo)
+    click.echo("== done ==")
+    click.echo(format_headline(result))
+
+
+@main.command("collect", context_settings=CONTEXT)
+@config_argument
+@address_option
+@click.option("--dry-run", is_flag=True, help="Print the plan and the store size, then stop.")
+@click.option("--output", default=None, help="Store path, overriding the config's `output`.")
+@no_progress_option()
+def collect(
+    config: str, address: str | None, dry_run: bool, output: str | None, no_progress: bool
+) -> None:
+    """Collect per-step unit statistics for CONFIG into a Zarr store (resumable).
+
+    \b
+    Examples:
+      crossmodal collect configs/reference.yaml --dry-run
+      python -m jobs.collect configs/organism.yaml --address auto
+    """
+    from crossmodal.collect.driver import collect_file
+
+    with exit_on_error():  # config, store, data and model errors: one clear message
+        collect_file(
+            config,
+            address=address,
+            dry_run=dry_run,
+            output=output,
+            progress=not no_progress,
+            echo=click.echo,
+        )
+
+
+@main.command("reduce", context_settings=CONTEXT)
+@store_argument
+@click.option("--k", default=1000, show_default=True, help="Units per side of each set.")
+@click.option(
+    "--scopes",
+    default="all,attention,ffn",
+    show_default=True,
+    help="Comma-separated unit groups each ranking runs over: all, attention, self_attn, "
+    "cross_attn, ffn; GROUP@LAYER ranks one layer's units, GROUP@* each layer's.",
+)
+@click.option(
+    "--widen",
+    default=1e-6,
+    show_default=True,
+    help="Margin added to every AP interval before planning the exact pass.",
+)
+@click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-sets next to it).")
+@address_option
+@click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
+@no_progress_option("bars")
+def reduce(
+    store: str,
+    k: int,
+    scopes: str,
+    widen: float,
+    csv_dir: str | None,
+    address: str | None,
+    num_cpus: float,
+    no_progress: bool,
+) -> None:
+    """Reduce a collect STORE: selectivity, exact top/bottom-k sets, roles, overlap (resumable).
+
+    \b
+    Example:
+      crossmodal reduce results/organism.zarr --k 1000
+    """
+    from crossmodal.reduce.driver import run_reduce
+
+    with exit_on_error():  # store, option and exact-pass errors: one clear message
+        run_reduce(
+            store,
+            k=k,
+            scopes=[s.strip() for s in scopes.split(",") if s.strip()],
+            widen=widen,
+            csv_dir=csv_dir,
+            address=address,
+            num_cpus=num_cpus,
+            progress=not no_progress,
+            echo=click.echo,
+        )
+
+
+@main.command("steer", context_settings=CONTEXT)
+@config_argument
+@address_option
+@click.option("--dry-run", is_flag=True, help="Print the grid size, then stop.")
+@click.option("--output", default=None, help="Results directory, overriding the config's `output`.")
+@no_progress_option()
+def steer(
+    config: str, address: str | None, dry_run: bool, output: str | None, no_progress: bool
+) -> None:
+    """Force selected unit sets (and random controls) while generating; measure the outputs.
+
+    \b
+    Example:
+      python -m jobs.steer configs/steer-organism.yaml --dry-run
+    """
+    from dataclasses import replace
+
+    from crossmodal.schemas import ConfigError
+    from crossmodal.steer.driver import run_steer
+    from crossmodal.steer.grid import describe, expand, load_grid
+
+    with exit_on_error(ConfigError):
+        grid = load_grid(config)
+    if output is not None:
+        grid = replace(grid, output=output)
+    click.echo(describe(grid, expand(grid)))
+    if dry_run:
+        return
+    with exit_on_error():
+        run_steer(grid, address=address, progress=not no_progress, echo=click.echo)
+
+
+@main.command("report", context_settings=CONTEXT)
+@store_argument
+@click.option("--out", default=None, help="Output directory (default: STORE-report next to it).")
+@click.option("--family", default="decoder", show_default=True, help="Unit family to report.")
+@click.option("--pooling", default=None, help="Pooling (default: prefix_mean if collected).")
+@click.option("--scope", default="all", show_default=True, help="Set scope: all/attention/ffn.")
+@click.option("--no-figures", is_flag=True, help="Write summary.md only (no PNGs).")
+def report(
+    store: str,
+    out: str | None,
+    family: str,
+    pooling: str | None,
+    scope: str,
+    no_figures: bool,
+) -> None:
+    """Figures and a Markdown summary of a reduced STORE, plus its steering runs' figures.
+
+    \b
+    Example:
+      crossmodal report results/organism.zarr --out results/organism-report
+    """
+    from crossmodal.store import results
+
+    with exit_on_error():
+        paths = results.open(store).report(
+            out, family=family, pooling=pooling, scope=scope, figures=not no_figures
+        )
+    click.echo(f"wrote {len(paths)} files to {paths[0].parent if paths else out}")
+
+
+@main.command("verify", context_settings=CONTEXT)
+@click.argument("store", type=click.Path(file_okay=False))
+def verify(store: str) -> None:
+    """Check a collect STORE's integrity; print each problem (exit 1) or "ok".
+
+    Checks the layout version and root attributes, the manifest against the plan and the
+    arrays, counts across steps and families, histogram sums and finite moments.
+
+    \b
+    Example:
+      crossmodal verify results/organism.zarr
+    """
+    from crossmodal.store.verify import verify_store
+
+    found = verify_store(store)
+    click.echo(found.format())
+    if not found.ok:
+        raise SystemExit(1)
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--eval", "do_eval", is_flag=True, help="Evaluate exact match on held-out sentences.")
 @click.option(
     "--build",
@@ -72,7 +290,7 @@ def organism(
         click.echo(str(path))
 
 
-@main.command()
+@main.command(context_settings=CONTEXT)
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(configs: tuple[str, ...]) -> None:
     """Validate collect or steer CONFIGS against their JSON Schemas; list every violation.
@@ -87,14 +305,15 @@ def validate(configs: tuple[str, ...]) -> None:
       crossmodal validate configs/organism.yaml configs/steer-organism.yaml
     """
     from crossmodal.collect import config as collect_config
-    from crossmodal.steer import grid
     from crossmodal.pipeline import load_pipeline
+    from crossmodal.schemas import ConfigError, read_file
+    from crossmodal.steer import grid
 
     failed = False
     for path in configs:
         try:
-            raw = collect_config.read_file(path)
-        except collect_config.ConfigError as err:
+            raw = read_file(path)
+        except ConfigError as err:
             errors = err.errors
         else:
             kind = next((k for k in ("collect", "selectivity") if k in (raw or {})), None)
@@ -102,7 +321,7 @@ def validate(configs: tuple[str, ...]) -> None:
                 try:
                     load_pipeline(path)
                     errors = []
-                except collect_config.ConfigError as err:
+                except ConfigError as err:
                     errors = err.errors
             else:
                 errors = (grid.validate if kind else collect_config.validate)(raw)
@@ -135,26 +354,6 @@ def bench(args: tuple[str, ...]) -> None:
     from crossmodal.bench import main as bench_main
 
     raise SystemExit(bench_main(list(args)))
-
-
-def _register_jobs() -> None:
-    """The Ray job entry points double as subcommands: one definition, two ways to call."""
-    from crossmodal.store.verify import verify_command
-    from jobs.collect import main as collect_main
-    from jobs.pipeline import main as pipeline_main
-    from jobs.reduce import main as reduce_main
-    from jobs.reduce import report_command
-    from jobs.steer import main as steer_main
-
-    main.add_command(pipeline_main, name="run")
-    main.add_command(collect_main, name="collect")
-    main.add_command(reduce_main, name="reduce")
-    main.add_command(steer_main, name="steer")
-    main.add_command(report_command, name="report")
-    main.add_command(verify_command, name="verify")
-
-
-_register_jobs()
 
 
 if __name__ == "__main__":

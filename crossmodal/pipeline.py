@@ -8,25 +8,26 @@ reads the selectivity of the collect store of the same pipeline.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import numpy as np
 
-from crossmodal.schemas import ConfigError, load_schema, read_file
-
+from crossmodal.collect.config import CollectConfig, load_config
+from crossmodal.schemas import ConfigError, load_validated
+from crossmodal.steer.grid import SteerConfig, load_grid
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A validated pipeline: stage config paths (resolved) and stage options."""
+    """A validated pipeline: the loaded stage configs, where they came from, stage options."""
 
-    collect: Path
-    steer: Path | None
+    collect: CollectConfig
+    collect_path: Path
+    steer: SteerConfig | None
+    steer_path: Path | None
     k: int
     scopes: tuple[str, ...]
     report_out: Path | None
@@ -39,41 +40,38 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() or p.exists() else base / p
 
 
+def _load_stage(path: Path, load: Callable[[Path], Any], name: str, errors: list[str]) -> Any:
+    """``load(path)``, or None with its violations appended to ``errors`` (``name (path): ...``)."""
+    try:
+        return load(path)
+    except ConfigError as err:
+        errors += [f"{name} ({path}): {line}" for line in err.errors]
+        return None
+
+
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Validate a pipeline config and the stage configs it names, reporting every error.
+    """Validate a pipeline config, then load the stage configs it names, reporting every error.
 
     Raises:
         ConfigError: one line per violation, stage configs included.
     """
-    from crossmodal.collect import config as collect_config
-    from crossmodal.steer import grid
-
-    raw = read_file(path)
-    schema = load_schema("pipeline")
-    errors = [
-        f"{'/'.join(map(str, e.absolute_path)) or 'config'}: {e.message}"
-        for e in jsonschema.Draft202012Validator(schema).iter_errors(raw)
-    ]
-    if errors:
-        raise ConfigError(str(path), errors)
+    raw = load_validated(path, "pipeline", lambda _: [], label="pipeline")
     base = Path(path).resolve().parent
-    collect = _resolve(raw["collect"], base)
-    steer = _resolve(raw["steer"], base) if raw.get("steer") else None
-    errors += [f"collect ({collect}): {line}" for line in collect_config.validate_file(collect)]
-    if steer is not None:
-        try:
-            errors += [f"steer ({steer}): {line}" for line in grid.validate(read_file(steer))]
-        except ConfigError as err:
-            errors += err.errors
+    collect_path = _resolve(raw["collect"], base)
+    steer_path = _resolve(raw["steer"], base) if raw["steer"] else None
+    errors: list[str] = []
+    collect = _load_stage(collect_path, load_config, "collect", errors)
+    steer = _load_stage(steer_path, load_grid, "steer", errors) if steer_path else None
     if errors:
         raise ConfigError(str(path), errors)
-    reduce = raw.get("reduce", {})
-    out = raw.get("report", {}).get("out")
+    out = raw["report"]["out"]
     return PipelineConfig(
         collect=collect,
+        collect_path=collect_path,
         steer=steer,
-        k=int(reduce.get("k", 1000)),
-        scopes=tuple(reduce.get("scopes", ("all", "attention", "ffn"))),
+        steer_path=steer_path,
+        k=int(raw["reduce"]["k"]),
+        scopes=tuple(raw["reduce"]["scopes"]),
         report_out=Path(out) if out else None,
     )
 
@@ -90,40 +88,32 @@ def run_pipeline(
     Returns:
         ``{"store", "report", "steer", "headline": {...}}``.
     """
-    from crossmodal.store import results
     from crossmodal.collect.driver import run_collect
-    from crossmodal.collect.config import load_config
-    from crossmodal.steer.grid import load_grid
     from crossmodal.reduce.driver import run_reduce
     from crossmodal.steer.driver import run_steer
+    from crossmodal.store import results
 
-    collect_cfg = load_config(config.collect)
+    stage = {"address": address, "progress": progress, "echo": echo}
     echo("== collect ==")
-    collected = run_collect(
-        collect_cfg, address=address, source=str(config.collect), echo=echo, progress=progress
-    )
+    collected = run_collect(config.collect, source=str(config.collect_path), **stage)
     store = Path(collected["store"])
     echo("== reduce ==")
-    run_reduce(
-        store, k=config.k, scopes=config.scopes, address=address, progress=progress, echo=echo
-    )
+    run_reduce(store, k=config.k, scopes=config.scopes, **stage)
     steer_out = None
     if config.steer is not None:
         echo("== steer ==")
-        grid = load_grid(config.steer)
-        grid = replace(grid, selectivity=replace(grid.selectivity, path=str(store)))
-        run_steer(grid, address=address, progress=progress, echo=echo)
+        grid = replace(config.steer, selectivity=replace(config.steer.selectivity, path=str(store)))
+        run_steer(grid, **stage)
         steer_out = Path(grid.output).resolve()
     echo("== report ==")
     res = results.open(store)
     paths = res.report(config.report_out)
     report_dir = paths[0].parent if paths else config.report_out
-    headline = headline_numbers(res, steer_out)
     return {
         "store": str(store),
         "report": str(report_dir),
         "steer": str(steer_out),
-        "headline": headline,
+        "headline": headline_numbers(res, steer_out),
     }
 
 

@@ -1,1 +1,4 @@
-"""Ray job entry points (recipes: wiring only; the logic lives in ``crossmodal``)."""
+"""Ray job entry points: each is a ``crossmodal`` subcommand run as ``python -m jobs.NAME``.
+
+Recipes only: the library (``crossmodal``) never imports them.
+"""

@@ -1,4 +1,4 @@
-"""Shared fixtures. No hub and no Ray auth in tests (platform.md).
+"""Shared fixtures. No hub and no Ray auth in tests (docs/design.md, "Platform: Ray").
 
 Plain builders several test modules share (model directories, configs, the collect driver
 without Ray, a lock holder) live in tests/helpers.py: ``from helpers import ...``.

@@ -70,15 +70,48 @@ def collect_config(model_dir: Path, output: Path, **overrides: Any) -> dict[str,
     return raw
 
 
+class LocalSession:
+    """A stand-in for :class:`crossmodal.fleet.RaySession`: one in-process replica, no Ray."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+
+    def __enter__(self) -> LocalSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def actors(self, cls: type, *args: Any, spec: Any, count: int | None = None) -> LocalFleet:
+        return LocalFleet(cls(*args))
+
+
+class LocalFleet:
+    """A stand-in for :class:`crossmodal.fleet.ActorFleet` running jobs one by one in order."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, jobs: Any, *, fault: Any = None) -> Any:
+        for job in list(jobs):
+            yield self.worker(job)
+            if fault is not None:
+                fault.tick()
+
+
 def local_collect(monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any], **kw: Any) -> dict:
     """:func:`run_collect` (the real driver) with one in-process Collector instead of Ray."""
     from crossmodal.collect import driver as collect
     from crossmodal.collect.config import load_config
 
     config = load_config(raw)
-    monkeypatch.setattr(collect, "_start_actors", lambda c, store, address: ([
-        collect.Collector(c, store)], False))  # fmt: skip
-    monkeypatch.setattr(collect, "_pool_map", lambda actors, jobs: (actors[0](j) for j in jobs))
+    monkeypatch.setattr(collect, "RaySession", LocalSession)
     return collect.run_collect(config, progress=False, echo=kw.pop("echo", lambda _: None), **kw)
 
 

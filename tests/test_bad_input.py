@@ -249,10 +249,10 @@ def test_too_little_disk_is_refused_before_starting(model_dir, tmp_path, monkeyp
 
 
 def test_locked_outputs_are_refused_by_collect_reduce_and_steer(good_store, tmp_path, monkeypatch):
-    from crossmodal.steer.grid import load_grid
-    from crossmodal.store.lock import LockError
     from crossmodal.reduce.driver import run_reduce
     from crossmodal.steer.driver import run_steer
+    from crossmodal.steer.grid import load_grid
+    from crossmodal.store.lock import LockError
 
     raw, good = good_store
     out = Path(shutil.copytree(good, tmp_path / "s.zarr"))

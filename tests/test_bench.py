@@ -17,7 +17,15 @@ import textwrap
 import pytest
 import torch
 
-from crossmodal.bench import BenchConfig, bench_cell, bench_reducer, format_row, format_table
+from crossmodal.bench import (
+    GOALS,
+    GPU_DEFAULTS,
+    BenchConfig,
+    bench_cell,
+    bench_reducer,
+    format_row,
+    format_table,
+)
 
 SMOKE = textwrap.dedent(
     """
@@ -47,6 +55,9 @@ def check_cell(cell: dict, batch: int, kernel: str = "numba") -> None:
     assert cell["stats_count"] == steps and cell["stats_kernel"] == kernel
     assert cell["stats_torch_ms"] > 0 and ("stats_numba_ms" in cell) == (kernel == "numba")
     assert cell["reference_examples"] == 1 and cell["n_examples"] == batch
+    assert cell["replay_tokens_equal"] is True and cell["replay_ok"] is True
+    assert 0 <= cell["replay_max_rel_diff"] <= cell["replay_tol"]
+    assert cell["peak_memory_gib"] > 0 and cell["fast_speedup"] > 0
 
 
 def test_one_cell_in_process(tiny_model):
@@ -110,3 +121,51 @@ def test_bad_config():
         BenchConfig(max_new_tokens=8)
     with pytest.raises(ValueError, match="modalities must be one of"):
         BenchConfig(modalities=("video",))
+
+
+def _flag(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower()
+
+
+@pytest.mark.integration
+def test_gpu_check_code_path_on_cpu(tmp_path):
+    """The GPU check's options (bf16, speech 10 s and text, no reducer, the time limit) with
+    a tiny model, two small batch sizes and one round on CPU: the command's code path runs
+    end to end without ray, zarr, click or numba, writes the JSON and prints the goals."""
+    out = tmp_path / "gpu-check.json"
+    options = {**GPU_DEFAULTS, "model": "tiny", "batch_sizes": (2, 3), "max_new_tokens": 12}
+    options.update(repeats=1, reference_examples=1, steer_units=20, n_bins=16, threads=1)
+    args = [f"--{k.replace('_', '-')}={_flag(v)}" for k, v in options.items()]
+    args += ["--device", "cpu", "--n-batches", "1", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SMOKE, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["dtype"] == "bfloat16" and result["config"]["speech_seconds"] == 10.0
+    assert result["model"]["dtype"] == "bfloat16" and "reducer" not in result
+    assert [(c["modality"], c["batch_size"]) for c in result["cells"]] == [
+        ("speech", 2), ("speech", 3), ("text", 2), ("text", 3),
+    ]  # fmt: skip
+    for cell in result["cells"]:
+        assert cell["fast_identical"] is True and cell["steer_fast_identical"] is True
+        assert cell["replay_tokens_equal"] is True
+        assert cell["replay_max_rel_diff"] <= cell["replay_tol"] == 5e-2
+        assert cell["peak_memory_kind"] == "process peak RSS"
+    assert set(result["goals"]) == {"speech@3", "text@3"}
+    assert {k for k, *_ in GOALS} == set(result["goals"]["text@3"])
+    assert "goal text@3: capture_fast_ratio" in proc.stdout
+
+
+def test_time_limit_skips_the_remaining_cells(tiny_model, monkeypatch):
+    import crossmodal.bench as bench
+
+    monkeypatch.setattr(bench, "load", lambda cfg: tiny_model)
+    monkeypatch.setattr(bench, "bench_cell", lambda *a: pytest.fail("a cell ran"))
+    cfg = BenchConfig(model="tiny", reducer=False, modalities=("text",), time_limit_s=1e-9)
+    result = bench.run_bench(cfg)
+    assert result["cells"] == [
+        {"modality": "text", "batch_size": b, "skipped": "time limit"} for b in (8, 32)
+    ]
+    assert result["goals"] == {}

@@ -33,6 +33,7 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
+from crossmodal.data.records import Record
 from crossmodal.model import capture
 from crossmodal.model.capture import Capturer, CaptureResult, step_validity
 from crossmodal.model.inputs import ModelBatch, batch_from_token_ids, make_batch
@@ -43,14 +44,13 @@ from crossmodal.model.load import (
     load_model,
     tiny_config,
 )
-from crossmodal.data.records import Record
 from crossmodal.model.reference import reference_capture, reference_valid
 
 FAMILIES = ("decoder", "ffn_act", "encoder")
 STEPS = (1, 6, 11, 20)  # 20 > MAX_NEW: past the end of every output
 MAX_NEW = 14
 LANGS = ("eng", "deu", "spa", "fra", "jpn", "cmn")
-REL_TOL = 1e-5  # max abs difference / largest activation magnitude (issue 4)
+REL_TOL = 1e-5  # max abs difference / largest activation magnitude
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -402,7 +402,7 @@ def test_texts_without_processor_are_token_ids(lively, batches):
 
 @pytest.fixture(scope="module")
 def with_processor(tmp_path_factory, lively) -> LoadedModel:
-    """The lively model with a tiny real tokenizer (sentencepiece, platform.md recipe)."""
+    """The lively model with a tiny real tokenizer (sentencepiece, loaded as the organism's)."""
     root = tmp_path_factory.mktemp("tok")
     sents = ["the cat sat on the mat", "der hund lief schnell", "el gato come pescado"] * 20
     spm.SentencePieceTrainer.train(

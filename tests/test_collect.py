@@ -7,8 +7,8 @@ skips are counted). Edge cases: skipped examples inside a shard, a step some out
 reach, en2x reusing the pivot inputs per target, a part half-written before a crash. The
 last test runs configs/organism.yaml (the demo) on the shipped organism, shrunk.
 
-Ray hygiene (platform.md): RAY_AUTH_MODE=disabled and RAY_USAGE_STATS_ENABLED=0 everywhere;
-fractional num_cpus; the head is started by this module in its own process group on free
+Ray hygiene (docs/design.md, "Platform: Ray"): RAY_AUTH_MODE=disabled and
+RAY_USAGE_STATS_ENABLED=0 everywhere; fractional num_cpus; the head is started by this module in its own process group on free
 ports and killed by process group in ``finally`` (never ``ray stop``, which would stop every
 Ray on a shared machine). ``--address auto`` is pinned to that head with RAY_ADDRESS so it
 cannot join a neighbour's cluster.
@@ -28,9 +28,11 @@ import yaml
 import zarr
 from conftest import submit_job
 
-from crossmodal.collect.driver import Collector, run_collect, store_dims
+from crossmodal.collect.collector import Collector
 from crossmodal.collect.config import load_config
+from crossmodal.collect.driver import run_collect
 from crossmodal.collect.plan import build_plan, unit_index
+from crossmodal.store.collect_store import store_dims
 from crossmodal.store.layout import StoreError, UnitCoords, create_store
 
 pytestmark = pytest.mark.integration
@@ -102,7 +104,7 @@ def _write_config(raw: dict, path: Path) -> Path:
 
 
 def _assert_same_stats(a: Path, b: Path) -> None:
-    """Identical counts and histograms; moments within 1e-12 relative (issue 5)."""
+    """Identical counts and histograms; moments within 1e-12 relative (floating point)."""
     x = xr.open_zarr(a, group="stats/decoder", consolidated=False).load()
     y = xr.open_zarr(b, group="stats/decoder", consolidated=False).load()
     for name in ("count", "dropped", "hist", "n_examples", "n_skipped", "n_rows", "n_ended"):
@@ -114,7 +116,7 @@ def _assert_same_stats(a: Path, b: Path) -> None:
 
 
 def test_collector_without_ray(raw_config, tmp_path):
-    """Style lesson 10: the actor class runs a pilot and a work unit with no Ray at all."""
+    """The actor class is a plain callable: it runs a pilot and a work unit with no Ray."""
     config = load_config({**raw_config, "output": str(tmp_path / "s.zarr")})
     plan = build_plan(config)
     index = unit_index(config)

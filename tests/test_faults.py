@@ -39,7 +39,15 @@ import xarray as xr
 import yaml
 import zarr
 
-from crossmodal.fleet.faults import DIR_ENV, ENV, FAULT_EXIT_CODE, Fault, FaultPoint, env_vars, parse
+from crossmodal.fleet.faults import (
+    DIR_ENV,
+    ENV,
+    FAULT_EXIT_CODE,
+    Fault,
+    FaultPoint,
+    env_vars,
+    parse,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,8 +185,8 @@ def reference(fault_raw) -> Path:
 
 @pytest.mark.integration
 def test_collector_killed_mid_unit_is_retried_once(fault_raw, reference, tmp_path, monkeypatch):
-    from crossmodal.collect.driver import run_collect
     from crossmodal.collect.config import load_config
+    from crossmodal.collect.driver import run_collect
     from crossmodal.store.verify import verify_store
 
     out = tmp_path / "faulty.zarr"
@@ -283,8 +291,9 @@ def steer_reference(steer_root):
     """Fault-free tables: one SteerWorker called directly on every task, then consolidated."""
     from helpers import steer_config as _config
 
+    from crossmodal.steer.driver import consolidate
     from crossmodal.steer.grid import expand, tasks
-    from crossmodal.steer.driver import SteerWorker, consolidate
+    from crossmodal.steer.worker import SteerWorker
 
     ref = _config(steer_root, "ref")
     worker = SteerWorker(ref, device="cpu")
@@ -302,15 +311,21 @@ def _same_tables(out: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> Non
 
 
 @pytest.mark.integration
-def test_steer_worker_killed_gives_identical_tables(steer_root, steer_reference, tmp_path,
-                                                    monkeypatch):  # fmt: skip
+def test_steer_worker_killed_gives_identical_tables(
+    steer_root, steer_reference, tmp_path, monkeypatch
+):
     from helpers import steer_config as _config
 
     from crossmodal.steer.driver import run_steer
 
     _, cells, reference = steer_reference
-    actors = {"count": 2, "num_cpus": 0.25, "num_gpus": 0, "max_restarts": 1,
-              "max_task_retries": 1}  # fmt: skip
+    actors = {
+        "count": 2,
+        "num_cpus": 0.25,
+        "num_gpus": 0,
+        "max_restarts": 1,
+        "max_task_retries": 1,
+    }
     faulty = _config(steer_root, "faulty", actors=actors)
     monkeypatch.setenv(ENV, "steer_worker:after_batches=1")
     monkeypatch.setenv(DIR_ENV, str(tmp_path / "markers"))
@@ -324,14 +339,16 @@ class _Died(BaseException):
     """What the patched kill raises: the driver stops right there (its ``finally`` runs)."""
 
 
-def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference, tmp_path,
-                                                     monkeypatch):  # fmt: skip
+def test_steer_driver_stopped_after_one_task_resumes(
+    steer_root, steer_reference, tmp_path, monkeypatch
+):
     """The steering driver's fault point, with an in-process executor instead of Ray actors
     and a kill that raises (so pytest survives): one task lands, the re-run does the rest."""
+    from types import SimpleNamespace
+
     from helpers import steer_config as _config
 
-    from crossmodal.fleet import faults
-
+    from crossmodal.fleet import ActorFleet, RaySession, faults
     from crossmodal.steer import driver as steer
     from crossmodal.steer.grid import tasks
 
@@ -344,9 +361,14 @@ def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference
         def map_unordered(self, fn, items):
             return (self.actors[0](item) for item in items)
 
+    def local_fleet(session, cls, *args, spec, count=None):  # one worker in this process
+        fleet = ActorFleet.__new__(ActorFleet)
+        fleet._ray = SimpleNamespace(kill=lambda actor: None)
+        fleet.actors = [cls(*args, device="cpu")]
+        return fleet
+
     monkeypatch.setattr("ray.util.ActorPool", LocalPool)
-    monkeypatch.setattr(steer, "_start_actors", lambda config, address: ([
-        steer.SteerWorker(config, device="cpu")], False))  # fmt: skip
+    monkeypatch.setattr(RaySession, "actors", local_fleet)
 
     def died(mode: str) -> None:
         raise _Died(mode)
@@ -361,3 +383,21 @@ def test_steer_driver_stopped_after_one_task_resumes(steer_root, steer_reference
     again = steer.run_steer(config, progress=False, echo=lambda _: None)  # marker: no refire
     assert (again["ran"], again["resumed"]) == (len(cells) - len(first), len(first))
     _same_tables(Path(config.output), reference)
+
+
+def test_write_boundary_fault_fires_at_the_armed_arrival(tmp_path):
+    """``at=<boundary>[,n=k]`` kills at the k-th arrival at one named write boundary."""
+    assert parse("driver:at=collect.merge.written,n=2") == (
+        Fault("driver", "at", 2, "exit", "collect.merge.written"),
+    )
+    with pytest.raises(ValueError, match="at must be one of \\[a dotted boundary name"):
+        parse("driver:at=Merge Written")
+    with pytest.raises(ValueError, match="n must be one of \\[an integer >= 1\\], got '0'"):
+        parse("driver:at=collect.merge.written,n=0")
+    fired: list[str] = []
+    environ = {ENV: "driver:at=collect.merge.written,n=2,mode=sigkill"}
+    point = FaultPoint("driver", tmp_path / "store.zarr", environ=environ, kill=fired.append)
+    assert not point.tick(5)  # counters do not arm a boundary fault
+    assert not point.reached("collect.part.marked")
+    assert [point.reached("collect.merge.written") for _ in range(3)] == [False, True, False]
+    assert fired == ["sigkill"]

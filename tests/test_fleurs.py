@@ -18,6 +18,8 @@ import soundfile as sf
 from fleurs_fixture import CODES, RESYNTH_FREQ, ROWS, FleursFixture, build_fleurs, wav_bytes
 from scipy.signal import resample_poly
 
+from crossmodal.data.fleurs import FleursParquetSource, FleursSource, ParquetColumns
+from crossmodal.data.records import Record
 from crossmodal.data.sources import (
     DataError,
     DataSource,
@@ -25,9 +27,8 @@ from crossmodal.data.sources import (
     SkipReport,
     join_by_id,
     joined_records,
+    open_source,
 )
-from crossmodal.data.fleurs import FleursParquetSource, FleursSource, ParquetColumns
-from crossmodal.data.records import Record
 
 EN_SKIPS = {
     "audio_undecodable": 2,  # d.wav, h_1.wav (1008 falls back to h_2.wav)
@@ -295,8 +296,11 @@ def test_organism_source_filters_language_and_caches(monkeypatch: pytest.MonkeyP
     src = OrganismSource(4, seed=7, languages=("eng", "deu"), audio=False)
     assert [r.id for r in src.records("deu", "dev")] == ["0", "1", "3"]
     assert [r.language for r in src.records("eng", "dev")] == ["eng"] * 3
-    assert calls == [("dev", ("eng", "deu"), 4, 7, False)]  # built once per split
+    # built once per (split, language), and only for the languages asked for
+    assert calls == [("dev", ("deu",), 4, 7, False), ("dev", ("eng",), 4, 7, False)]
     assert dict(src.skipped.counts) == {"text_empty": 2}
+    assert [r.id for r in src.records("deu", "dev", ids=["3", "0"])] == ["0", "3"]
+    assert len(calls) == 2
     with pytest.raises(ValueError, match=r"^language must be one of \['deu', 'eng'\], got 'fra'"):
         src.records("fra", "dev")
     with pytest.raises(DataError, match=r"^n_sentences must be a positive integer, got 0"):
@@ -315,3 +319,23 @@ def test_organism_source_real_corpus() -> None:
     assert [r.id for r in joined["eng"]] == [r.id for r in joined["deu"]] and len(
         joined["eng"]
     ) == 3
+
+
+def test_open_source_picks_the_configured_kind(fx: FleursFixture) -> None:
+    assert isinstance(open_source("fleurs_raw", path=fx.root, audio=False), FleursSource)
+    parquet = open_source("fleurs_parquet", path=fx.parquet_root, audio=False)
+    assert isinstance(parquet, FleursParquetSource)
+    organism = open_source("organism", n_sentences=4, seed=7, audio=False)
+    assert isinstance(organism, OrganismSource)
+    assert (organism.n_sentences, organism.seed, organism.audio) == (4, 7, False)
+    with pytest.raises(ValueError, match=r"^data source must be one of \['organism', "):
+        open_source("fleurs", path=fx.root)
+
+
+def test_open_source_organism_matches_the_corpus() -> None:
+    corpus = pytest.importorskip("crossmodal.organism.corpus")
+    source = open_source("organism", n_sentences=3, seed=0, audio=False)
+    expected = corpus.organism_corpus("test", ["eng", "deu"], 3, 0, audio=False)
+    for language in ("eng", "deu"):
+        got = [(r.id, r.text) for r in source.records(language, "test")]
+        assert got == [(r.id, r.text) for r in expected if r.language == language]

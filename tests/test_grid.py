@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal.schemas import ConfigError
-from crossmodal.schemas import load_schema
+from crossmodal.schemas import ConfigError, load_schema
 from crossmodal.steer.grid import Cell, expand, load_grid, tasks, validate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from crossmodal.data.sources import REFERENCE_LANGUAGES
 from crossmodal.data.languages import (
     FLEURS_TO_SEAMLESS,
     LANGUAGE_NAMES,
@@ -23,6 +22,7 @@ from crossmodal.data.languages import (
     seamless_to_fleurs,
     validate_language,
 )
+from crossmodal.data.sources import REFERENCE_LANGUAGES
 
 # google/fleurs fleurs.py, _FLEURS_LANG.
 FLEURS_SCRIPT_CONFIGS = """af_za am_et ar_eg as_in ast_es az_az be_by bn_in bs_ba ca_es ceb_ph

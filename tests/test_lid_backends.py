@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from crossmodal.steer.lid_backends import (
+from crossmodal.steer.lid import (
     BACKENDS,
     LanguageIdentifier,
     LidError,

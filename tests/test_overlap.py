@@ -22,8 +22,6 @@ from sklearn.metrics import average_precision_score
 from crossmodal.reduce.overlap import (
     count_by,
     expected_overlap,
-    gini,
-    gini_by_group,
     modality_selectivity,
     overlap,
     overlap_p_value,
@@ -31,6 +29,7 @@ from crossmodal.reduce.overlap import (
     spearman_rows,
 )
 from crossmodal.reduce.selection import select_sets, set_ids
+from crossmodal.stats.concentration import gini, gini_by_group
 
 
 def brute_p(x: int, n: int, a: int, b: int) -> float:

@@ -17,9 +17,9 @@ import xarray as xr
 import yaml
 from conftest import submit_job
 
-from crossmodal.store import results
-from crossmodal.schemas import ConfigError
 from crossmodal.pipeline import format_headline, load_pipeline, steering_headline
+from crossmodal.schemas import ConfigError
+from crossmodal.store import results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_pipeline_config_reports_every_error(tmp_path) -> None:
     path.write_text(yaml.safe_dump({"collect": str(bad_collect), "reduce": {"k": 0}}))
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
-    assert len(err.value.errors) == 1 and "reduce/k" in err.value.errors[0]
+    assert len(err.value.errors) == 1 and "reduce.k" in err.value.errors[0]
     path.write_text(yaml.safe_dump({"collect": str(bad_collect)}))
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
@@ -69,7 +69,7 @@ def test_pipeline_config_reports_every_error(tmp_path) -> None:
 def test_shipped_pipeline_configs_validate() -> None:
     for name in ("pipeline-organism.yaml", "pipeline-reference.yaml"):
         config = load_pipeline(REPO / "configs" / name)
-        assert config.collect.is_file()
+        assert config.collect_path.is_file()
 
 
 def test_steering_headline_compares_selected_with_random() -> None:

@@ -1,4 +1,6 @@
-"""The planner: conditions per method.md, sharding, pilot, unit counts, size, printout.
+"""The planner: conditions, sharding, pilot, unit counts, size, printout.
+
+Conditions follow docs/method.md, "Tasks and conditions".
 
 Edge cases: a condition the model cannot run (dropped and listed), the last shard shorter
 than shard_size, a language with fewer examples than the pilot share, no data (estimate).
@@ -129,7 +131,7 @@ def test_no_condition_is_an_error():
 def test_unit_counts_from_config_without_weights():
     config = load_config(ROOT / "configs" / "reference.yaml")
     sizes = family_sizes(unit_index(config))
-    assert sizes == {"decoder": 492_544}  # 24 x 20,480 + final layer norm (method.md)
+    assert sizes == {"decoder": 492_544}  # 24 x 20,480 + final layer norm (docs/method.md, "Units")
     ffn = load_config({**config.to_dict(), "families": ["ffn_act"]})
     assert family_sizes(unit_index(ffn)) == {"ffn_act": 196_608}
 

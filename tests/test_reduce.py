@@ -25,13 +25,15 @@ import zarr
 from click.testing import CliRunner
 from sklearn.metrics import average_precision_score
 
-from crossmodal.store import results
-from crossmodal.collect.driver import RAY_ENV, run_collect
 from crossmodal.collect.config import load_config
-from crossmodal.reduce.driver import ExactWorker, run_reduce, work_units
+from crossmodal.collect.driver import run_collect
+from crossmodal.fleet.session import RAY_ENV
+from crossmodal.reduce.driver import run_reduce
+from crossmodal.reduce.exact import ExactWorker, Slot, work_units
 from crossmodal.reduce.selection import CSV_COLUMNS, parse_scope, scope_mask, select_sets
 from crossmodal.stats.finalize import exact_selectivity
 from crossmodal.stats.running import ExactValues
+from crossmodal.store import results
 
 pytestmark = pytest.mark.integration
 LANGS = ["eng", "deu", "fra", "jpn"]
@@ -135,19 +137,20 @@ def _exact_ds(reference, view: xr.Dataset, pooling: str) -> xr.Dataset:
 
 
 def test_exact_worker_without_ray(reference, reduced):
-    """Style lesson 10: the actor class re-runs a work unit bit-identically, no Ray."""
+    """The actor class, called as a plain object, re-runs a work unit bit-identically."""
     config, _ = reduced
     unit = next(
         w for w in work_units(zarr.open_group(config.output)) if w.key == "en2x/speech/fra/1"
     )
     ids = np.array([3, 70, 500, 1800])
-    worker = ExactWorker(config, config.output, {"decoder": {"en2x/speech": {(1, 1): ids}}})
+    slot = Slot(step=3, pooling="last")
+    worker = ExactWorker(config, config.output, {"decoder": {"en2x/speech": {slot: ids}}})
     got = worker(unit)
-    assert (got["key"], got["language"]) == ("en2x/speech", "fra")
-    assert list(got["values"]) == [("decoder", 1, 1)]  # only where there are candidates
+    assert (got.key, got.language) == ("en2x/speech", "fra")
+    assert list(got.values) == [("decoder", slot)]  # only where there are candidates
     full = reference[("en2x", "speech", "fra")][("last", 3)]
-    n_rows = got["values"][("decoder", 1, 1)].shape[0]
-    np.testing.assert_array_equal(got["values"][("decoder", 1, 1)], full[-n_rows:, ids])
+    n_rows = got.values[("decoder", slot)].shape[0]
+    np.testing.assert_array_equal(got.values[("decoder", slot)], full[-n_rows:, ids])
 
 
 def test_selectivity_brackets_exact_ap(reduced, reference):
@@ -266,7 +269,8 @@ def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):
 
 
 def test_cli_reduce_and_report(reduced, tmp_path):
-    from jobs.reduce import main, report_command
+    from crossmodal.cli import report as report_command
+    from jobs.reduce import main
 
     config, _ = reduced
     res = CliRunner().invoke(

@@ -9,8 +9,8 @@ from helpers import synthetic_selectivity
 from matplotlib.image import imread
 from scipy.stats import spearmanr
 
-from crossmodal.report.selection import md_table, write_report
 from crossmodal.reduce.selection import select_sets, set_ids
+from crossmodal.report.selection import md_table, write_report
 
 K = 10
 

@@ -1,6 +1,6 @@
 """crossmodal.store.results on a small synthetic store (no model, no Ray): fast unit tests.
 
-The groups are written with :func:`crossmodal.reduce.driver.write_dataset`, the writer the reduce
+The groups are written with :func:`crossmodal.store.datasets.write_dataset`, the writer the reduce
 job uses, so these tests also pin the layout: dimension names, non-index coordinates,
 variable-length strings (read back as numpy StringDType, which results turns into '<U'
 label axes and object site names, because numpy cannot ``.astype(str)`` StringDType).
@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from crossmodal.store import results
 from crossmodal.reduce.overlap import overlap
-from crossmodal.reduce.driver import write_dataset
 from crossmodal.reduce.selection import scope_mask, select_sets, set_ids
+from crossmodal.store import results
+from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import StoreDims, UnitCoords, create_store
 
 LANGS = ["eng", "deu", "fra"]

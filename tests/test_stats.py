@@ -1,4 +1,4 @@
-"""Mergeable statistics and their finalizers (issue 4 items 3-5), against exact references.
+"""Mergeable statistics and their finalizers (streaming AP, AUROC, quantiles), against exact references.
 
 Tricky cases covered: exact zeros (post-ReLU) and ties (fp16/bf16 rounding) that must own a
 single-value bin; constant and one-row pilots; values beyond the pilot's range (tail bins and

@@ -20,9 +20,9 @@ import pytest
 import xarray as xr
 from helpers import build_model_dir, steer_config, steer_selectivity
 
-from crossmodal.steer.grid import expand, load_grid, tasks
 from crossmodal.model.load import load_model
 from crossmodal.organism import organism_corpus
+from crossmodal.steer.grid import expand, load_grid, tasks
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _read_parts(folder: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def worker_run(run_dir):
     """One worker, every task of a small grid, called directly (no Ray)."""
-    from crossmodal.steer.driver import SteerWorker
+    from crossmodal.steer.worker import SteerWorker
 
     config = steer_config(run_dir, "direct")
     worker = SteerWorker(config, device="cpu")
@@ -66,8 +66,16 @@ def test_worker_writes_one_part_per_task(worker_run):
     assert set(frame["kind"]) == {"baseline", "selected", "random"}
     sel = frame[frame["kind"] == "selected"]
     assert (sel["n_forced"] == 40).all() and sel["mean_ap"].between(0, 1).all()
-    assert {"lid_organism_top", "lid_organism_p_deu", "target_hit", "char_han", "tok_i_index",
-            "bleu_target", "chrf_output", "wer_output"} <= set(frame.columns)  # fmt: skip
+    assert {
+        "lid_organism_top",
+        "lid_organism_p_deu",
+        "target_hit",
+        "char_han",
+        "tok_i_index",
+        "bleu_target",
+        "chrf_output",
+        "wer_output",
+    } <= set(frame.columns)
 
 
 def test_baseline_rows_equal_plain_generation(worker_run):
@@ -88,7 +96,7 @@ def test_baseline_rows_equal_plain_generation(worker_run):
 
 
 def test_forcing_moves_outputs_and_rows_do_not_depend_on_the_task(worker_run):
-    from crossmodal.steer.driver import SteerWorker
+    from crossmodal.steer.worker import SteerWorker
 
     config, worker, cells, _ = worker_run
     frame = _read_parts(Path(config.output) / "parts").set_index(["cell_id", "input_id"])
@@ -139,8 +147,8 @@ def test_consolidate_ignores_tmp_and_duplicates(worker_run, tmp_path):
 def test_report_figures(worker_run, tmp_path):
     from dataclasses import replace
 
-    from crossmodal.steer.driver import consolidate
     from crossmodal.report.steering import share_table, steering_figures
+    from crossmodal.steer.driver import consolidate
 
     config, _, cells, _ = worker_run
     consolidate(config, cells)
@@ -211,17 +219,25 @@ def _en2x_speech_selectivity(loaded, languages, steps, n_inputs, path: Path) -> 
     units = capturer.index.table("unit")
     dims = ("task", "modality", "step", "language", "unit")
     data = {
-        var: (dims, np.stack([[getattr(sel[t][lang], var).cpu().numpy() for lang in languages]
-                              for t in steps])[None, None])
+        var: (
+            dims,
+            np.stack(
+                [[getattr(sel[t][lang], var).cpu().numpy() for lang in languages] for t in steps]
+            )[None, None],
+        )
         for var in ("ap", "ap_lo", "ap_hi", "auroc", "on_p50", "on_p90", "off_mean")
-    }  # fmt: skip
+    }
     coords = {
-        "task": ["en2x"], "modality": ["speech"], "step": list(steps), "language": list(languages),
-        "unit": np.arange(len(units)), "site": ("unit", units["name"].to_numpy().astype(str)),
+        "task": ["en2x"],
+        "modality": ["speech"],
+        "step": list(steps),
+        "language": list(languages),
+        "unit": np.arange(len(units)),
+        "site": ("unit", units["name"].to_numpy().astype(str)),
         "feature": ("unit", units["feature"].to_numpy()),
         "layer": ("unit", units["layer"].fillna(-1).to_numpy().astype(int)),
         "submodule": ("unit", units["submodule"].to_numpy().astype(str)),
-    }  # fmt: skip
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         xr.Dataset(data, coords=coords).to_zarr(
@@ -237,26 +253,41 @@ def test_organism_speech_control_units_steer_text(shipped_organism, tmp_path):
     the same size do not. k = 350 of the organism's 4,704 decoder units; measured with the
     shipped organism: selected 0.74, random 0.03 (k = 250: 0.43 vs 0.00; k = 500: 0.95 vs
     0.27: random sets that large carry the target's on_p50 on enough units too)."""
-    from crossmodal.steer.driver import SteerWorker
+    from crossmodal.steer.worker import SteerWorker
 
     languages, steps = ("deu", "spa", "fra", "jpn", "cmn"), (1, 6)
     loaded = load_model("organism", device="cpu", dtype="float32")
     _en2x_speech_selectivity(loaded, languages, steps, 40, tmp_path / "sel.zarr")
-    config = load_grid({
-        "model": "organism", "dtype": "float32", "selectivity": {"path": str(tmp_path / "sel.zarr")},
-        "roles": ["control"], "unit_modalities": ["speech"], "input_modalities": ["text"],
-        "steps": list(steps), "languages": list(languages), "set_sizes": [350], "random_seeds": [0, 1],
-        "n_inputs": 20, "max_new_tokens": 30, "lid": {"backends": ["organism"]},
-        "output": str(tmp_path / "out"), "batch_size": 128, "cells_per_task": 100,
-    })  # fmt: skip
+    config = load_grid(
+        {
+            "model": "organism",
+            "dtype": "float32",
+            "selectivity": {"path": str(tmp_path / "sel.zarr")},
+            "roles": ["control"],
+            "unit_modalities": ["speech"],
+            "input_modalities": ["text"],
+            "steps": list(steps),
+            "languages": list(languages),
+            "set_sizes": [350],
+            "random_seeds": [0, 1],
+            "n_inputs": 20,
+            "max_new_tokens": 30,
+            "lid": {"backends": ["organism"]},
+            "output": str(tmp_path / "out"),
+            "batch_size": 128,
+            "cells_per_task": 100,
+        }
+    )
     worker = SteerWorker(config, device="cpu")
     cells = expand(config)
     for task in tasks(cells, config.cells_per_task):
         worker(task)
     frame = pd.read_parquet(tmp_path / "out" / "parts")
     share = frame[frame["kind"] != "baseline"].groupby("kind")["target_hit"].mean()
-    print(f"share of outputs in the forced language: selected {share['selected']:.2f}, "
-          f"random {share['random']:.2f}")  # fmt: skip
+    print(
+        f"share of outputs in the forced language: selected {share['selected']:.2f}, "
+        f"random {share['random']:.2f}"
+    )
     assert share["selected"] > 0.5
     assert share["random"] < 0.2
 
@@ -266,16 +297,20 @@ def test_fleurs_inputs_and_references(tmp_path, source):
     """Inputs are n sentences every measured language has; references join by FLEURS id."""
     from fleurs_fixture import ROWS, build_fleurs
 
-    from crossmodal.steer.driver import _input_records
+    from crossmodal.steer.worker import input_records
 
     fx = build_fleurs(tmp_path)
     root = fx.root if source == "fleurs_raw" else fx.parquet_root
-    config = load_grid({
-        "selectivity": {"path": "unused"}, "languages": ["deu", "cmn"], "n_inputs": 2,
-        "data": {"source": source, "path": str(root), "split": "test", "seed": 1},
-        "input_modalities": ["speech"],
-    })  # fmt: skip
-    inputs, refs = _input_records(config, speech=True)
+    config = load_grid(
+        {
+            "selectivity": {"path": "unused"},
+            "languages": ["deu", "cmn"],
+            "n_inputs": 2,
+            "data": {"source": source, "path": str(root), "split": "test", "seed": 1},
+            "input_modalities": ["speech"],
+        }
+    )
+    inputs, refs = input_records(config, speech=True)
     ids = [r.id for r in inputs]
     assert len(ids) == 2 and set(ids) <= {"1001", "1003", "1008"}  # in eng, deu and cmn
     assert all(

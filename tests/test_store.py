@@ -13,7 +13,9 @@ import torch
 import xarray as xr
 import zarr
 
+from crossmodal.model.units import UnitIndex
 from crossmodal.stats.running import UnitStats, choose_edges
+from crossmodal.store.collect_store import CollectStore
 from crossmodal.store.layout import (
     LAYOUT_VERSION,
     StoreDims,
@@ -21,20 +23,17 @@ from crossmodal.store.layout import (
     UnitCoords,
     create_store,
     manifest,
-    mark_edges,
-    mark_part,
-    merge_condition,
     open_existing,
     read_edges,
     unit_chunk,
     write_edges,
     write_part,
 )
-from crossmodal.model.units import UnitIndex
 
 N_BINS = 16
 STEPS = (1, 6)
 POOLINGS = ("prefix_mean", "last")
+CELLS = [(step, pooling) for step in STEPS for pooling in POOLINGS]
 
 
 def _coords(sizes=(5, 7, 3)) -> UnitCoords:
@@ -152,11 +151,11 @@ def _write_condition(path, root, chunks: list[torch.Tensor], edges: dict) -> Non
             "decoder",
             part,
             {
-                (si, pi): _stats_for(
-                    values[si] if values.ndim == 3 else values, edges[(si, pi)]
+                (step, pooling): _stats_for(
+                    values[STEPS.index(step)] if values.ndim == 3 else values,
+                    edges[(step, pooling)],
                 ).to_numpy()
-                for si in range(2)
-                for pi in range(2)
+                for step, pooling in CELLS
             },
         )
 
@@ -165,17 +164,24 @@ def _write_condition(path, root, chunks: list[torch.Tensor], edges: dict) -> Non
 def test_merge_of_two_parts_equals_one_pass(tmp_path, keep_parts):
     path, root = _make(tmp_path)
     pilot = _values(0, 40)
-    edges = {(si, pi): choose_edges(pilot, N_BINS) for si in range(2) for pi in range(2)}
-    write_edges(path, "decoder", (0, 0), {k: v.numpy() for k, v in edges.items()})
-    np.testing.assert_array_equal(read_edges(path, "decoder", (0, 0))[1, 0], edges[(1, 0)].numpy())
+    edges = {cell: choose_edges(pilot, N_BINS) for cell in CELLS}
+    write_edges(path, "decoder", "x2en", "speech", {k: v.numpy() for k, v in edges.items()})
+    read = read_edges(path, "decoder", "x2en", "speech")[(6, "prefix_mean")]
+    np.testing.assert_array_equal(read, edges[(6, "prefix_mean")].numpy())
     values = _values(1, 90)
     _write_condition(path, root, [values[:50], values[50:]], edges)
     counts = {"n_examples": 90, "n_skipped": 2, "n_rows": [90, 61], "n_ended": [0, 29]}
-    merge_condition(
-        root, _dims(), ["decoder"], ("x2en", "speech", "deu"), [0, 1], counts, keep_parts=keep_parts
+    CollectStore(root, _dims()).merge_condition(
+        "x2en",
+        "speech",
+        "deu",
+        families=["decoder"],
+        parts=[0, 1],
+        counts=counts,
+        keep_parts=keep_parts,
     )
 
-    one = _stats_for(values, edges[(0, 0)]).to_numpy()
+    one = _stats_for(values, edges[(1, "prefix_mean")]).to_numpy()
     ds = xr.open_zarr(path, group="stats/decoder", consolidated=False)
     got = ds.sel(task="x2en", modality="speech", language="deu", step=1, pooling="prefix_mean")
     assert int(got["count"]) == 90 and int(got["dropped"]) == 0
@@ -197,26 +203,27 @@ def test_merge_of_two_parts_equals_one_pass(tmp_path, keep_parts):
 
 def test_merge_handles_a_step_nobody_reached(tmp_path):
     path, root = _make(tmp_path, _dims(parts=(("asr", "speech", "eng", 0),)))
-    edges = {(si, pi): choose_edges(_values(0, 20), N_BINS) for si in range(2) for pi in range(2)}
-    write_edges(path, "decoder", (1, 0), {k: v.numpy() for k, v in edges.items()})
+    edges = {cell: choose_edges(_values(0, 20), N_BINS) for cell in CELLS}
+    write_edges(path, "decoder", "asr", "speech", {k: v.numpy() for k, v in edges.items()})
     empty = torch.zeros(0, 15)
     write_part(
         path,
         "decoder",
         0,
         {
-            (si, pi): _stats_for(_values(3, 8) if si == 0 else empty, edges[(si, pi)]).to_numpy()
-            for si in range(2)
-            for pi in range(2)
+            (step, pooling): _stats_for(
+                _values(3, 8) if step == STEPS[0] else empty, edges[(step, pooling)]
+            ).to_numpy()
+            for step, pooling in CELLS
         },
     )
-    merge_condition(
-        root,
-        _dims(parts=(("asr", "speech", "eng", 0),)),
-        ["decoder"],
-        ("asr", "speech", "eng"),
-        [0],
-        {"n_examples": 8, "n_skipped": 0, "n_rows": [8, 0], "n_ended": [0, 8]},
+    CollectStore(root, _dims(parts=(("asr", "speech", "eng", 0),))).merge_condition(
+        "asr",
+        "speech",
+        "eng",
+        families=["decoder"],
+        parts=[0],
+        counts={"n_examples": 8, "n_skipped": 0, "n_rows": [8, 0], "n_ended": [0, 8]},
         keep_parts=False,
     )
     ds = xr.open_zarr(path, group="stats/decoder", consolidated=False)
@@ -228,10 +235,12 @@ def test_merge_handles_a_step_nobody_reached(tmp_path):
 
 def test_manifest_marks(tmp_path):
     _, root = _make(tmp_path)
-    mark_part(root, 1, {"n_examples": 3, "texts": ["a"]})
-    mark_part(root, 0, {"n_examples": 2})
-    mark_edges(root, "x2en", "speech", {"n_examples": 4})
-    mark_edges(root, "x2en", "speech", {"n_examples": 5})
+    store = CollectStore(root, _dims())
+    store.mark_part(1, {"n_examples": 3, "texts": ["a"]})
+    store.mark_part(0, {"n_examples": 2})
+    store.mark_edges("x2en", "speech", {"n_examples": 4})
+    store.mark_edges("x2en", "speech", {"n_examples": 5})
+    assert store.manifest == manifest(root)
     m = manifest(root)
     assert set(m["parts"]) == {"0", "1"} and m["parts"]["1"]["texts"] == ["a"]
     assert m["edges"] == {"x2en/speech": {"n_examples": 5}}
@@ -265,7 +274,9 @@ def test_store_matches_its_schema(tmp_path):
     import jsonschema
 
     schema = json.loads(
-        (Path(__file__).resolve().parent.parent / "crossmodal/schemas/store.schema.json").read_text()
+        (
+            Path(__file__).resolve().parent.parent / "crossmodal/schemas/store.schema.json"
+        ).read_text()
     )
     path, root = _make(tmp_path)
     attrs = {**root.attrs.asdict(), "created": "t", "provenance": {"packages": {}, "host": "h"}}

@@ -26,12 +26,13 @@ import zarr
 from helpers import build_model_dir, collect_config, local_collect, synthetic_selectivity
 from sklearn.metrics import average_precision_score
 
-from crossmodal.store import results
-from crossmodal.stats.concentration import GiniStats, LayerGini, concentration_family, mean_std
+from crossmodal.reduce.exact import work_units
+from crossmodal.reduce.labels import store_labels
 from crossmodal.reduce.modality import modality_pass
-from crossmodal.reduce.driver import _labels, work_units
 from crossmodal.report.selection import NON_LATIN, write_report
+from crossmodal.stats.concentration import GiniStats, LayerGini, concentration_family, mean_std
 from crossmodal.stats.finalize import exact_ap
+from crossmodal.store import results
 
 LANGS = ["eng", "deu", "jpn"]
 
@@ -99,8 +100,8 @@ def store(model_dir, tmp_path_factory) -> Path:
 def reference(store):
     """Per (modality, language): ``{(pooling, step): [rows, unit]}`` per family, captured
     exactly as collect batches them (its work units, in order)."""
-    from crossmodal.model.capture import Capturer
     from crossmodal.collect.config import from_dict
+    from crossmodal.model.capture import Capturer
     from crossmodal.model.inputs import make_batch
     from crossmodal.model.load import load_model
     from crossmodal.organism import organism_corpus
@@ -188,7 +189,7 @@ def test_modality_ap_brackets_exact_and_counts(store, reference, tmp_path):
     for family in ("decoder", "ffn_act"):  # one edge set per (task, step, pooling)
         e = root[f"edges/{family}/edges"]
         np.testing.assert_array_equal(e[0, 0], e[0, 1])
-    summary = modality_pass(root, str(store), "decoder", _labels(root, "decoder"), 20)
+    summary = modality_pass(root, str(store), "decoder", store_labels(root, "decoder"), 20)
     assert summary == {"tasks": ["x2en"], "k": 20, "note": ""}
     r = results.open(store)
     for pooling in ("prefix_mean", "last"):
@@ -219,7 +220,7 @@ def test_modality_ap_brackets_exact_and_counts(store, reference, tmp_path):
     old = Path(shutil.copytree(store, tmp_path / "old.zarr"))
     root = zarr.open_group(str(old), mode="r+")
     root["edges/decoder/edges"][0, 1] = root["edges/decoder/edges"][0, 1] + 1.0
-    assert modality_pass(root, str(old), "decoder", _labels(root, "decoder"), 20) == {
+    assert modality_pass(root, str(old), "decoder", store_labels(root, "decoder"), 20) == {
         "tasks": [], "note": "skipped: edges not shared by modalities"}  # fmt: skip
 
 
@@ -227,7 +228,7 @@ def test_report_shows_concentration_and_modality(store, tmp_path):
     r = results.open(store)
     zroot = zarr.open_group(str(store), mode="r+")
     if "modality" not in zroot:
-        modality_pass(zroot, str(store), "decoder", _labels(zroot, "decoder"), 20)
+        modality_pass(zroot, str(store), "decoder", store_labels(zroot, "decoder"), 20)
     conc = r.concentration()["mean"]
     paths = write_report(synthetic_selectivity(seed=3), tmp_path, k=10, concentration=conc,
                          modality=r.modality(), dpi=30)  # fmt: skip

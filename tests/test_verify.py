@@ -2,7 +2,7 @@
 
 The stores are written by the real driver (:func:`crossmodal.collect.driver.run_collect`) with a
 local executor in place of Ray (``helpers.local_collect``: one in-process
-:class:`~crossmodal.collect.driver.Collector`), on a random tiny model with the organism tokenizer
+:class:`~crossmodal.collect.collector.Collector`), on a random tiny model with the organism tokenizer
 and the organism's synthetic corpus: two families (decoder, ffn_act), two steps, two
 poolings, x2en and en2x text, 3 examples per language in shards of 2. Corruptions: layout version, not a store, a missing
 root attribute, a part merged before it was done, a lost part (zeroed counts), a doubled
@@ -23,7 +23,8 @@ import zarr
 from click.testing import CliRunner
 from helpers import build_model_dir, collect_config, local_collect
 
-from crossmodal.store.verify import verify_command, verify_store
+from crossmodal.cli import verify as verify_command
+from crossmodal.store.verify import verify_store
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ copy or with more (or fewer) actors.
 
 from __future__ import annotations
 
-import copy
-import difflib
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import jsonschema
-import yaml
 
 from crossmodal.data.languages import (
     SEAMLESS_TO_FLEURS,
@@ -31,7 +26,7 @@ from crossmodal.data.languages import (
     format_allowed,
 )
 from crossmodal.model.units import resolve_families
-from crossmodal.schemas import ConfigError, load_validated, read_file, validate_against
+from crossmodal.schemas import load_validated, validate_against
 
 ORGANISM_SOURCE = "organism"
 FLEURS_SOURCES = ("fleurs_raw", "fleurs_parquet")
@@ -104,14 +99,6 @@ class CollectConfig:
 def validate(raw: Any) -> list[str]:
     """All violations of ``raw`` (schema first, then cross-field checks), one line each."""
     return validate_against(raw, "collect", _semantic_errors)
-
-
-def validate_file(path: str | Path) -> list[str]:
-    """What ``crossmodal validate CONFIG`` prints: every violation, or ``[]`` when valid."""
-    try:
-        return validate(read_file(path))
-    except ConfigError as err:
-        return err.errors
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> CollectConfig:

@@ -1,6 +1,6 @@
 """The collect plan: conditions, work units, the pilot, and the store's estimated size.
 
-Conditions follow method.md: ``x2en`` (condition language = SOURCE X != pivot, target the
+Conditions (docs/method.md, "Tasks and conditions"): ``x2en`` (condition language = SOURCE X != pivot, target the
 pivot), ``en2x`` (language = TARGET X != pivot; the same pivot inputs run once per target) and
 ``asr`` (speech only, every language, target = source), crossed with the modalities. A work
 unit is (task, modality, language, shard of example ids): the unit of scheduling, retry and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -25,13 +25,19 @@ import numpy as np
 from numcodecs import Blosc
 
 from crossmodal.collect.config import ORGANISM_SOURCE, CollectConfig
-from crossmodal.data.sources import SkipReport, id_key  # FLEURS ids sort numerically (data.py)
 from crossmodal.data.languages import SPEECH_INPUT_CODES, TEXT_INPUT_CODES, TEXT_OUTPUT_CODES
+from crossmodal.data.sources import SkipReport, id_key, open_source
 from crossmodal.model.units import UnitIndex
+from crossmodal.store import names
 
-# Sentences per language and FLEURS split (Conneau et al. 2022), for plans without the data;
-# real counts are a little lower where recordings failed quality control.
+# Sentences per language and FLEURS split (the dataset's published sizes), for plans
+# without the data; real counts are a little lower where recordings failed quality control.
 FLEURS_SENTENCES = {"train": 1509, "dev": 150, "test": 350}
+
+
+def applies(family: str, modality: str) -> bool:
+    """Encoder families exist only for their own modality (the other encoder never runs)."""
+    return {"speech_encoder": "speech", "text_encoder": "text"}.get(family, modality) == modality
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class Condition:
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.modality}/{self.language}"
+        return names.condition_key(self.task, self.modality, self.language)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def conditions(config: CollectConfig) -> tuple[list[Condition], list[str]]:
     for task in config.tasks:
         for modality in config.modalities:
             if task == "asr" and modality == "text":
-                continue  # asr is speech only (method.md)
+                continue  # asr transcribes speech: there is no text asr
             langs = config.languages if task == "asr" else others
             for lang in langs:
                 src, tgt = {"x2en": (lang, config.pivot), "en2x": (config.pivot, lang)}.get(
@@ -109,21 +115,15 @@ def _source_ids(
     """Ids per language from the data source (text only, no audio), or None without data;
     with the records the source skipped while listing them (empty text, malformed rows)."""
     data = config.data
-    if data.source == ORGANISM_SOURCE:
-        from crossmodal.organism import organism_corpus
-
-        records = organism_corpus(
-            data.split, languages, data.examples_per_language, config.seed, audio=False
-        )
-        return {lang: [r.id for r in records if r.language == lang] for lang in languages}, (
-            SkipReport()
-        )
-    if data.path is None or not Path(data.path).is_dir():
+    if data.source != ORGANISM_SOURCE and (data.path is None or not Path(data.path).is_dir()):
         return None, SkipReport()
-    from crossmodal.data.fleurs import FleursParquetSource, FleursSource
-
-    kind = FleursSource if data.source == "fleurs_raw" else FleursParquetSource
-    source = kind(data.path, audio=False)
+    source = open_source(
+        data.source,
+        path=data.path,
+        audio=False,
+        n_sentences=data.examples_per_language,
+        seed=config.seed,
+    )
     ids = {lang: [r.id for r in source.records(lang, data.split)] for lang in languages}
     return ids, source.skipped
 
@@ -179,13 +179,64 @@ class Plan:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: what the store's ``plan`` attrs keep."""
-        units = [{"index": w.index, **asdict(w.condition), "shard": w.shard,
-                  "ids": list(w.example_ids)} for w in self.work_units]  # fmt: skip
-        pilots = [{"task": p.task, "modality": p.modality,
-                   "items": [{"language": c.language, "ids": list(i)} for c, i in p.items]}
-                  for p in self.pilots]  # fmt: skip
-        return {"hash": self.hash, "estimated": self.estimated, "dropped": list(self.dropped),
-                "skipped": self.skipped, "work_units": units, "pilots": pilots}  # fmt: skip
+        units = [
+            {"index": w.index, **asdict(w.condition), "shard": w.shard, "ids": list(w.example_ids)}
+            for w in self.work_units
+        ]
+        pilots = [
+            {
+                "task": p.task,
+                "modality": p.modality,
+                "items": [{"language": c.language, "ids": list(i)} for c, i in p.items],
+            }
+            for p in self.pilots
+        ]
+        return {
+            "hash": self.hash,
+            "estimated": self.estimated,
+            "dropped": list(self.dropped),
+            "skipped": self.skipped,
+            "work_units": units,
+            "pilots": pilots,
+        }
+
+
+def _work_units(
+    conds: Sequence[Condition],
+    chosen: Mapping[str, tuple[str, ...]],
+    per_lang: Mapping[str, int],
+    shard_size: int,
+) -> list[WorkUnit]:
+    """Each condition's examples in shards of ``shard_size``, numbered in order."""
+    units: list[WorkUnit] = []
+    for cond in conds:
+        n, ids_c = per_lang[cond.source], chosen[cond.source]
+        for shard, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            units.append(WorkUnit(len(units), cond, shard, stop - start, ids_c[start:stop]))
+    return units
+
+
+def _pilots(
+    conds: Sequence[Condition],
+    chosen: Mapping[str, tuple[str, ...]],
+    per_lang: Mapping[str, int],
+    config: CollectConfig,
+) -> list[PilotUnit]:
+    """One pilot per (task, modality): ``pilot_size`` examples drawn evenly over its languages."""
+    pilots = []
+    rng = np.random.default_rng(config.seed + 1)
+    for task, modality in dict.fromkeys((c.task, c.modality) for c in conds):
+        group = [c for c in conds if (c.task, c.modality) == (task, modality)]
+        base, extra = divmod(config.pilot_size, len(group))
+        items = []
+        for i, cond in enumerate(group):  # an even share of the pilot per language
+            pool = chosen[cond.source]
+            take = min(base + (i < extra), per_lang[cond.source])
+            pick = rng.permutation(len(pool))[:take] if pool else range(0)
+            items.append((cond, tuple(sorted((pool[j] for j in pick), key=id_key))))
+        pilots.append(PilotUnit(task, modality, tuple(items)))
+    return pilots
 
 
 def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None) -> Plan:
@@ -220,28 +271,18 @@ def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None
                 f"{empty!r} in split {config.data.split!r}; check data.path"
             )
         note = f"examples from the data source ({config.data.source}, split {config.data.split})"
-    units: list[WorkUnit] = []
-    for cond in conds:
-        n, ids_c = per_lang[cond.source], chosen[cond.source]
-        for shard, start in enumerate(range(0, n, config.shard_size)):
-            stop = min(start + config.shard_size, n)
-            units.append(WorkUnit(len(units), cond, shard, stop - start, ids_c[start:stop]))
-    pilots = []
-    rng = np.random.default_rng(config.seed + 1)
-    for task, modality in dict.fromkeys((c.task, c.modality) for c in conds):
-        group = [c for c in conds if (c.task, c.modality) == (task, modality)]
-        base, extra = divmod(config.pilot_size, len(group))
-        items = []
-        for i, cond in enumerate(group):  # an even share of the pilot per language
-            pool = chosen[cond.source]
-            take = min(base + (i < extra), per_lang[cond.source])
-            pick = rng.permutation(len(pool))[:take] if pool else range(0)
-            items.append((cond, tuple(sorted((pool[j] for j in pick), key=id_key))))
-        pilots.append(PilotUnit(task, modality, tuple(items)))
+    units = _work_units(conds, chosen, per_lang, config.shard_size)
+    pilots = _pilots(conds, chosen, per_lang, config)
     return Plan(
-        config, tuple(conds), tuple(dropped), tuple(units), tuple(pilots), estimated, note,
+        config,
+        tuple(conds),
+        tuple(dropped),
+        tuple(units),
+        tuple(pilots),
+        estimated,
+        note,
         skipped.as_dict(),
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- units without the weights
@@ -252,7 +293,8 @@ def model_config(config: CollectConfig) -> Any:
 
     The organism and directories read ``config.json``; a hub id is read from the local cache,
     and ``facebook/seamless-m4t-v2-large`` falls back to the config defaults, which are its
-    shapes (platform.md), so the reference plan prints on a machine without the model.
+    shapes (docs/design.md, "Platform: transformers and SeamlessM4T v2"), so the reference
+    plan prints on a machine without the model.
     """
     from transformers import SeamlessM4Tv2Config
 
@@ -266,16 +308,19 @@ def model_config(config: CollectConfig) -> Any:
     if Path(source).expanduser().is_dir():
         return SeamlessM4Tv2Config.from_pretrained(Path(source).expanduser())
     try:  # the local cache first: no network when the config is already there
-        return SeamlessM4Tv2Config.from_pretrained(source, revision=config.revision,
-                                                   local_files_only=True)  # fmt: skip
+        return SeamlessM4Tv2Config.from_pretrained(
+            source, revision=config.revision, local_files_only=True
+        )
     except OSError:
         if source == REFERENCE_MODEL:
             return large_config()
     try:
         return SeamlessM4Tv2Config.from_pretrained(source, revision=config.revision)
     except OSError as err:
-        raise ValueError(f"model must be one of [a hub id, a directory, 'organism'], got "
-                         f"{source!r}; its config.json could not be read ({err})") from None  # fmt: skip
+        raise ValueError(
+            f"model must be one of [a hub id, a directory, 'organism'], got "
+            f"{source!r}; its config.json could not be read ({err})"
+        ) from None
 
 
 def unit_index(config: CollectConfig) -> UnitIndex:
@@ -357,13 +402,13 @@ def estimate_size(plan: Plan, sizes: Mapping[str, int]) -> list[SizeLine]:
     r_edges = compression_ratios(cfg.pilot_size, cfg.n_bins, seed=2)["edges"]
     for family, n in sizes.items():
         stats = n_cond * sp * n
-        lines.append(SizeLine(f"stats/{family}", stats * raw_u, int(stats * cond_u)))
+        lines.append(SizeLine(names.stats_group(family), stats * raw_u, int(stats * cond_u)))
         edges = pairs * sp * n * (cfg.n_bins + 1) * 4
-        lines.append(SizeLine(f"edges/{family}", edges, int(edges / r_edges)))
+        lines.append(SizeLine(names.edges_group(family), edges, int(edges / r_edges)))
         kept = n_parts if cfg.keep_parts else in_flight
         note = "kept" if cfg.keep_parts else f"transient: ~{kept} of {n_parts} parts at once"
         parts = kept * sp * n
-        lines.append(SizeLine(f"parts/{family}", parts * raw_u, int(parts * part_u), note))
+        lines.append(SizeLine(names.parts_group(family), parts * raw_u, int(parts * part_u), note))
     return lines
 
 
@@ -387,26 +432,37 @@ def format_plan(plan: Plan, sizes: Mapping[str, int], source: str = "") -> str:
     ]
     rows: dict[str, list[int]] = {}
     for w in plan.work_units:
-        row = rows.setdefault(f"{w.condition.task}/{w.condition.modality}", [0, 0, 0])
+        row = rows.setdefault(
+            names.condition_key(w.condition.task, w.condition.modality), [0, 0, 0]
+        )
         row[0] += w.shard == 0
         row[1:] = [row[1] + 1, row[2] + w.n_examples]
     rows["total"] = [len(plan.conditions), len(plan.work_units), plan.n_examples]
     out += [f"  {k:<15}{a:>11}{b:>11}{c:>10,}" for k, (a, b, c) in rows.items()]
-    pilot = sum(min(cfg.pilot_size, rows[f"{p.task}/{p.modality}"][2]) for p in plan.pilots)
+    pilot = sum(
+        min(cfg.pilot_size, rows[names.condition_key(p.task, p.modality)][2]) for p in plan.pilots
+    )
     out.append(f"  pilot      {len(plan.pilots)} units, {pilot:,} examples (bin edges)")
     dropped: dict[str, list[str]] = {}
     for line in plan.dropped:  # "task/modality/lang: reason" -> one line per task/modality+reason
         key, why = line.split(": ", 1)
         dropped.setdefault(f"{key.rsplit('/', 1)[0]}: {why}", []).append(key.rsplit("/", 1)[1])
-    out += [f"  dropped    {k.split(': ')[0]} {' '.join(v)} ({k.split(': ', 1)[1]})"
-            for k, v in dropped.items()]  # fmt: skip
+    out += [
+        f"  dropped    {k.split(': ')[0]} {' '.join(v)} ({k.split(': ', 1)[1]})"
+        for k, v in dropped.items()
+    ]
     if plan.skipped:
         counts = ", ".join(f"{k}={v['count']}" for k, v in plan.skipped.items())
         out.append(f"  skipped    {counts} (records the data source could not use)")
     lines = estimate_size(plan, sizes)
     out.append(f"  store {cfg.output} (ESTIMATE; compressed = measured ratio on synthetic values):")
-    lines.append(SizeLine("total (peak)", sum(s.uncompressed for s in lines),
-                          sum(s.compressed for s in lines)))  # fmt: skip
-    out += [f"    {s.group:<22}{_gb(s.uncompressed):>12} uncompressed {_gb(s.compressed):>11}"
-            f" compressed  {s.note}".rstrip() for s in lines]  # fmt: skip
+    total = SizeLine(
+        "total (peak)", sum(s.uncompressed for s in lines), sum(s.compressed for s in lines)
+    )
+    lines.append(total)
+    out += [
+        f"    {s.group:<22}{_gb(s.uncompressed):>12} uncompressed {_gb(s.compressed):>11}"
+        f" compressed  {s.note}".rstrip()
+        for s in lines
+    ]
     return "\n".join(out)

@@ -1,7 +1,7 @@
 """Decode WAV/FLAC/OGG into 16 kHz mono float32 without FFmpeg.
 
-``datasets``' audio decoding needs torchcodec + FFmpeg, which are often absent (see
-platform notes); FLEURS ships plain WAV, so libsndfile (``soundfile``) is enough, with the
+``datasets``' audio decoding needs torchcodec + FFmpeg, which are often absent
+(docs/design.md, "Platform: FLEURS and audio"); FLEURS ships plain WAV, so libsndfile (``soundfile``) is enough, with the
 stdlib ``wave`` module as a fallback for PCM WAV when ``soundfile`` is not installed.
 
 Every failure is an :class:`AudioError` whose message is one line naming the file and the

@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from crossmodal.data.audio import AudioError, iter_audio_files, iter_tar_audio, try_load_audio
-from crossmodal.data.sources import DataError, SkipReport, validate_split
 from crossmodal.data.languages import SEAMLESS_TO_FLEURS, validate_language
 from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
+from crossmodal.data.sources import DataError, SkipReport, validate_split
 
 TEXT_FIELDS = ("raw", "normalized")
 AUDIO_LAYOUTS = ("auto", "extracted", "tar")

@@ -6,12 +6,12 @@ module is the one place that converts between them.
 
 Sources (checked, not recalled):
 - FLEURS configs: the ``google/fleurs`` loading script (``_FLEURS_LANG``, 102 configs).
-- Seamless codes and modalities: the "Supported Languages" table of the SeamlessM4T README
-  (facebookresearch/seamless_communication, docs/m4t/README.md: Source Sp/Tx, Target Tx).
+- Seamless codes and modalities: the "Supported Languages" table published with
+  SeamlessM4T (its columns: speech source, text source, text target).
 - Text codes the HF model accepts: ``LARGE_SUPPORTED_LANGUAGES`` of transformers'
   SeamlessM4T v2 conversion script, from which ``generation_config.text_decoder_lang_to_code_id``
-  and the tokenizer's ``__xxx__`` tokens are built (98 keys: the README's 96 text languages
-  plus ``cmn_Hant``, and ``sat``; Malay is ``zlm`` there while the README writes ``zsm``).
+  and the tokenizer's ``__xxx__`` tokens are built (98 keys: the table's 96 text languages
+  plus ``cmn_Hant``, and ``sat``; Malay is ``zlm`` there while the table writes ``zsm``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ _TABLE: tuple[tuple[str, str | None, str], ...] = (
     ("ml_in", "mal", "Malayalam"),
     ("mn_mn", "khk", "Halh Mongolian"),
     ("mr_in", "mar", "Marathi"),
-    # Malay: speech input zlm; the HF decoder/tokenizer key is zlm too (the README's zsm).
+    # Malay: speech input zlm; the HF decoder/tokenizer key is zlm too (the table's zsm).
     ("ms_my", "zlm", "Malay"),
     ("mt_mt", "mlt", "Maltese"),
     ("my_mm", "mya", "Burmese"),
@@ -165,7 +165,7 @@ TEXT_INPUT_CODES: frozenset[str] = TEXT_OUTPUT_CODES
 SPEECH_INPUT_CODES: frozenset[str] = frozenset(
     (TEXT_OUTPUT_CODES - {"sat"}) | {"ast", "kam", "kea", "ltz", "oci", "xho"}
 )
-"""Languages the README lists as speech source (103 rows incl. ``cmn_Hant``; the speech
+"""Languages the table lists as speech source (103 rows incl. ``cmn_Hant``; the speech
 encoder takes no language tag, so this is training coverage, not an input check)."""
 
 

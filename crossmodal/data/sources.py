@@ -1,4 +1,4 @@
-"""What every data source shares: splits, the skip report, the source protocol, the id join.
+"""Data sources: the source protocol, choosing one by name, splits, skip reports, the id join.
 
 A data source yields :class:`~crossmodal.data.records.Record` objects for one (language, split)
 and counts the examples it had to drop in a :class:`SkipReport`: a bad example (missing,
@@ -8,14 +8,16 @@ missing dataset directory) do raise, as one line.
 
 Sources: :class:`crossmodal.data.fleurs.FleursSource` (raw FLEURS layout),
 :class:`crossmodal.data.fleurs.FleursParquetSource` (a Parquet copy) and :class:`OrganismSource`
-(the model organism's synthetic corpus).
+(the model organism's synthetic corpus); :func:`open_source` picks one by the name a config
+gives (``data.source``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from crossmodal.data.languages import validate_language
@@ -92,7 +94,45 @@ class DataSource(Protocol):
 
     skipped: SkipReport
 
-    def records(self, language: str, split: str) -> Iterator[Record]: ...
+    def records(
+        self, language: str, split: str, *, ids: Collection[str] | None = None
+    ) -> Iterator[Record]: ...
+
+
+SOURCE_KINDS = ("organism", "fleurs_raw", "fleurs_parquet")
+"""The data sources a config can name (``data.source``)."""
+
+
+def open_source(
+    kind: str,
+    *,
+    path: str | Path | None = None,
+    audio: bool = True,
+    audio_root: str | Path | None = None,
+    n_sentences: int | None = None,
+    seed: int = 0,
+) -> DataSource:
+    """The data source a config names: the one place that maps ``data.source`` to a class.
+
+    Args:
+        kind: one of :data:`SOURCE_KINDS`.
+        path: the FLEURS dataset root (raw layout or Parquet copy); unused by the organism.
+        audio: load audio; ``False`` for text-only records.
+        audio_root: FLEURS only: an alternative audio root replacing the recordings.
+        n_sentences, seed: the organism's corpus size and seed; unused by FLEURS, whose
+            splits have fixed sizes (plans choose their subset themselves).
+
+    Raises:
+        ValueError: an unknown ``kind`` (one line); the sources' own errors otherwise.
+    """
+    if kind == "organism":
+        return OrganismSource(n_sentences, seed, audio=audio)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data source must be one of {list(SOURCE_KINDS)}, got {kind!r}")
+    from crossmodal.data.fleurs import FleursParquetSource, FleursSource
+
+    cls = FleursSource if kind == "fleurs_raw" else FleursParquetSource
+    return cls(path, audio=audio, audio_root=audio_root)
 
 
 def id_key(record_id: str) -> tuple[int, int, str]:
@@ -135,13 +175,15 @@ class OrganismSource:
     """The model organism's synthetic corpus served as a :class:`DataSource`.
 
     ``crossmodal.organism.corpus.organism_corpus`` is imported lazily, inside the iteration,
-    so this module imports even where the organism package is absent or being rebuilt. The
-    corpus of a split is built once per source object and then filtered by language.
+    so this module imports even where the organism package is absent or being rebuilt. A
+    language's records of a split are built once per source object, and only for the
+    languages asked for: the corpus is a pure function of (split, sentence, language, seed),
+    so one language's records are the same whichever others are built.
 
     Args:
         n_sentences: sentences per split (``None``: the organism's default split sizes).
         seed: corpus seed (the shipped organism was trained on seed 0).
-        languages: organism language codes to build.
+        languages: organism language codes it serves.
         audio: synthesise speech; ``False`` for text-only records.
     """
 
@@ -160,24 +202,27 @@ class OrganismSource:
         self.languages = tuple(languages)
         self.audio = audio
         self.skipped = SkipReport()
-        self._corpus: dict[str, list[Record]] = {}
+        self._corpus: dict[tuple[str, str], list[Record]] = {}
 
-    def records(self, language: str, split: str) -> Iterator[Record]:
-        """Records of ``language`` in ``split``; empty-text records are skipped and counted."""
+    def records(
+        self, language: str, split: str, *, ids: Collection[str] | None = None
+    ) -> Iterator[Record]:
+        """Records of ``language`` in ``split`` in corpus order (only ``ids`` if given);
+        empty-text records are skipped and counted."""
         split = validate_split(split)
         validate_language(language, self.languages)
-        return self._records(language, split)
+        return self._records(language, split, None if ids is None else {str(i) for i in ids})
 
-    def _records(self, language: str, split: str) -> Iterator[Record]:
-        if split not in self._corpus:
+    def _records(self, language: str, split: str, keep: set[str] | None) -> Iterator[Record]:
+        if (split, language) not in self._corpus:
             from crossmodal.organism.corpus import organism_corpus
 
             corpus = organism_corpus(
-                split, list(self.languages), self.n_sentences, self.seed, audio=self.audio
+                split, [language], self.n_sentences, self.seed, audio=self.audio
             )
-            self._corpus[split] = list(corpus)
-        for record in self._corpus[split]:
-            if record.language != language:
+            self._corpus[split, language] = list(corpus)
+        for record in self._corpus[split, language]:
+            if keep is not None and record.id not in keep:
                 continue
             if not record.text.strip():
                 self.skipped.add("text_empty", f"{language}/{split}/{record.id}")

@@ -8,6 +8,12 @@
     CROSSMODAL_FAULT="driver:after_units=3"            # the collect / steer driver dies after
                                                        # 3 completed work units (steer: tasks)
     CROSSMODAL_FAULT="driver:after_units=3,mode=sigkill;collector:after_batches=2"
+    CROSSMODAL_FAULT="driver:at=collect.merge.written"  # the driver dies at a write boundary
+    CROSSMODAL_FAULT="driver:at=collect.part.marked,n=2"  # ... the 2nd time it gets there
+
+``at=<boundary>`` names a write boundary: a place between two writes where a stage calls
+:meth:`FaultPoint.reached` (each stage lists its boundaries in a ``BOUNDARIES`` tuple), so a
+test can kill a process between every pair of writes, not only between work units.
 
 ``mode=exit`` (default) ends the process with ``os._exit(FAULT_EXIT_CODE)``: no ``finally``,
 no atexit, like a crash; ``mode=sigkill`` sends itself SIGKILL, like the OOM killer.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -49,9 +56,13 @@ class Fault:
     trigger: str
     n: int
     mode: str = "exit"
+    boundary: str | None = None
+    """For ``trigger == "at"``: the write boundary; ``n`` counts its occurrences."""
 
     @property
     def spec(self) -> str:
+        if self.boundary is not None:
+            return f"{self.role}:at={self.boundary},n={self.n},mode={self.mode}"
         return f"{self.role}:{self.trigger}={self.n},mode={self.mode}"
 
 
@@ -77,21 +88,29 @@ def parse(text: str) -> tuple[Fault, ...]:
         if role not in TRIGGERS or not sep:
             raise _bad("role", sorted(TRIGGERS), role, spec)
         options = dict(item.partition("=")[::2] for item in rest.split(","))
-        options = {k.strip(): v.strip() for k, v in options.items()}
-        trigger = TRIGGERS[role]
-        if set(options) - {trigger, "mode"} or trigger not in options:
-            raise _bad(f"options of {role}", [trigger, "mode"], sorted(options), spec)
-        count = options[trigger]
-        if not count.isdigit() or int(count) < 1:
-            raise _bad(trigger, "[an integer >= 1]", count, spec)
-        mode = options.get("mode", "exit")
-        if mode not in MODES:
-            raise _bad("mode", list(MODES), mode, spec)
-        faults.append(Fault(role, trigger, int(count), mode))
+        faults.append(_fault(role, {k.strip(): v.strip() for k, v in options.items()}, spec))
     roles = [f.role for f in faults]
     if len(set(roles)) != len(roles):
         raise _bad("roles", "[each role at most once]", roles, text)
     return tuple(faults)
+
+
+def _fault(role: str, options: dict[str, str], spec: str) -> Fault:
+    """One fault from its parsed ``key=value`` options (see :func:`parse`)."""
+    trigger = "at" if "at" in options else TRIGGERS[role]
+    allowed = ["at", "n", "mode"] if trigger == "at" else [trigger, "mode"]
+    if set(options) - set(allowed) or trigger not in options:
+        raise _bad(f"options of {role}", allowed, sorted(options), spec)
+    count = options.get("n", "1") if trigger == "at" else options[trigger]
+    if not count.isdigit() or int(count) < 1:
+        raise _bad("n" if trigger == "at" else trigger, "[an integer >= 1]", count, spec)
+    mode = options.get("mode", "exit")
+    if mode not in MODES:
+        raise _bad("mode", list(MODES), mode, spec)
+    boundary = options.get("at")
+    if boundary is not None and not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", boundary):
+        raise _bad("at", "[a dotted boundary name, e.g. collect.merge.written]", boundary, spec)
+    return Fault(role, trigger, int(count), mode, boundary)
 
 
 def env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -151,20 +170,39 @@ class FaultPoint:
         Returns:
             whether it fired (only seen when ``kill`` returns, i.e. in tests).
         """
-        if self.fault is None:
+        if self.fault is None or self.fault.boundary is not None:
             return False
+        return self._count(n)
+
+    def reached(self, boundary: str) -> bool:
+        """Count one arrival at write boundary ``boundary``; fire at the armed occurrence.
+
+        Returns:
+            whether it fired (only seen when ``kill`` returns, i.e. in tests).
+        """
+        if self.fault is None or self.fault.boundary != boundary:
+            return False
+        return self._count(1)
+
+    def _count(self, n: int) -> bool:
         self.count += n
         marker = self.marker
         if marker is None or self.count < self.fault.n or not _claim(marker, self.fault):
             return False
         print(
             f"crossmodal fault injection: {self.fault.mode} {self.fault.role} pid {os.getpid()} "
-            f"after {self.count} {self.fault.trigger.removeprefix('after_')} ({ENV})",
+            f"after {self.count} {self._events()} ({ENV})",
             file=sys.stderr,
             flush=True,
         )
         self._kill(self.fault.mode)
         return True
+
+    def _events(self) -> str:
+        fault = self.fault
+        if fault is not None and fault.boundary is not None:
+            return f"arrivals at {fault.boundary}"
+        return fault.trigger.removeprefix("after_") if fault is not None else ""
 
 
 def _claim(marker: Path, fault: Fault) -> bool:

@@ -10,7 +10,7 @@ records each result before asking for the next (the driver fault point ticks aft
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -74,12 +74,7 @@ class ActorFleet:
     def __enter__(self) -> ActorFleet:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 
 from crossmodal.fleet.faults import ENV_VARS as FAULT_VARS
@@ -80,12 +80,7 @@ class RaySession:
     def __enter__(self) -> RaySession:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def actors(self, cls: type, *args: Any, spec: Any, count: int | None = None) -> Any:

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from crossmodal.model.inputs import FrameMasks, ModelBatch, padding_guard, speech_lengths
 from crossmodal.data.languages import validate_language
+from crossmodal.model.inputs import FrameMasks, ModelBatch, padding_guard, speech_lengths
 from crossmodal.model.load import LoadedModel
 from crossmodal.model.units import Site, UnitIndex
 
@@ -358,9 +358,17 @@ class Capturer:
                     buf.masked_fill_(~valid[:, :, None], float("nan"))
         tokens = generated_tokens(sequences, end_ids)
         return CaptureResult(
-            self.index, self.steps, self.poolings, sequences, tokens, self._texts,
-            buffers, valid, batch.ids, batch.languages,
-        )  # fmt: skip
+            index=self.index,
+            steps=self.steps,
+            poolings=self.poolings,
+            sequences=sequences,
+            tokens=tokens,
+            decode=self._texts,
+            buffers=buffers,
+            valid=valid,
+            ids=batch.ids,
+            languages=batch.languages,
+        )
 
     def _prefix_counts(self, device: torch.device) -> Tensor:
         """``[1, step, unit]``: positions in each step's prefix on decoder-position columns, 1

@@ -184,6 +184,15 @@ def encode(
         return hidden, enc_mask
 
 
+def _check_lengths(max_new_tokens: int, min_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be one of [>= 1], got {max_new_tokens!r}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be one of [0..{max_new_tokens}], got {min_new_tokens!r}"
+        )
+
+
 def greedy_generate(
     loaded_or_model: LoadedModel | SeamlessM4Tv2Model,
     batch: Mapping[str, Tensor],
@@ -213,12 +222,7 @@ def greedy_generate(
     model = _unwrap(loaded_or_model)
     if min_new_tokens is None:
         min_new_tokens = model.generation_config.min_new_tokens or 0
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be one of [>= 1], got {max_new_tokens!r}")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(
-            f"min_new_tokens must be one of [0..{max_new_tokens}], got {min_new_tokens!r}"
-        )
+    _check_lengths(max_new_tokens, min_new_tokens)
     eos_ids = _check_greedy_config(model)
     hidden, enc_mask = encode(model, batch) if encoder_outputs is None else encoder_outputs
     dev = hidden.device
@@ -228,12 +232,21 @@ def greedy_generate(
     if sync_every < 1:
         raise ValueError(f"sync_every must be one of [>= 1], got {sync_every!r}")
     gc = model.generation_config
+    eos = torch.tensor(eos_ids, device=dev)
     with torch.no_grad():
         tokens, steps = _decode(
-            model, hidden, enc_mask, tags, gc.decoder_start_token_id, gc.pad_token_id,
-            torch.tensor(eos_ids, device=dev), max_new_tokens, min_new_tokens, sync_every,
-        )  # fmt: skip
-        width = _trimmed_width(tokens, torch.tensor(eos_ids, device=dev), max_new_tokens)
+            model,
+            hidden,
+            enc_mask,
+            tags,
+            start=gc.decoder_start_token_id,
+            pad=gc.pad_token_id,
+            eos=eos,
+            max_new=max_new_tokens,
+            min_new=min_new_tokens,
+            sync_every=sync_every,
+        )
+        width = _trimmed_width(tokens, eos, max_new_tokens)
     return GreedyOutput(tokens[:, :width].clone(), hidden, enc_mask, steps)
 
 

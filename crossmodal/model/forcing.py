@@ -1,17 +1,10 @@
-"""Forcing: which units a grid cell sets to which constants, and the hooks that do it.
+"""Forcing hooks: set chosen features of chosen modules to constants, row by row, during generation.
 
 A unit is (module path, output feature). Forcing it replaces that feature of the module's
 output with a constant, at every position and at every call of the module, so at every
-decoding step of ``generate`` (method.md, "Interventions"). Different rows of one batch
+decoding step of ``generate`` (docs/method.md, "Interventions"). Different rows of one batch
 carry different interventions, so many steering-grid cells share one ``generate`` call.
-
-Which units (:class:`UnitForcing`): a ``selected`` cell forces the top/bottom/both set of
-the task of its role (x2en representation, en2x control) for its language, unit modality
-and identification step, ranked by ``ap`` within its scope
-(:func:`crossmodal.reduce.selection.select_sets`); a ``random`` cell forces ``n_units`` units drawn
-from the same scope with its seed (one draw for every language and step). Each unit is set
-to its ``on_p50``/``on_p90``/``off_mean`` of that same condition, or zero; units whose value
-is NaN (never observed) are dropped and counted.
+Which units a grid cell forces, and with which constants, is :mod:`crossmodal.steer.units`.
 
 Invariants (what the tests pin):
 - :func:`plan_batch` builds, once per batch and per hooked module, the union ``cols`` of
@@ -20,7 +13,7 @@ Invariants (what the tests pin):
   forcing gets back exactly the values it would have had (bit-identical), and no row ever
   sees another row's forcing.
 - Cross-attention ``k_proj``/``v_proj`` run once over the encoder frames and their result is
-  cached: forcing that call forces every later step too (method.md).
+  cached: forcing that call forces every later step too (docs/method.md, "Interventions").
 - ``ffn.fc1`` units are forced before the ReLU (the reference's units); ``ffn.act`` units are
   the post-ReLU activations. Conv1d and GLU outputs (encoder units) carry features on dim 1.
 - Hooks exist only inside :func:`forcing`, which removes them in ``finally``.
@@ -35,13 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xarray as xr
 from torch import nn
 from transformers import SeamlessM4Tv2Model
 
 from crossmodal.model.capture import padding_guard
 from crossmodal.model.fastgen import encode, greedy_generate
-from crossmodal.steer.grid import Cell
 from crossmodal.model.load import LoadedModel
 from crossmodal.model.units import declared_width
 
@@ -126,8 +117,23 @@ def plan_batch(
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or first.dtype
     batch = len(interventions)
-    # per site: (row, feature, value) triples of every row, as arrays (a grid batch holds
-    # ~10^5 of them: element-wise tensor writes would cost seconds)
+    sites: dict[str, SitePlan] = {}
+    for path, (rows, features, values) in _site_triples(interventions).items():
+        module = _resolve(model, path)  # an unknown path fails even when it forces nothing
+        if len(features) == 0:
+            continue
+        sites[path] = _site_plan(module, path, batch, rows, features, values, device, dtype)
+    return BatchPlan(batch_size=batch, sites=sites)
+
+
+def _site_triples(
+    interventions: Sequence[Intervention],
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per site: (row, feature, value) of every row's forcing, as three flat arrays.
+
+    Arrays, not element-wise tensor writes: a grid batch holds ~10^5 forced features, which
+    element-wise writes would take seconds over.
+    """
     per_site: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for row, intervention in enumerate(interventions):
         for path, (features, values) in intervention.items():
@@ -139,33 +145,43 @@ def plan_batch(
             f = np.asarray(features, dtype=np.int64).reshape(-1)
             v = np.asarray(values, dtype=np.float64).reshape(-1)
             per_site.setdefault(path, []).append((np.full(len(f), row), f, v))
-    sites: dict[str, SitePlan] = {}
-    for path, parts in per_site.items():
-        module = _resolve(model, path)
-        rows, features, values = (np.concatenate(x) for x in zip(*parts, strict=True))
-        if len(features) == 0:
-            continue
-        cols = np.unique(features)
-        width = declared_width(module)
-        if cols[0] < 0 or (width is not None and cols[-1] >= width):
-            bad = cols[0] if cols[0] < 0 else cols[-1]
-            raise SteeringError(
-                f"feature of site {path!r} must be in [0, {width}), got {bad}; "
-                "check the unit index table against this model"
-            )
-        j = np.searchsorted(cols, features)
-        mask = np.zeros((batch, len(cols)), dtype=bool)
-        table = np.zeros((batch, len(cols)), dtype=np.float32)
-        mask[rows, j] = True
-        table[rows, j] = values  # a feature repeated within a row: its last value wins
-        sites[path] = SitePlan(
-            cols=torch.from_numpy(cols).to(device),
-            mask=torch.from_numpy(mask).to(device),
-            values=torch.from_numpy(table).to(device=device, dtype=dtype),
-            feature_dim=_feature_dim(module),
-            max_col=int(cols[-1]),
+    return {
+        path: tuple(np.concatenate(x) for x in zip(*parts, strict=True))
+        for path, parts in per_site.items()
+    }
+
+
+def _site_plan(
+    module: nn.Module,
+    path: str,
+    batch: int,
+    rows: np.ndarray,
+    features: np.ndarray,
+    values: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SitePlan:
+    """The ``[batch, n_cols]`` mask and values of one module from its (row, feature, value)s."""
+    cols = np.unique(features)
+    width = declared_width(module)
+    if cols[0] < 0 or (width is not None and cols[-1] >= width):
+        bad = cols[0] if cols[0] < 0 else cols[-1]
+        raise SteeringError(
+            f"feature of site {path!r} must be in [0, {width}), got {bad}; "
+            "check the unit index table against this model"
         )
-    return BatchPlan(batch_size=batch, sites=sites)
+    j = np.searchsorted(cols, features)
+    mask = np.zeros((batch, len(cols)), dtype=bool)
+    table = np.zeros((batch, len(cols)), dtype=np.float32)
+    mask[rows, j] = True
+    table[rows, j] = values  # a feature repeated within a row: its last value wins
+    return SitePlan(
+        cols=torch.from_numpy(cols).to(device),
+        mask=torch.from_numpy(mask).to(device),
+        values=torch.from_numpy(table).to(device=device, dtype=dtype),
+        feature_dim=_feature_dim(module),
+        max_col=int(cols[-1]),
+    )
 
 
 def _apply(plan: SitePlan, batch: int, path: str, out: torch.Tensor) -> torch.Tensor:
@@ -286,100 +302,3 @@ def generate_forced(
 @contextmanager
 def _no_guard(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
     yield
-
-
-# --------------------------------------------------------------------------- which units
-
-
-class UnitForcing:
-    """Cells -> per-row interventions, from the selectivity Dataset and the model's modules.
-
-    Args:
-        ds: variables ``ap``, ``on_p50``, ``on_p90``, ``off_mean`` over ``(task, modality,
-            step, language, unit)``; unit coords ``site`` (site name or module path),
-            ``feature``, ``submodule``, ``layer``.
-        model: the model whose module paths the sites resolve to.
-    """
-
-    def __init__(self, ds: xr.Dataset, model: nn.Module) -> None:
-        from crossmodal.reduce.selection import scope_mask, unit_ids
-
-        extra = set(ds["ap"].dims) - {"task", "modality", "step", "language", "unit"}
-        if extra:
-            raise ValueError(
-                f"selectivity dims must be one of ['task', 'modality', 'step', 'language', "
-                f"'unit'], got extra {sorted(extra)}; select one value of each before steering"
-            )
-        self.ds = ds
-        self._ids = unit_ids(ds)
-        self._pos = {int(u): i for i, u in enumerate(self._ids)}
-        self._scopes = {s: np.flatnonzero(scope_mask(ds, s)) for s in ("all", "attention", "ffn")}
-        sites = np.asarray(ds["site"].values).astype(str)
-        names, codes = np.unique(sites, return_inverse=True)
-        self._paths = np.array(_module_paths(model, names.tolist()), dtype=object)[codes]
-        self._features = np.asarray(ds["feature"].values).astype(np.int64)
-        self._cache: dict[tuple, np.ndarray] = {}
-
-    def _vector(self, var: str, cell: Cell) -> np.ndarray:
-        key = (var, cell.task, cell.unit_modality, cell.step, cell.language)
-        if key not in self._cache:
-            where = dict(task=cell.task, modality=cell.unit_modality, step=cell.step,
-                         language=cell.language)  # fmt: skip
-            self._cache[key] = np.asarray(self.ds[var].sel(where).values, dtype=np.float64)
-        return self._cache[key]
-
-    def positions(self, cell: Cell) -> np.ndarray:
-        """Positions (along ``unit``) of the cell's units, before dropping NaN values."""
-        if cell.kind == "baseline":
-            return np.zeros(0, dtype=np.int64)
-        pool = self._scopes[cell.scope or "all"]
-        if cell.kind == "random":
-            scope_code = ("all", "attention", "ffn").index(cell.scope or "all")
-            rng = np.random.default_rng([int(cell.seed or 0), int(cell.n_units), scope_code])
-            return np.sort(rng.choice(pool, size=min(cell.n_units, pool.size), replace=False))
-        from crossmodal.reduce.selection import select_sets, set_ids
-
-        ap = self.ds["ap"].sel(task=cell.task, modality=cell.unit_modality, step=cell.step,
-                               language=cell.language)  # fmt: skip
-        sets = select_sets(ap.load(), k=int(cell.k or 1), group=cell.scope or "all")
-        return np.array(
-            [self._pos[int(u)] for u in set_ids(sets, kind=cell.set_kind)], dtype=np.int64
-        )
-
-    def intervention(self, cell: Cell) -> tuple[Intervention, dict[str, float]]:
-        """The cell's forcing and its bookkeeping (``n_forced``, ``mean_ap``)."""
-        pos = self.positions(cell)
-        if pos.size == 0:
-            return NO_FORCING, {"n_forced": 0, "mean_ap": float("nan")}
-        values = (
-            np.zeros(pos.size) if cell.forcing == "zero" else self._vector(cell.forcing, cell)[pos]
-        )
-        keep = np.isfinite(values)
-        pos, values = pos[keep], values[keep]
-        out: dict[str, tuple[list[int], list[float]]] = {}
-        for p, v in zip(pos.tolist(), values.tolist(), strict=True):
-            feats, vals = out.setdefault(self._paths[p], ([], []))
-            feats.append(int(self._features[p]))
-            vals.append(float(v))
-        ap = self._vector("ap", cell)[pos]
-        mean_ap = float(np.nanmean(ap)) if pos.size else float("nan")
-        return out, {"n_forced": int(pos.size), "mean_ap": mean_ap}
-
-
-def _module_paths(model: nn.Module, sites: Sequence[str]) -> list[str]:
-    """Site names (``decoder.layers.0.ffn.fc1``) or module paths -> module paths."""
-    modules = dict(model.named_modules())
-    index = None
-    out = []
-    for site in sites:
-        if "@" in site:
-            raise SteeringError(
-                f"site must be one of [sites of modules run once per forward], got {site!r}; "
-                "a module called twice per forward cannot be forced per call"
-            )
-        if site not in modules and index is None:
-            from crossmodal.model.units import FAMILIES, UnitIndex
-
-            index = UnitIndex.from_model(model, FAMILIES)
-        out.append(site if site in modules else index.site(site).module_path)
-    return out

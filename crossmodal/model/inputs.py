@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from crossmodal.data.languages import validate_language
-from crossmodal.model.load import LoadedModel, feature_extractor
 from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
+from crossmodal.model.load import LoadedModel, feature_extractor
 
 MODALITIES = ("speech", "text")
 _Hook = Callable[[nn.Module, tuple, Tensor], Tensor]

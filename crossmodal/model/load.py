@@ -3,11 +3,15 @@
 Every model, from the 2.3B-parameter ``facebook/seamless-m4t-v2-large`` to the model
 organism, goes through :func:`load_model`, so what is tested on the organism is the code
 path the real model takes. :func:`build_random_model` makes randomly initialised models
-(tiny ones for unit tests, the real large shapes for GPU benchmarks) with no weights.
+(tiny ones for unit tests, the real large shapes for GPU benchmarks) with no weights;
+``random:<size>`` sources and random-model directories (:func:`write_random_model_dir`: a
+config, a processor and a seed, no weights) load them through :func:`load_model`, so the
+pipeline runs at the real shapes without the 2.3B real weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +43,9 @@ _WEIGHT_FILES = (
 )
 _TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+RANDOM_PREFIX = "random:"
+RANDOM_MARKER = "random_weights.json"
+"""In a model directory instead of weights: ``{"seed": int}``; the weights are drawn on load."""
 
 
 class ModelLoadError(ValueError):
@@ -120,7 +127,7 @@ def _check_model_dir(path: Path) -> None:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+    if not any((path / name).is_file() for name in (*_WEIGHT_FILES, RANDOM_MARKER)):
         missing.append("weights (" + " or ".join(_WEIGHT_FILES[::2]) + ")")
     # transformers 5 saves the feature extractor inside processor_config.json; 4.x wrote
     # preprocessor_config.json (the hub's seamless-m4t-v2-large still has the latter).
@@ -140,6 +147,17 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
+def _model_path(text: str) -> Path | None:
+    """The directory a source names, or ``None`` for a hub id."""
+    if text == ORGANISM:
+        from crossmodal.organism import organism_path
+
+        return organism_path()
+    if Path(text).expanduser().exists() or _looks_like_path(text):
+        return Path(text).expanduser()
+    return None
+
+
 def load_model(
     source: str | os.PathLike[str],
     *,
@@ -147,11 +165,12 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load SeamlessM4T v2 from a hub id, a local directory, or ``"organism"``.
+    """Load SeamlessM4T v2 from a hub id, a local directory, ``"organism"`` or ``random:<size>``.
 
     Args:
         source: ``"facebook/seamless-m4t-v2-large"`` (or any hub id), a directory written by
-            ``save_pretrained``, or ``"organism"`` for the shipped model organism.
+            ``save_pretrained`` or :func:`write_random_model_dir`, ``"organism"`` for the
+            shipped model organism, or ``"random:tiny"`` / ``"random:large"``.
         device: ``None`` picks a GPU when available.
         dtype: ``auto`` (see :func:`resolve_dtype`) or a dtype name.
         revision: hub revision (branch, tag or commit); ignored for directories.
@@ -160,16 +179,13 @@ def load_model(
         ModelLoadError: one line naming the source and what is wrong with it.
     """
     text = str(source)
-    if text == ORGANISM:
-        from crossmodal.organism import organism_path
-
-        path: Path | None = organism_path()
-    elif Path(text).expanduser().exists() or _looks_like_path(text):
-        path = Path(text).expanduser()
-    else:
-        path = None
+    if text.startswith(RANDOM_PREFIX):
+        return build_random_model(text.removeprefix(RANDOM_PREFIX), device=device, dtype=dtype)
+    path = _model_path(text)
     if path is not None:
         _check_model_dir(path)
+        if (path / RANDOM_MARKER).is_file():
+            return _load_random_dir(path, device=device, dtype=dtype)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     where = str(path) if path is not None else text
@@ -184,13 +200,32 @@ def load_model(
     model = _prepare(model.to(dev))
     commit = getattr(model.config, "_commit_hash", None)
     rev = commit or revision or ("local:" + str(path.resolve()) if path else "unknown")
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         processor=processor,
         source=text,
         revision=rev,
         lang_to_code_id=dict(model.generation_config.text_decoder_lang_to_code_id or {}),
     )
+    check_vocabulary(loaded)
+    return loaded
+
+
+def check_vocabulary(loaded: LoadedModel) -> None:
+    """The processor's tokens and the language tags must be ids of the model's vocabulary.
+
+    Raises:
+        ModelLoadError: one line with both sizes and the fix.
+    """
+    vocab = loaded.model.config.vocab_size
+    tokens = len(loaded.processor.tokenizer) if loaded.processor is not None else 0
+    tags = max(loaded.lang_to_code_id.values(), default=-1) + 1
+    if tokens > vocab or tags > vocab:
+        raise ModelLoadError(
+            f"model {loaded.source!r} has a {vocab}-token vocabulary but its tokenizer has "
+            f"{tokens} tokens and its language tags reach id {tags - 1}; save the model's own "
+            "processor (processor.save_pretrained) into the directory"
+        )
 
 
 def _prepare(model: SeamlessM4Tv2Model) -> SeamlessM4Tv2Model:
@@ -265,6 +300,28 @@ def large_config(**overrides: Any) -> SeamlessM4Tv2Config:
 RANDOM_SIZES = {"tiny": tiny_config, "large": large_config}
 
 
+def _random_generation_config(
+    config: SeamlessM4Tv2Config, lang_ids: dict[str, int], max_new_tokens: int
+) -> GenerationConfig:
+    return GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        text_decoder_lang_to_code_id=lang_ids,
+    )
+
+
+def _random_model(
+    config: SeamlessM4Tv2Config, seed: int, device: torch.device, dtype: torch.dtype
+) -> SeamlessM4Tv2Model:
+    """Weights drawn from ``seed``: the same on every call with the same config and device."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return _prepare(SeamlessM4Tv2Model(config).to(dtype))
+
+
 def build_random_model(
     size: str = "tiny",
     *,
@@ -273,12 +330,17 @@ def build_random_model(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype = "auto",
     max_new_tokens: int = 32,
+    processor: bool = True,
 ) -> LoadedModel:
     """A randomly initialised SeamlessM4T v2 (no weights needed) ready for ``generate``.
 
-    Language tags take the last ids of the vocabulary. ``size="large"`` has the real
-    large shapes (~2.3B parameters) for GPU benchmarks; the processor is ``None``: feed
-    ``input_ids`` or features from :class:`SeamlessM4TFeatureExtractor` directly.
+    ``size="tiny"``: language tags take the last ids of the vocabulary and the processor is
+    ``None`` (feed ``input_ids`` or features from :class:`SeamlessM4TFeatureExtractor`).
+    ``size="large"`` has the real large shapes (~2.3B parameters) and the real-vocabulary
+    processor of :mod:`crossmodal.model.processor` (built once into its cache; needs
+    sentencepiece): every language tag of the real model at its real id; ``languages`` is
+    ignored. ``processor=False`` skips the processor (the real tag ids stay): the GPU
+    benchmark feeds token ids and features and runs with torch, transformers and numpy only.
 
     Raises:
         ValueError: for an unknown size.
@@ -287,26 +349,69 @@ def build_random_model(
         raise ValueError(f"size must be one of {sorted(RANDOM_SIZES)}, got {size!r}")
     config = RANDOM_SIZES[size]()
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = SeamlessM4Tv2Model(config).to(torch_dtype)
-    lang_ids = {lang: config.vocab_size - len(languages) + i for i, lang in enumerate(languages)}
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=config.decoder_start_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        max_new_tokens=max_new_tokens,
-        text_decoder_lang_to_code_id=lang_ids,
-    )
+    model = _random_model(config, seed, dev, resolve_dtype(dtype, dev))
+    built = None
+    if size == "large":
+        from crossmodal.model.processor import language_ids, real_vocab_processor
+
+        built = real_vocab_processor() if processor else None
+        lang_ids = language_ids()
+    else:
+        first = config.vocab_size - len(languages)
+        lang_ids = {lang: first + i for i, lang in enumerate(languages)}
+    model.generation_config = _random_generation_config(config, lang_ids, max_new_tokens)
     return LoadedModel(
-        model=_prepare(model),
-        processor=None,
-        source=f"random:{size}",
+        model=model,
+        processor=built,
+        source=f"{RANDOM_PREFIX}{size}",
         revision=f"seed={seed}",
         lang_to_code_id=lang_ids,
     )
+
+
+def write_random_model_dir(
+    out_dir: str | os.PathLike[str], *, seed: int = 0, **overrides: Any
+) -> Path:
+    """A model directory with the real large shapes and random weights drawn on load.
+
+    It holds ``config.json`` (:func:`large_config` with ``overrides``, e.g. fewer layers),
+    ``generation_config.json`` with the real language-tag ids, the real-vocabulary processor
+    and :data:`RANDOM_MARKER` instead of weights: a few MB instead of 9 GB, and every
+    pipeline stage that reads a model directory (planner, language check, actors) reads it
+    as it reads a real one. Weights are drawn on the CPU from ``seed``, so every actor of a
+    run holds the same model.
+    """
+    from crossmodal.model.processor import language_ids, processor_dir
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    config = large_config(**overrides)
+    config.save_pretrained(str(out))
+    _random_generation_config(config, language_ids(), 256).save_pretrained(str(out))
+    for item in processor_dir().iterdir():
+        if item.is_file() and not item.name.startswith("real_vocab"):
+            (out / item.name).write_bytes(item.read_bytes())
+    (out / RANDOM_MARKER).write_text(json.dumps({"seed": seed}) + "\n")
+    return out
+
+
+def _load_random_dir(
+    path: Path, *, device: str | torch.device | None, dtype: str | torch.dtype
+) -> LoadedModel:
+    config = SeamlessM4Tv2Config.from_pretrained(str(path))
+    seed = int(json.loads((path / RANDOM_MARKER).read_text())["seed"])
+    dev = resolve_device(device)
+    model = _random_model(config, seed, torch.device("cpu"), resolve_dtype(dtype, dev))
+    model.generation_config = GenerationConfig.from_pretrained(str(path))
+    loaded = LoadedModel(
+        model=model.to(dev),
+        processor=SeamlessM4TProcessor.from_pretrained(str(path)),
+        source=str(path),
+        revision=f"random:seed={seed}",
+        lang_to_code_id=dict(model.generation_config.text_decoder_lang_to_code_id or {}),
+    )
+    check_vocabulary(loaded)
+    return loaded
 
 
 def feature_extractor() -> SeamlessM4TFeatureExtractor:

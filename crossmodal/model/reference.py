@@ -1,8 +1,8 @@
 """The reference study's capture procedure, kept slow and simple on purpose.
 
-As in the reference code (method.md): batch size 1, greedy ``model.generate``, then ONE
-teacher-forced run of the whole model PER STEP on the prefix ``seq[:, :t + 1]``, every unit's
-output copied to host memory (numpy), and the per-step value taken there: ``prefix_mean``
+As in the reference code (docs/method.md, "Generation steps and the per-example value"): batch
+size 1, greedy ``model.generate``, then ONE teacher-forced run of the whole model PER STEP on
+the prefix ``seq[:, :t + 1]``, every unit's output copied to host memory (numpy), and the per-step value taken there: ``prefix_mean``
 (mean over the t + 1 prefix positions) and ``last`` (position t). Encoder-side values are means
 over all positions: each example runs alone with its padding cut off.
 

@@ -1,15 +1,16 @@
-"""Unit families and the one address scheme for units (style lesson 6).
+"""Unit families and the one address scheme for units, used by every stage.
 
 A *site* is one module output that is captured (``decoder.layers.3.ffn.fc1``); a *unit* is one
 output feature of a site, addressed as ``(site, feature)`` and stored under a flat unit index
 (``site.offset + feature``). Capture, statistics, Zarr coordinates, reducers and reports all
 use the :class:`UnitIndex` built here, so a unit has the same name everywhere.
 
-Families (method.md "Units"):
+Families (docs/method.md, "Units"):
   * ``decoder``: every Linear and LayerNorm output of ``text_decoder`` (fc1 BEFORE the ReLU),
     plus the final ``text_decoder.layer_norm``: the reference study's units.
   * ``ffn_act``: the output of ``text_decoder.layers[i].ffn.act`` (post-ReLU). Not
-    ``layers[i].activation_fn``: that module exists but is never called (platform.md).
+    ``layers[i].activation_fn``: that module exists but is never called
+    (docs/design.md, "Platform: transformers and SeamlessM4T v2").
   * ``speech_encoder`` / ``text_encoder``: Linear, LayerNorm, Conv1d and GLU outputs of each
     encoder, pooled over input positions (step-independent); ``encoder`` means both.
 
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-if TYPE_CHECKING:  # pandas stays off the import path of `crossmodal bench` (issue 8)
+if TYPE_CHECKING:  # pandas stays off `crossmodal bench`'s import path
     import pandas as pd
 
 FAMILIES = ("decoder", "ffn_act", "speech_encoder", "text_encoder")
@@ -216,10 +217,13 @@ def _family_sites(model: nn.Module, family: str) -> list[dict[str, Any]]:
             row["submodule"], row["positions"] = _text_encoder_submodule(parts), "text"
         name = SHORT[component] + path[len(component) :]
         calls = next(
-            (v for (cls, attr), v in _MULTI_CALL.items() if type(parent).__name__.endswith(cls)
-             and parts[-1] == attr),
+            (
+                v
+                for (cls, attr), v in _MULTI_CALL.items()
+                if type(parent).__name__.endswith(cls) and parts[-1] == attr
+            ),
             None,
-        )  # fmt: skip
+        )
         for call, label in enumerate(calls or (None,)):
             suffix = f"@{label}" if label else ""
             out.append(dict(row, name=name + suffix, call=call))

@@ -23,6 +23,7 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
+from crossmodal.data.records import TARGET_SAMPLING_RATE
 from crossmodal.organism.corpus import audio_seed
 from crossmodal.organism.features import FastFeatureExtractor
 from crossmodal.organism.grammar import ORGANISM_LANGUAGES, draw_sentence, lexicon, render
@@ -35,7 +36,6 @@ from crossmodal.organism.tokenizer import (
     train_sentencepiece,
 )
 from crossmodal.organism.training import TrainConfig, TrainData, train
-from crossmodal.data.records import TARGET_SAMPLING_RATE
 
 LEXICON_FILE = "organism_lexicon.json"
 BUILD_FILE = "organism_build.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
 from crossmodal.organism.grammar import (
     ORGANISM_LANGUAGES,
     SPLITS,
@@ -19,7 +20,6 @@ from crossmodal.organism.grammar import (
     sentence_id,
 )
 from crossmodal.organism.speech import synthesize
-from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
 
 DEFAULT_SIZES = {"train": 4000, "dev": 300, "test": 300}
 """Sentences per split when ``n_sentences`` is not given (the build trains on ``train``)."""

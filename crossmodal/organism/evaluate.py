@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from transformers import SeamlessM4TProcessor, SeamlessM4Tv2Model
 
-from crossmodal.organism.corpus import check_languages, organism_corpus
 from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
+from crossmodal.organism.corpus import check_languages, organism_corpus
 
 TEXT_MIN, SPEECH_MIN = 0.90, 0.80
 """Exact-match floors the organism is built to meet on held-out sentences."""

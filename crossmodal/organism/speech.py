@@ -20,8 +20,8 @@ from functools import cache
 
 import numpy as np
 
-from crossmodal.organism.grammar import LEXICON_SEED, ORGANISM_LANGUAGES, lexicon
 from crossmodal.data.records import TARGET_SAMPLING_RATE
+from crossmodal.organism.grammar import LEXICON_SEED, ORGANISM_LANGUAGES, lexicon
 
 SR = TARGET_SAMPLING_RATE
 _VOWELS = (  # (F1, F2) in Hz, a shared vowel inventory

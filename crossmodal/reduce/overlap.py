@@ -16,8 +16,7 @@ ranks each AP vector once and correlates all language pairs with one matrix prod
 :func:`count_by` counts selected units per layer, submodule or site.
 
 v1: :func:`modality_selectivity` scores "from the speech task" against "from the text task"
-with any AP finalizer (histograms or exact values); :func:`gini` and :func:`gini_by_group`
-measure activation concentration per example, for the collect job to accumulate.
+with any AP finalizer (histograms or exact values).
 """
 
 from __future__ import annotations
@@ -63,6 +62,76 @@ def _modality_rows(sets: xr.DataArray, cond: dict[str, int], modality: str) -> l
     return [row[row >= 0] for row in block]
 
 
+class _UnitGroups:
+    """The units of a scope, as one group or one group per layer, and the group of each id."""
+
+    def __init__(self, units: xr.Dataset, group: str, layer: int | None, by_layer: bool) -> None:
+        scope = scope_mask(units, group, layer)
+        layers = np.asarray(units["layer"].values)
+        if by_layer:
+            self.labels, codes = np.unique(layers[scope], return_inverse=True)
+        else:
+            self.labels, codes = np.array([0]), np.zeros(int(scope.sum()), dtype=np.int64)
+        self.full = np.full(scope.size, -1, dtype=np.int64)
+        self.full[scope] = codes
+        self.size = self.labels.size
+        self.n_universe = np.bincount(codes, minlength=self.size)
+        self.lookup = pd.Index(unit_ids(units))
+        self.scope = (group, layer)
+
+    def codes(self, ids: np.ndarray) -> np.ndarray:
+        """The group of each unit id; every id must lie inside the scope."""
+        pos = self.lookup.get_indexer(ids)
+        c = np.where(pos >= 0, self.full[pos], -1)
+        if np.any(c < 0):
+            group, layer = self.scope
+            raise ValueError(
+                f"sets must be one of [ids inside the scope {group!r}/{layer!r} of units], got "
+                f"ids {ids[c < 0][:5].tolist()}; pass the units the sets were selected from"
+            )
+        return c
+
+    def count(self, ids: np.ndarray) -> np.ndarray:
+        """Units of ``ids`` per group."""
+        return np.bincount(self.codes(ids), minlength=self.size)
+
+
+def _intersections(
+    sets: xr.DataArray, groups: _UnitGroups, outer: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per outer condition and group, text-by-speech intersection counts (NaN where either set
+    is missing) and the sizes of the text and speech sets: ``[*outer, group, text, speech]``."""
+    n_lang = sets.sizes["language"]
+    count = np.full((*[sets.sizes[d] for d in outer], groups.size, n_lang, n_lang), np.nan)
+    n_a, n_b = np.zeros_like(count), np.zeros_like(count)
+    for cond in iter_conditions(sets, outer):
+        at = tuple(cond[d] for d in outer)
+        text, speech = _modality_rows(sets, cond, TEXT), _modality_rows(sets, cond, SPEECH)
+        n_text = [groups.count(r) for r in text]
+        n_speech = [groups.count(r) for r in speech]
+        for i, a in enumerate(text):
+            for j, b in enumerate(speech):
+                cell = (*at, slice(None), i, j)
+                n_a[cell], n_b[cell] = n_text[i], n_speech[j]
+                if a.size and b.size:
+                    count[cell] = groups.count(np.intersect1d(a, b, assume_unique=True))
+    return count, n_a, n_b
+
+
+def _with_diagonal(ds: xr.Dataset, langs: list) -> xr.Dataset:
+    """Add the same-language cells (``diagonal*``) and the mean off-diagonal count."""
+    idx = xr.DataArray(langs, dims="language", coords={"language": langs})
+    for name, src in (
+        ("diagonal", "count"),
+        ("diagonal_expected", "expected"),
+        ("diagonal_p", "p_value"),
+    ):
+        ds[name] = ds[src].sel({ROW: idx, COL: idx}).drop_vars([ROW, COL])
+    off = ds[ROW] != ds[COL]
+    ds["offdiag_mean"] = ds["count"].where(off).mean([ROW, COL], skipna=True)
+    return ds
+
+
 def overlap(sets: xr.DataArray, units: xr.Dataset, *, by_layer: bool = False) -> xr.Dataset:
     """Text-by-speech intersection counts of selected sets, with baselines.
 
@@ -83,53 +152,14 @@ def overlap(sets: xr.DataArray, units: xr.Dataset, *, by_layer: bool = False) ->
         if d not in sets.dims:
             raise ValueError(f"sets dims must be one of [.. {d} ..], got {sets.dims!r}; pass sets")
     _, group, layer = scope_of(sets)
-    scope = scope_mask(units, group, layer)
-    layers = np.asarray(units["layer"].values)
-    if by_layer:
-        labels, codes = np.unique(layers[scope], return_inverse=True)
-    else:
-        labels, codes = np.array([0]), np.zeros(int(scope.sum()), dtype=np.int64)
-    full = np.full(scope.size, -1, dtype=np.int64)
-    full[scope] = codes
-    n_groups = labels.size
-    n_universe = np.bincount(codes, minlength=n_groups)
-    lookup = pd.Index(unit_ids(units))
-
-    def group_codes(ids: np.ndarray) -> np.ndarray:
-        pos = lookup.get_indexer(ids)
-        c = np.where(pos >= 0, full[pos], -1)
-        if np.any(c < 0):
-            raise ValueError(
-                f"sets must be one of [ids inside the scope {group!r}/{layer!r} of units], got "
-                f"ids {ids[c < 0][:5].tolist()}; pass the units the sets were selected from"
-            )
-        return c
-
+    groups = _UnitGroups(units, group, layer, by_layer)
     outer = [d for d in sets.dims if d not in ("modality", "language", "rank")]
     langs = list(sets["language"].values)
-    n_lang = len(langs)
-    shape = [sets.sizes[d] for d in outer]
-    count = np.full((*shape, n_groups, n_lang, n_lang), np.nan)
-    n_a, n_b = np.zeros_like(count), np.zeros_like(count)
-    for cond in iter_conditions(sets, outer):
-        at = tuple(cond[d] for d in outer)
-        text, speech = _modality_rows(sets, cond, TEXT), _modality_rows(sets, cond, SPEECH)
-        t_codes = [group_codes(r) for r in text]
-        s_codes = [group_codes(r) for r in speech]
-        for i, (a, ca) in enumerate(zip(text, t_codes, strict=True)):
-            na = np.bincount(ca, minlength=n_groups)
-            for j, (b, cb) in enumerate(zip(speech, s_codes, strict=True)):
-                n_a[(*at, slice(None), i, j)] = na
-                n_b[(*at, slice(None), i, j)] = np.bincount(cb, minlength=n_groups)
-                if a.size and b.size:
-                    common = np.intersect1d(a, b, assume_unique=True)
-                    count[(*at, slice(None), i, j)] = np.bincount(
-                        group_codes(common), minlength=n_groups
-                    )
-    n_u = n_universe.reshape(n_groups, 1, 1)
+    count, n_a, n_b = _intersections(sets, groups, outer)
+    n_u = groups.n_universe.reshape(groups.size, 1, 1)
     dims = [*outer, "layer", ROW, COL]
     coords = {d: sets[d].values for d in outer if d in sets.coords}
-    coords.update(layer=labels, **{ROW: langs, COL: langs})
+    coords.update(layer=groups.labels, **{ROW: langs, COL: langs})
     expected = np.where(np.isfinite(count), expected_overlap(n_a, n_b, n_u), np.nan)
     ds = xr.Dataset(
         {
@@ -138,21 +168,13 @@ def overlap(sets: xr.DataArray, units: xr.Dataset, *, by_layer: bool = False) ->
             "p_value": (dims, overlap_p_value(count, n_a, n_b, np.broadcast_to(n_u, count.shape))),
             "n_text": (dims, n_a.astype(np.int64)),
             "n_speech": (dims, n_b.astype(np.int64)),
-            "n_universe": (("layer",), n_universe),
+            "n_universe": (("layer",), groups.n_universe),
         },
         coords=coords,
     )
     if not by_layer:
         ds = ds.isel(layer=0, drop=True)
-    idx = xr.DataArray(langs, dims="language", coords={"language": langs})
-    for name, src in (
-        ("diagonal", "count"),
-        ("diagonal_expected", "expected"),
-        ("diagonal_p", "p_value"),
-    ):
-        ds[name] = ds[src].sel({ROW: idx, COL: idx}).drop_vars([ROW, COL])
-    off = ds[ROW] != ds[COL]
-    ds["offdiag_mean"] = ds["count"].where(off).mean([ROW, COL], skipna=True)
+    ds = _with_diagonal(ds, langs)
     ds.attrs.update(sets.attrs)
     return ds
 
@@ -294,41 +316,3 @@ def modality_selectivity(
     coords.update({c: (UNIT, v.values) for c, v in units.coords.items() if v.dims == (UNIT,)})
     names = ("ap", "ap_lo", "ap_hi")
     return xr.Dataset({n: (dims, out[i]) for i, n in enumerate(names)}, coords=coords)
-
-
-def gini(values: torch.Tensor) -> torch.Tensor:
-    """Gini coefficient of ``|values|`` over units, per example: ``[batch, unit] -> [batch]``.
-
-    G = sum_ij |x_i - x_j| / (2 n^2 mean(x)), computed from sorted values as
-    sum_i (2i - n - 1) x_(i) / (n sum x) in float64. 0 = equal magnitudes, (n-1)/n = one
-    unit carries everything; an all-zero row gives 0 (no concentration to measure).
-    """
-    if values.ndim != 2:
-        raise ValueError(f"values.ndim must be one of [2], got {values.ndim!r}; pass [batch, unit]")
-    x = torch.sort(values.abs().to(torch.float64), dim=-1).values
-    n = x.shape[-1]
-    weight = 2.0 * torch.arange(1, n + 1, device=x.device, dtype=x.dtype) - n - 1
-    total = x.sum(-1)
-    g = (x * weight).sum(-1) / (n * total).clamp(min=torch.finfo(x.dtype).tiny)
-    return torch.where(total > 0, g, torch.zeros_like(g))
-
-
-def gini_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Per-example Gini within each unit group (layer): ``[batch, unit] -> [batch, n_groups]``.
-
-    ``groups[unit]`` in ``0..n_groups-1``; a group without units gives NaN. Feed the result
-    to a running (count, mean, M2) per group and condition to aggregate it mergeably.
-    """
-    if groups.shape != (values.shape[-1],):
-        raise ValueError(
-            f"groups.shape must be one of [({values.shape[-1]},)], got {tuple(groups.shape)!r}"
-        )
-    out = torch.full(
-        (values.shape[0], n_groups), float("nan"), dtype=torch.float64, device=values.device
-    )
-    groups = groups.to(values.device)
-    for g in range(n_groups):
-        cols = torch.nonzero(groups == g).flatten()
-        if cols.numel():
-            out[:, g] = gini(values[:, cols])
-    return out

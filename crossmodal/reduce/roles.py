@@ -1,4 +1,4 @@
-"""Representation and control roles of selected units (method.md, "Roles").
+"""Representation and control roles of selected units (docs/method.md, "Roles").
 
 Representation units for language L are the selected set of the ``x2en`` condition for L
 (selective for the input language while the output is English); control units for L are the

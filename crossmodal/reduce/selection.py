@@ -9,16 +9,18 @@ not exist (en2x has no ``eng``, asr has no ``text``). The ``unit`` dim carries c
 carry an integer ``unit`` coordinate (the flat unit index); without it positions are used.
 
 Sets are unit ids (``unit`` coordinate values), not masks, so memory grows with k, not with
-the units: :func:`select_sets` returns int64 ``[*condition dims, kind, rank]``, -1 padded. ``top`` lists units best first, ``bottom`` worst first, ``both`` is top then the
-bottom units not already in top (the reference's top-k + bottom-k union).
+the units: :func:`select_sets` returns int64 ``[*condition dims, kind, rank]``, -1 padded.
+``top`` lists units best first, ``bottom`` worst first, ``both`` is top then the bottom
+units not already in top (the reference's top-k + bottom-k union).
 
 Ties (deterministic, unlike the reference's unstable ``sort_values``): by AP, then by the
 smaller unit id, for top-k and bottom-k alike. Units with NaN AP are never selected.
 
-Exact selection (issue 6 item 2): histogram AP lies in ``[ap_lo, ap_hi]``. :func:`plan_exact`
-splits each condition's units into certainly in the top-k, certainly out, and *candidates*
-(in the top-k for some values inside the intervals, out for others). The pipeline measures
-exact AP (exact mode) for the candidates only; :func:`finalize_selection` then returns the
+Exact selection (docs/method.md, "Selectivity"): histogram AP only brackets the exact AP,
+which lies in ``[ap_lo, ap_hi]``, so the sets histogram AP ranks need not be the sets exact
+AP ranks. :func:`plan_exact` splits each condition's units into certainly in the top-k,
+certainly out, and *candidates* (in the top-k for some values inside the intervals, out for
+others). The reduce job measures exact AP for the candidates only (its exact pass); :func:`finalize_selection` then returns the
 sets exact AP would select. Membership is exact; within a set, units are ordered by exact AP
 where it was measured and by histogram ``ap`` otherwise.
 """

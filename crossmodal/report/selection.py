@@ -36,8 +36,8 @@ from crossmodal.reduce.roles import ROLE_TASKS
 from crossmodal.reduce.selection import KINDS, scope_of, select_sets
 
 NON_LATIN = ("jpn", "cmn")
-"""Languages of the reference set not written in Latin script (method.md v1: concentration
-is higher for non-Latin scripts); every other language counts as Latin."""
+"""Languages of the reference set not written in Latin script (docs/method.md, "v1 analyses":
+concentration is higher for non-Latin scripts); every other language counts as Latin."""
 
 
 def paired_tasks(ds: xr.Dataset) -> list[str]:
@@ -318,18 +318,31 @@ def _summary(
     counts: xr.DataArray,
     concentration: xr.DataArray | None,
 ) -> str:
+    """``summary.md`` up to the v1 sections: the numbers behind every selection figure."""
     _, group, layer = scope_of(sets)
+    steps = ", ".join(map(str, ds["step"].values))
+    scope = f"group {group}, layer {layer or 'all'}"
     lines = [
         "# Cross-modal selectivity report",
         "",
-        f"- units: {ds.sizes['unit']} (scope: group {group}, layer {layer or 'all'}); k = {k} per side",
-        f"- tasks compared across modalities: {', '.join(tasks)}; steps: {', '.join(map(str, ds['step'].values))}",
+        f"- units: {ds.sizes['unit']} (scope: {scope}); k = {k} per side",
+        f"- tasks compared across modalities: {', '.join(tasks)}; steps: {steps}",
         f"- languages: {', '.join(map(str, ds['language'].values))}",
-        "- overlap rows are text sets, columns speech sets; '–' marks a condition that does not exist",
-        "",
-        "## Same-language overlap against chance",
+        "- overlap rows are text sets, columns speech sets; "
+        "'–' marks a condition that does not exist",
         "",
     ]
+    lines += _diagonal_md(tasks, ov)
+    lines += _overlap_md(tasks, ov)
+    lines += _spearman_md(tasks, rho, rho_sub)
+    lines += _layer_counts_md(tasks, counts)
+    if concentration is not None:
+        lines += _gini_md(concentration)
+    return "\n".join(lines)
+
+
+def _diagonal_md(tasks: Sequence[str], ov: xr.Dataset) -> list[str]:
+    """Same-language overlap per task, kind and step, against the random expectation."""
     rows = []
     for task in tasks:
         for kind in KINDS:
@@ -345,8 +358,17 @@ def _summary(
                     }
                 )
     table = pd.DataFrame(rows).set_index("condition")
-    lines += [md_table(table, ["{:.2f}"] * 3 + ["{:.2e}"]), ""]
-    lines += ["## Overlap matrices", ""]
+    return [
+        "## Same-language overlap against chance",
+        "",
+        md_table(table, ["{:.2f}"] * 3 + ["{:.2e}"]),
+        "",
+    ]
+
+
+def _overlap_md(tasks: Sequence[str], ov: xr.Dataset) -> list[str]:
+    """Every text-by-speech intersection matrix."""
+    lines = ["## Overlap matrices", ""]
     for task in tasks:
         for kind in KINDS:
             for step in ov["step"].values:
@@ -357,7 +379,12 @@ def _summary(
                     md_table(_matrix_frame(da), "{:.0f}", "text \\ speech"),
                     "",
                 ]
-    lines += ["## Spearman of AP vectors (all units)", ""]
+    return lines
+
+
+def _spearman_md(tasks: Sequence[str], rho: xr.DataArray, rho_sub: xr.DataArray) -> list[str]:
+    """AP Spearman matrices (all units), then the same-language Spearman by submodule."""
+    lines = ["## Spearman of AP vectors (all units)", ""]
     for task in tasks:
         for step in rho["step"].values:
             da = rho.sel(task=task, step=step)
@@ -376,7 +403,12 @@ def _summary(
             md_table(frame, "{:.3f}", "submodule \\ step"),
             "",
         ]
-    lines += ["## Selected units per layer (both sets, mean over languages)", ""]
+    return lines
+
+
+def _layer_counts_md(tasks: Sequence[str], counts: xr.DataArray) -> list[str]:
+    """Units of the ``both`` sets per layer, one column per (modality, step)."""
+    lines = ["## Selected units per layer (both sets, mean over languages)", ""]
     for task in tasks:
         c = (
             counts.sel(task=task, kind="both")
@@ -387,13 +419,17 @@ def _summary(
             c.values, index=c["layer"].values, columns=[f"{m} {s}" for m, s in c["col"].values]
         )
         lines += [f"### Units per layer {task}", "", md_table(frame, "{:.1f}", "layer"), ""]
-    if concentration is not None:
-        avg = concentration.mean(["language", "layer"], skipna=True)
-        lines += ["## Activation concentration (mean Gini over languages and layers)", ""]
-        for task in avg["task"].values:
-            frame = avg.sel(task=task).transpose("modality", "step").to_pandas()
-            lines += [f"### Gini {task}", "", md_table(frame, "{:.3f}", "modality \\ step"), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _gini_md(concentration: xr.DataArray) -> list[str]:
+    """Mean Gini over languages and layers per task, modality and step."""
+    avg = concentration.mean(["language", "layer"], skipna=True)
+    lines = ["## Activation concentration (mean Gini over languages and layers)", ""]
+    for task in avg["task"].values:
+        frame = avg.sel(task=task).transpose("modality", "step").to_pandas()
+        lines += [f"### Gini {task}", "", md_table(frame, "{:.3f}", "modality \\ step"), ""]
+    return lines
 
 
 def concentration_table(gini_mean: xr.DataArray) -> pd.DataFrame:
@@ -415,9 +451,14 @@ def concentration_table(gini_mean: xr.DataArray) -> pd.DataFrame:
             speech = mean(sub.sel(modality=SPEECH)) if SPEECH in mods else float("nan")
             text = mean(sub.sel(modality=TEXT)) if TEXT in mods else float("nan")
             lat, non = mean(sub.sel(language=latin)), mean(sub.sel(language=non_latin))
-            rows[f"{task} step {step}"] = {"speech": speech, "text": text,
-                                           "speech - text": speech - text, "Latin": lat,
-                                           "non-Latin": non, "non-Latin - Latin": non - lat}  # fmt: skip
+            rows[f"{task} step {step}"] = {
+                "speech": speech,
+                "text": text,
+                "speech - text": speech - text,
+                "Latin": lat,
+                "non-Latin": non,
+                "non-Latin - Latin": non - lat,
+            }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -452,10 +493,17 @@ def _modality_md(mod: xr.Dataset) -> str:
         for task in mod["task"].values:
             da = mod[name].sel(task=task, kind=["top", "bottom"]).mean("language", skipna=True)
             da = da.stack(col=("kind", "step")).transpose(f"{coord}s", "col")
-            frame = pd.DataFrame(da.values, index=[str(g) for g in da[f"{coord}s"].values],
-                                 columns=[f"{kd} step {st}" for kd, st in da["col"].values])  # fmt: skip
+            frame = pd.DataFrame(
+                da.values,
+                index=[str(g) for g in da[f"{coord}s"].values],
+                columns=[f"{kd} step {st}" for kd, st in da["col"].values],
+            )
             frame["random"] = [k * share.get(g, 0.0) for g in frame.index]
             frame = frame.sort_values(frame.columns[0], ascending=False)
-            lines += [f"### Modality-selective units by {coord} {task}", "",
-                      md_table(frame, "{:.1f}", coord), ""]  # fmt: skip
+            lines += [
+                f"### Modality-selective units by {coord} {task}",
+                "",
+                md_table(frame, "{:.1f}", coord),
+                "",
+            ]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Steering figures and a Markdown summary from a steer run's ``summary.parquet``.
 
-The figure method.md asks for (finding 3): the share of outputs whose top language is the
-forced language L, against the identification step, per role (rows) and unit-source
-modality (columns), one colour per language. Solid: the selected set; dashed with a band:
-the random-unit controls of the same size (mean and min-max over seeds); dotted: the
-unforced baseline's share of L. One PNG per (input modality, set kind, scope, k, forcing).
+The figure behind the steering finding (docs/method.md, finding 3): the share of outputs
+whose top language is the forced language L, against the identification step, per role
+(rows) and unit-source modality (columns), one colour per language. Solid: the selected
+set; dashed with a band: the random-unit controls of the same size (mean and min-max over
+seeds); dotted: the unforced baseline's share of L. One PNG per (input modality, set kind,
+scope, k, forcing).
 """
 
 from __future__ import annotations
@@ -73,9 +74,17 @@ def share_table(summary: pd.DataFrame, backend: str) -> pd.DataFrame:
             if base_col in baseline
             else np.nan
         )
-        rows.append({**{k: sel[k] for k in (*_PANEL, "role", "unit_modality", "step", "language")},
-                     "selected": sel[share], "random_mean": mean, "random_min": lo,
-                     "random_max": hi, "baseline": base})  # fmt: skip
+        keys = (*_PANEL, "role", "unit_modality", "step", "language")
+        rows.append(
+            {
+                **{k: sel[k] for k in keys},
+                "selected": sel[share],
+                "random_mean": mean,
+                "random_min": lo,
+                "random_max": hi,
+                "baseline": base,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -112,8 +121,8 @@ def steering_figures(output: str | Path, figures: str | Path | None = None) -> l
     for key, panel in table.groupby(list(_PANEL), sort=True):
         roles = [r for r in ROLES if r in set(panel["role"])]
         mods = [m for m in MODALITIES if m in set(panel["unit_modality"])]
-        fig, axes = plt.subplots(len(roles), len(mods), figsize=(4 * len(mods), 3.2 * len(roles)),
-                                 squeeze=False, sharey=True)  # fmt: skip
+        size = (4 * len(mods), 3.2 * len(roles))
+        fig, axes = plt.subplots(len(roles), len(mods), figsize=size, squeeze=False, sharey=True)
         for r, role in enumerate(roles):
             for m, mod in enumerate(mods):
                 ax = axes[r][m]
@@ -124,8 +133,14 @@ def steering_figures(output: str | Path, figures: str | Path | None = None) -> l
                 if m == 0:
                     ax.set_ylabel(f"share of outputs in L ({backend})")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels) or 1, fontsize=8,
-                   title="L (solid: selected set, dashed + band: random controls, dotted: baseline)")  # fmt: skip
+        fig.legend(
+            handles,
+            labels,
+            loc="lower center",
+            ncol=len(labels) or 1,
+            fontsize=8,
+            title="L (solid: selected set, dashed + band: random controls, dotted: baseline)",
+        )
         inp, kind, scope, k, forcing = key
         k = int(k)
         fig.suptitle(f"{inp} input, {kind}-{k} {scope} units forced to {forcing}")
@@ -152,6 +167,8 @@ def _markdown(table: pd.DataFrame, backend: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, r in agg.iterrows():
-        lines.append(f"| {r['role']} | {r['unit_modality']} | {r['input_modality']} | {int(r['step'])} "
-                     f"| {r['selected']:.3f} | {r['random_mean']:.3f} | {r['baseline']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['role']} | {r['unit_modality']} | {r['input_modality']} | {int(r['step'])} "
+            f"| {r['selected']:.3f} | {r['random_mean']:.3f} | {r['baseline']:.3f} |"
+        )
     return "\n".join(lines) + "\n"

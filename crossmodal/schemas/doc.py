@@ -40,7 +40,12 @@ def _rows(props: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str
 
 def render(names: tuple[str, ...] = CONFIG_SCHEMAS) -> str:
     """Markdown: one section per schema, one table row per (nested) field."""
-    out = ["# Config reference", "", "Generated from `crossmodal/schemas/` by `make docs`; do not edit.", ""]
+    out = [
+        "# Config reference",
+        "",
+        "Generated from `crossmodal/schemas/` by `make docs`; do not edit.",
+        "",
+    ]
     for name in names:
         schema = load_schema(name)
         out += [f"## {schema.get('title', name)} (`crossmodal/schemas/{name}.schema.json`)", ""]

@@ -1,7 +1,8 @@
-"""Activation concentration (v1 analysis): per-example Gini of |activation| over the units of
-one decoder layer, accumulated per condition as mergeable sums.
+"""Activation concentration: per-example Gini of |activation| over a layer's units, merged.
 
-Which units (method.md "v1 analyses"; the paper's measure is not public): the ``ffn_act``
+The v1 analysis of concentration (docs/method.md, "v1 analyses"; the paper's measure is not
+public) takes, per example, the Gini coefficient of |activation| over the units of one
+decoder layer, and accumulates it per condition as mergeable sums. Which units: the ``ffn_act``
 family (post-ReLU FFN neurons, the classic "neuron") when it is collected, else the
 ``decoder`` family's units grouped by layer (every Linear/LayerNorm output of the layer; the
 final ``text_decoder.layer_norm`` lies outside the layers and is left out). One family only,
@@ -23,10 +24,46 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crossmodal.reduce.overlap import gini
-
 FAMILIES = ("ffn_act", "decoder")
 """Families concentration can use, in order of preference (module docstring)."""
+
+
+def gini(values: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient of ``|values|`` over units, per example: ``[batch, unit] -> [batch]``.
+
+    G = sum_ij |x_i - x_j| / (2 n^2 mean(x)), computed from sorted values as
+    sum_i (2i - n - 1) x_(i) / (n sum x) in float64. 0 = equal magnitudes, (n-1)/n = one
+    unit carries everything; an all-zero row gives 0 (no concentration to measure).
+    """
+    if values.ndim != 2:
+        raise ValueError(f"values.ndim must be one of [2], got {values.ndim!r}; pass [batch, unit]")
+    x = torch.sort(values.abs().to(torch.float64), dim=-1).values
+    n = x.shape[-1]
+    weight = 2.0 * torch.arange(1, n + 1, device=x.device, dtype=x.dtype) - n - 1
+    total = x.sum(-1)
+    g = (x * weight).sum(-1) / (n * total).clamp(min=torch.finfo(x.dtype).tiny)
+    return torch.where(total > 0, g, torch.zeros_like(g))
+
+
+def gini_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per-example Gini within each unit group (layer): ``[batch, unit] -> [batch, n_groups]``.
+
+    ``groups[unit]`` in ``0..n_groups-1``; a group without units gives NaN. Feed the result
+    to a running (count, mean, M2) per group and condition to aggregate it mergeably.
+    """
+    if groups.shape != (values.shape[-1],):
+        raise ValueError(
+            f"groups.shape must be one of [({values.shape[-1]},)], got {tuple(groups.shape)!r}"
+        )
+    out = torch.full(
+        (values.shape[0], n_groups), float("nan"), dtype=torch.float64, device=values.device
+    )
+    groups = groups.to(values.device)
+    for g in range(n_groups):
+        cols = torch.nonzero(groups == g).flatten()
+        if cols.numel():
+            out[:, g] = gini(values[:, cols])
+    return out
 
 
 def concentration_family(families: Iterable[str]) -> str | None:
@@ -47,7 +84,7 @@ class LayerGini:
 
     Columns are resolved once here; equal-size layers (every Seamless family) are gathered
     into ``[batch, layer, unit]`` and sorted in one call. A row with NaN/Inf in a layer gets
-    NaN there (:func:`crossmodal.reduce.overlap.gini` alone would call it 0).
+    NaN there (:func:`gini` alone would call it 0).
     """
 
     def __init__(self, unit_layer: np.ndarray, device: torch.device | str = "cpu") -> None:
@@ -108,8 +145,11 @@ class GiniStats:
         m2 = torch.where(ok, (x - mean) ** 2, 0.0).sum(0)
         merged = self.merge(GiniStats(n, (~ok).sum(0), mean, m2))
         self.count, self.dropped, self.mean, self.m2 = (
-            merged.count, merged.dropped, merged.mean, merged.m2
-        )  # fmt: skip
+            merged.count,
+            merged.dropped,
+            merged.mean,
+            merged.m2,
+        )
 
     def merge(self, other: GiniStats) -> GiniStats:
         """Chan et al. (1979) pairwise merge; a side with count 0 contributes nothing."""
@@ -118,9 +158,11 @@ class GiniStats:
         w = torch.where(n > 0, nb / n.clamp(min=1), 0.0)
         delta = other.mean - self.mean
         return GiniStats(
-            n, self.dropped + other.dropped, self.mean + delta * w,
+            n,
+            self.dropped + other.dropped,
+            self.mean + delta * w,
             self.m2 + other.m2 + delta * delta * na * w,
-        )  # fmt: skip
+        )
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name).cpu().numpy() for f in fields(self)}

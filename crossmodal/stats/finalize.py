@@ -10,6 +10,11 @@ Exact finalizers sort raw values (:class:`crossmodal.stats.running.ExactValues`)
 ``average_precision_score`` / ``roc_auc_score`` to rounding; reducers use them to make top-k
 selection exact. Everything is vectorised over units and chunked so temporaries stay small.
 
+Public API: per metric, :func:`ap_from_hist`, :func:`auroc_from_hist` and
+:func:`quantile_from_hist` (with :func:`single_value_bins`), and :func:`exact_ap`,
+:func:`exact_auroc` and :func:`exact_ap_auroc`; every metric of every language of one (task,
+modality, step) at once, :func:`selectivity_from_stats` and :func:`exact_selectivity`.
+
 Conventions: AP is NaN without positives (sklearn returns 0 with a warning); AUROC is NaN
 without positives or negatives; quantiles are NaN without examples.
 """
@@ -314,9 +319,13 @@ def selectivity_from_stats(
         n_neg = sum(counts[m] for m in others)
         off_mean = sum(counts[m] * stats[m].mean for m in others) / n_neg  # pooled (Chan) mean
         out[name] = Selectivity(
-            *cols[:6], on_p50=cols[6], on_p90=cols[7], off_mean=off_mean,
-            n_pos=int(s.count), n_neg=int(n_neg),
-        )  # fmt: skip
+            *cols[:6],
+            on_p50=cols[6],
+            on_p90=cols[7],
+            off_mean=off_mean,
+            n_pos=int(s.count),
+            n_neg=int(n_neg),
+        )
     return out
 
 
@@ -428,11 +437,16 @@ def exact_selectivity(exact: Mapping[str, ExactValues]) -> dict[str, Selectivity
     for k, (name, e) in enumerate(exact.items()):
         neg = values[~onehot[:, k].to(values.device)].to(torch.float64)
         out[name] = Selectivity(
-            ap[k], ap[k], ap[k], auc[k], auc[k], auc[k],
+            ap=ap[k],
+            ap_lo=ap[k],
+            ap_hi=ap[k],
+            auroc=auc[k],
+            auroc_lo=auc[k],
+            auroc_hi=auc[k],
             on_p50=_exact_quantile(e.values, 0.5),
             on_p90=_exact_quantile(e.values, 0.9),
             off_mean=neg.mean(0),
             n_pos=e.n,
             n_neg=values.shape[0] - e.n,
-        )  # fmt: skip
+        )
     return out

@@ -56,7 +56,8 @@ def _fold(by_unit, rows, padded, pivots, hist, mean, m2, vmin, vmax, n_a):  # no
     """Merge columns ``rows`` of ``by_unit [unit, batch]`` (the batch, transposed so each
     unit's values are contiguous) into the per-unit arrays, in place.
 
-    ``n_a`` examples are already merged. Chan et al.'s merge, as the torch path.
+    ``n_a`` examples are already merged. Chan et al.'s merge, as the torch path. One loop nest
+    on purpose (a numeric kernel, exempt from the 60-line rule): numba compiles it as a whole.
     """
     n_units = by_unit.shape[0]
     n_pivots = pivots.shape[1]

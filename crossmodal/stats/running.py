@@ -9,7 +9,7 @@ shared by all languages of one (task, modality, step), so their histograms can b
 compared. :class:`ExactValues` keeps the raw values instead, for small runs, for validation and
 for the subset of units whose top-k selection must be exact.
 
-Conventions (issue 4):
+Conventions:
   * an example (row) with any NaN/Inf is not merged anywhere and is counted in ``dropped``;
   * histograms bin the values rounded to float32 (exact for fp16/bf16/fp32 inputs);
     moments, min and max use the values in float64;
@@ -226,6 +226,29 @@ def _edges_chunk(
     return _strictly_increasing(_with_tails(core, gap_lo, gap_hi, n_bins, n_tail))
 
 
+def _edge_options(
+    n_bins: int, n_tail: int | None, max_atoms: int | None, min_repeat: int, smooth: int
+) -> tuple[int, int]:
+    """``(n_tail, max_atoms)`` with defaults filled in, after checking every option.
+
+    Raises:
+        ValueError: an option out of its range (one line naming it).
+    """
+    if n_bins < 8:
+        raise ValueError(f"n_bins must be one of [>= 8], got {n_bins!r}; use 256 (default)")
+    n_tail = max(1, n_bins // 16) if n_tail is None else n_tail
+    max_atoms = n_bins // 4 if max_atoms is None else max_atoms
+    if not 1 <= n_tail <= n_bins // 4:
+        raise ValueError(f"n_tail must be one of [1..{n_bins // 4}], got {n_tail!r}; use default")
+    if not 0 <= max_atoms <= n_bins // 4:
+        raise ValueError(f"max_atoms must be one of [0..{n_bins // 4}], got {max_atoms!r}")
+    if min_repeat < 2 or smooth < 0:
+        raise ValueError(
+            f"min_repeat, smooth must be one of [>= 2, >= 0], got {min_repeat!r}, {smooth!r}"
+        )
+    return n_tail, max_atoms
+
+
 def choose_edges(
     pilot: Tensor,
     n_bins: int = 256,
@@ -267,18 +290,7 @@ def choose_edges(
         smooth: half-width (in ranks) of the moving average; 0 for raw quantiles.
     """
     _check_values(pilot)
-    if n_bins < 8:
-        raise ValueError(f"n_bins must be one of [>= 8], got {n_bins!r}; use 256 (default)")
-    n_tail = max(1, n_bins // 16) if n_tail is None else n_tail
-    max_atoms = n_bins // 4 if max_atoms is None else max_atoms
-    if not 1 <= n_tail <= n_bins // 4:
-        raise ValueError(f"n_tail must be one of [1..{n_bins // 4}], got {n_tail!r}; use default")
-    if not 0 <= max_atoms <= n_bins // 4:
-        raise ValueError(f"max_atoms must be one of [0..{n_bins // 4}], got {max_atoms!r}")
-    if min_repeat < 2 or smooth < 0:
-        raise ValueError(
-            f"min_repeat, smooth must be one of [>= 2, >= 0], got {min_repeat!r}, {smooth!r}"
-        )
+    n_tail, max_atoms = _edge_options(n_bins, n_tail, max_atoms, min_repeat, smooth)
     rows = pilot[finite_rows(pilot)].to(torch.float32)
     if rows.shape[0] == 0:
         raise ValueError("pilot must have one of [>= 1 finite rows], got 0; pass a larger pilot")
@@ -384,9 +396,18 @@ class UnitStats:
         x = values.detach().contiguous().numpy()
         rows = np.flatnonzero(fold.finite_rows(x))
         padded, pivots = self._fold_layout()
-        fold.fold(np.ascontiguousarray(x.T), rows, padded, pivots, self.hist.numpy(),
-                  self.mean.numpy(), self.m2.numpy(), self.min.numpy(), self.max.numpy(),
-                  float(self.count))  # fmt: skip
+        fold.fold(
+            np.ascontiguousarray(x.T),
+            rows,
+            padded,
+            pivots,
+            self.hist.numpy(),
+            self.mean.numpy(),
+            self.m2.numpy(),
+            self.min.numpy(),
+            self.max.numpy(),
+            float(self.count),
+        )
         self.count += len(rows)
         dropped = torch.tensor(x.shape[0] - len(rows))
         self.dropped += dropped

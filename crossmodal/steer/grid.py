@@ -1,8 +1,8 @@
 """The steering grid: a validated, frozen config and its expansion into cells.
 
-``crossmodal/schemas/steer.schema.json`` holds every field's description and default. :func:`load_grid`
-reports every violation at once (one line each), then returns a frozen :class:`SteerConfig`;
-:func:`expand` turns it into :class:`Cell` objects.
+``crossmodal/schemas/steer.schema.json`` holds every field's description and default.
+:func:`load_grid` reports every violation at once (one line each), then returns a frozen
+:class:`SteerConfig`; :func:`expand` turns it into :class:`Cell` objects.
 
 A cell is one intervention run over the config's inputs. The expansion ALWAYS adds:
 - one unforced ``baseline`` cell per input modality, and
@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from crossmodal.collect.config import ActorsConfig
-from crossmodal.schemas import load_schema, load_validated, validate_against
 from crossmodal.data.languages import TEXT_OUTPUT_CODES, format_allowed
+from crossmodal.schemas import load_validated, validate_against
+from crossmodal.steer.lid import PATH_BACKENDS
 
 ROLE_TASK = {"representation": "x2en", "control": "en2x"}
-"""Role -> the selectivity task its sets come from (method.md, "Roles")."""
+"""Role -> the selectivity task its sets come from (docs/method.md, "Roles")."""
 NOMINAL_SIZE = {"top": 1, "bottom": 1, "both": 2}
 """Units per set, in multiples of k (top-k and bottom-k are disjoint when the scope has 2k)."""
-PATH_BACKENDS = ("fasttext", "glotlid")
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,18 @@ class SteerConfig:
     def context(self) -> str:
         """Digest of what every cell's outputs depend on besides the cell's own fields."""
         d = self.to_dict()
-        keep = ("model", "revision", "dtype", "selectivity", "n_inputs", "max_new_tokens",
-                "input_language", "output_language", "data", "lid")  # fmt: skip
+        keep = (
+            "model",
+            "revision",
+            "dtype",
+            "selectivity",
+            "n_inputs",
+            "max_new_tokens",
+            "input_language",
+            "output_language",
+            "data",
+            "lid",
+        )
         text = json.dumps({k: d[k] for k in keep}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -157,8 +167,18 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         ConfigError: with every violation, one per line.
     """
     v = load_validated(source, "steer", _semantic_errors, label="steer config")
-    tuples = ("roles", "unit_modalities", "input_modalities", "steps", "languages", "set_kinds",
-              "scopes", "set_sizes", "forcing", "random_seeds")  # fmt: skip
+    tuples = (
+        "roles",
+        "unit_modalities",
+        "input_modalities",
+        "steps",
+        "languages",
+        "set_kinds",
+        "scopes",
+        "set_sizes",
+        "forcing",
+        "random_seeds",
+    )
     return SteerConfig(
         **{k: v[k] for k in ("model", "revision", "dtype", "n_inputs", "max_new_tokens")},
         **{k: tuple(v[k]) for k in tuples},
@@ -221,8 +241,16 @@ def expand(config: SteerConfig) -> list[Cell]:
     ctx = config.context()
     cells: dict[str, Cell] = {}
     axes = ("role", "unit_modality", "step", "language", "scope", "k", "forcing", "set_kind")
-    values = (config.roles, config.unit_modalities, config.steps, config.languages,
-              config.scopes, config.set_sizes, config.forcing, config.set_kinds)  # fmt: skip
+    values = (
+        config.roles,
+        config.unit_modalities,
+        config.steps,
+        config.languages,
+        config.scopes,
+        config.set_sizes,
+        config.forcing,
+        config.set_kinds,
+    )
     for input_modality in config.input_modalities:
         baseline = Cell("baseline", input_modality, context=ctx)
         cells.setdefault(baseline.id, baseline)
@@ -241,7 +269,7 @@ def expand(config: SteerConfig) -> list[Cell]:
                     n_units=n,
                     seed=seed,
                     context=ctx,
-                )  # fmt: skip
+                )
                 for seed in config.random_seeds
             ]
             for cell in group:

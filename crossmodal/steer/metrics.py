@@ -1,10 +1,11 @@
 """Outcome metrics of steered outputs: scripts and code-mixing, BLEU, chrF++, WER, CER.
 
 Forcing control units rarely switches the output language cleanly: the paper reports
-code-mixed outputs (method.md, finding 3), so script rates and code-mixing indices are
+code-mixed outputs (docs/method.md, finding 3), so script rates and code-mixing indices are
 measured alongside translation quality.
 
-Definitions (method.md; the reference code's ``codemix_seamless_regex_metrics.py``):
+Definitions (docs/method.md, "Interventions"; the reference code's
+``codemix_seamless_regex_metrics.py``):
 - Scripts: Latin, Han, Hiragana, Katakana (Unicode ``Script=`` properties); anything else
   (digits, punctuation, other scripts) is ``other``. Character rates divide by the
   non-whitespace characters (the reference divides by ``len(text)``, spaces included, which
@@ -12,8 +13,8 @@ Definitions (method.md; the reference code's ``codemix_seamless_regex_metrics.py
 - Token labels: a token is the one script its characters share, ``mixed`` when it holds
   Latin and a CJK script, ``None`` when it has no scripted character (ignored by I-index).
 - M-index = (1 - sum p_i^2) / (n - 1) with p_i the share of script i among the n = 4
-  scripts: method.md's and the reference code's form, 0 for one script and 1/n for an even
-  n-way mix (Barnett's M-index would also divide by sum p_i^2, reaching 1).
+  scripts: the paper's and the reference code's form, 0 for one script and 1/n for an
+  even n-way mix (Barnett's M-index would also divide by sum p_i^2, reaching 1).
 - I-index = script switches / (N - 1) over the N scripted units in order (0 when N < 2).
 - BLEU and chrF++ via sacreBLEU (chrF++ = character order 6, word order 2); BLEU tokenises
   Chinese with ``zh`` and Japanese by character (``ja-mecab`` needs MeCab, absent offline).

@@ -1,7 +1,7 @@
 """One writer per output: a lock file in the store (or steering output) held while a run writes.
 
 Two collect (or reduce, or steer) drivers writing one output at once would interleave
-manifests and shards (platform.md: Zarr metadata is last-writer-wins). :class:`OutputLock`
+manifests and shards (Zarr metadata is last-writer-wins; docs/design.md, "Platform: Zarr"). :class:`OutputLock`
 makes the second one refuse with one line naming the holder.
 
 How: ``<output>/crossmodal.lock`` holds JSON (pid, host, start time, job, command) and the
@@ -144,10 +144,13 @@ class OutputLock:
             os.close(fd)
             raise
         info = LockInfo(
-            pid=os.getpid(), host=socket.gethostname(), job=self.job,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            job=self.job,
             started=datetime.now(UTC).isoformat(timespec="seconds"),
-            pid_start=_pid_start(os.getpid()), command=" ".join(sys.argv)[:300],
-        )  # fmt: skip
+            pid_start=_pid_start(os.getpid()),
+            command=" ".join(sys.argv)[:300],
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(asdict(info)).encode(), 0)
         os.fsync(fd)

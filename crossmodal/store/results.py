@@ -36,9 +36,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,35 +46,23 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-DEFAULT_POOLING = "prefix_mean"
-"""The reference study's per-example value (method.md): what downstream code gets by default."""
-OVERLAP_KINDS = ("sets", "sets_by_layer", "spearman")
+from crossmodal.store.datasets import read_dataset
+from crossmodal.store.names import (
+    CONCENTRATION,
+    OVERLAP_KINDS,
+    concentration_group,
+    default_pooling,
+    exact_group,
+    modality_group,
+    overlap_group,
+    roles_group,
+    selectivity_group,
+    sets_group,
+    stats_group,
+    units_group,
+)
 
-
-def default_pooling(poolings: Sequence[str]) -> str:
-    """``prefix_mean`` when collected, else the first pooling of the store."""
-    return DEFAULT_POOLING if DEFAULT_POOLING in poolings else str(poolings[0])
-
-
-def group_path(kind: str, family: str, pooling: str, poolings: Sequence[str]) -> str:
-    """``<kind>/<family>`` for the default pooling, ``<kind>/<family>/<pooling>`` otherwise."""
-    base = f"{kind}/{family}"
-    return base if pooling == default_pooling(poolings) else f"{base}/{pooling}"
-
-
-def unicode(values: Any) -> np.ndarray:
-    """Strings as a fixed-width ``<U`` array (numpy cannot cast StringDType to it directly)."""
-    return np.asarray(np.asarray(values, dtype=object).tolist(), dtype=str)
-
-
-def decode_strings(ds: xr.Dataset) -> xr.Dataset:
-    """Zarr strings come back as numpy StringDType, which numpy cannot ``.astype(str)`` and
-    whose elements have no ``.item()``: label axes become ``<U``, other string coords object.
-    Apply it to any ``xr.open_zarr`` result before selection/overlap/steering code."""
-    strings = [c for c in ds.coords if ds[c].dtype.kind == "T"]
-    return ds.assign_coords({c: (ds[c].dims, unicode(ds[c].values) if c in ds.dims
-                                 else np.asarray(ds[c].values, dtype=object))
-                             for c in strings})  # fmt: skip
+__all__ = ["Results", "open"]
 
 
 def open(path: str | Path) -> Results:  # noqa: A001 - the documented entry point
@@ -130,21 +116,21 @@ class Results:
                 f"{what} must be one of [present in the store], got no group {group!r} in "
                 f"{str(self.path)!r}; run `crossmodal reduce {self.path}`"
             )
-        return decode_strings(xr.open_zarr(self.path, group=group, consolidated=False))
+        return read_dataset(self.path, group)
 
     def stats(self, family: str = "decoder") -> xr.Dataset:
         """Merged statistics ``[task, modality, language, step, pooling, unit(, bin)]``."""
-        return self._open(f"stats/{family}", "stats")
+        return self._open(stats_group(family), "stats")
 
     def selectivity(self, family: str = "decoder", pooling: str | None = None) -> xr.Dataset:
         """AP, bounds, AUROC, on_p50, on_p90, off_mean over ``(task, modality, step,
         language, unit)`` with unit coords layer, submodule, site, feature."""
         p = self._pooling(pooling)
-        return self._open(group_path("selectivity", family, p, self.poolings), "selectivity")
+        return self._open(selectivity_group(family, p, self.poolings), "selectivity")
 
     def exact(self, family: str = "decoder") -> xr.Dataset:
         """Exact AP/AUROC of the candidate units only (the exact pass)."""
-        return self._open(f"exact/{family}", "exact")
+        return self._open(exact_group(family), "exact")
 
     def sets(
         self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
@@ -155,14 +141,14 @@ class Results:
         the ``scope`` dim. The result carries attrs ``k``, ``group``, ``layer`` for
         :func:`crossmodal.reduce.overlap.overlap` and :func:`crossmodal.report.selection.write_report`.
         """
-        ds = self._open(f"sets/{family}", "sets")
+        ds = self._open(sets_group(family), "sets")
         return _scoped(ds["units"].sel(pooling=self._pooling(pooling)), scope, ds.attrs["k"])
 
     def roles(
         self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
     ) -> xr.DataArray:
         """The sets by role: ``[role, modality, step, language, kind, rank]``."""
-        ds = self._open(f"roles/{family}", "roles")
+        ds = self._open(roles_group(family), "roles")
         return _scoped(ds["units"].sel(pooling=self._pooling(pooling)), scope, ds.attrs["k"])
 
     def overlap(
@@ -177,7 +163,7 @@ class Results:
         layer, by submodule); rows ``text_language``, columns ``speech_language``."""
         if kind not in OVERLAP_KINDS:
             raise ValueError(f"kind must be one of {list(OVERLAP_KINDS)}, got {kind!r}")
-        ds = self._open(f"overlap/{family}/{kind}", "overlap").sel(pooling=self._pooling(pooling))
+        ds = self._open(overlap_group(family, kind), "overlap").sel(pooling=self._pooling(pooling))
         return ds.sel(scope=scope) if scope is not None and "scope" in ds.dims else ds
 
     def concentration(self, pooling: str | None = None) -> xr.Dataset:
@@ -188,20 +174,24 @@ class Results:
 
         p = self._pooling(pooling)
         root = zarr.open_group(str(self.path), mode="r")
-        family = next(iter(root["concentration"].group_keys()), None) if (
-            "concentration" in root) else None  # fmt: skip
+        groups = root[CONCENTRATION].group_keys() if CONCENTRATION in root else iter(())
+        family = next(iter(groups), None)
         if family is None:
             raise ValueError(
                 f"concentration must be one of [present in the store], got none in "
                 f"{str(self.path)!r}; collect it again with this version (decoder or ffn_act)"
             )
-        ds = self._open(f"concentration/{family}", "concentration").sel(pooling=p).load()
+        ds = self._open(concentration_group(family), "concentration").sel(pooling=p).load()
         mean, std = mean_std(ds["count"].values, ds["mean"].values, ds["m2"].values)
         out = xr.Dataset(
-            {"mean": (ds["mean"].dims, mean), "std": (ds["mean"].dims, std),
-             "count": ds["count"], "dropped": ds["dropped"]},
+            {
+                "mean": (ds["mean"].dims, mean),
+                "std": (ds["mean"].dims, std),
+                "count": ds["count"],
+                "dropped": ds["dropped"],
+            },
             coords={c: ds[c] for c in ds.coords if c != "pooling"},
-        )  # fmt: skip
+        )
         out = out.transpose("task", "modality", "step", "language", "layer")
         return out.assign_attrs(family=family, pooling=p, n_units=ds["n_units"].values.tolist())
 
@@ -211,17 +201,22 @@ class Results:
         speech-selective, bottom = text-selective k-sets), ``by_submodule`` and ``by_site``
         (counts per submodule / site kind), ``n_speech``, ``n_text``."""
         p = self._pooling(pooling)
-        return self._open(group_path("modality", family, p, self.poolings), "modality")
+        return self._open(modality_group(family, p, self.poolings), "modality")
 
     def units(self, family: str = "decoder") -> pd.DataFrame:
         """The unit table, indexed by unit id: site (address), path, layer, submodule, type,
         positions, feature."""
-        u = self._open(f"units/{family}", "units").load()
+        u = self._open(units_group(family), "units").load()
         site = u["unit_site"].values
-        cols = {"site": u["site_name"].values[site], "path": u["site_path"].values[site],
-                "layer": u["unit_layer"].values, "submodule": u["site_submodule"].values[site],
-                "type": u["site_type"].values[site], "positions": u["site_positions"].values[site],
-                "feature": u["unit_feature"].values}  # fmt: skip
+        cols = {
+            "site": u["site_name"].values[site],
+            "path": u["site_path"].values[site],
+            "layer": u["unit_layer"].values,
+            "submodule": u["site_submodule"].values[site],
+            "type": u["site_type"].values[site],
+            "positions": u["site_positions"].values[site],
+            "feature": u["unit_feature"].values,
+        }
         frame = pd.DataFrame({k: np.asarray(v) for k, v in cols.items()}, index=u["unit"].values)
         return frame.rename_axis("unit")
 
@@ -267,25 +262,12 @@ class Results:
         scope: str = "all",
         figures: bool = True,
     ) -> list[Path]:
-        """``crossmodal report``: figures + summary.md of the exact sets, plus the steering
-        figures of every run of :meth:`steering_runs` (under ``steering/<run>``)."""
-        from crossmodal.report.selection import write_report
-        from crossmodal.report.steering import steering_figures
+        """``crossmodal report``: :func:`crossmodal.report.store_report.write_store_report`."""
+        from crossmodal.report.store_report import write_store_report
 
-        dest = Path(out) if out is not None else self.path.parent / f"{self.path.stem}-report"
-        sets = self.sets(family, pooling, scope)
-        ds = self.selectivity(family, pooling)
-        conc = mod = None
-        with contextlib.suppress(ValueError):  # stores collected before these analyses
-            conc = self.concentration(pooling)["mean"]
-        with contextlib.suppress(ValueError):
-            mod = self.modality(family, pooling)
-        paths = write_report(ds, dest, sets=sets, figures=figures, concentration=conc,
-                             modality=mod)  # fmt: skip
-        for run in self.steering_runs():
-            if (run / "summary.parquet").is_file():
-                paths += steering_figures(run, dest / "steering" / run.name)
-        return paths
+        return write_store_report(
+            self, out, family=family, pooling=pooling, scope=scope, figures=figures
+        )
 
 
 def _scoped(da: xr.DataArray, scope: str | None, k: int) -> xr.DataArray:

@@ -1,4 +1,4 @@
-"""``crossmodal verify STORE``: is a collect store whole and self-consistent?
+"""Checks that a collect store is whole and self-consistent (``crossmodal verify STORE``).
 
 It re-derives what the driver recorded from what the arrays hold, so a lost, doubled or
 half-written work unit, a merge that went wrong, or bit rot shows up as one line each:
@@ -30,15 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import jsonschema
 import numpy as np
 import zarr
 
-from crossmodal.store.layout import LAYOUT_VERSION, MOMENTS, manifest, unit_chunk
+from crossmodal.collect.plan import applies
+from crossmodal.schemas import load_schema
+from crossmodal.store import names
+from crossmodal.store.layout import LAYOUT_VERSION, MOMENTS, manifest
 
 _COUNTS = ("n_examples", "n_skipped", "n_rows", "n_ended")
-_ENCODERS = {"speech_encoder": "speech", "text_encoder": "text"}
 _AXES = ("task", "modality", "language")
 Labels = dict[str, list[str]]
 
@@ -78,7 +79,7 @@ class _Family:
 
     @classmethod
     def read(cls, root: zarr.Group, name: str) -> _Family:
-        sg, pg = root[f"stats/{name}"], root[f"parts/{name}"]
+        sg, pg = root[names.stats_group(name)], root[names.parts_group(name)]
         big = (*MOMENTS, "hist")
         return cls(
             name=name,
@@ -91,11 +92,6 @@ class _Family:
         )
 
 
-def _applies(family: str, modality: str) -> bool:
-    """Encoder families exist only for their own modality (as in crossmodal.collect.driver)."""
-    return _ENCODERS.get(family, modality) == modality
-
-
 def verify_store(path: str | Path) -> Report:
     """Check the store at ``path``; never raises for a damaged store, reports instead."""
     report = Report(str(path))
@@ -103,9 +99,9 @@ def verify_store(path: str | Path) -> Report:
     if root is None:
         return report
     attrs = root.attrs.asdict()
-    families = [f for f in attrs["config"].get("families", []) if f"stats/{f}" in root]
+    families = [f for f in attrs["config"].get("families", []) if names.stats_group(f) in root]
     keep_parts = bool(attrs["config"].get("keep_parts", False))
-    units = root["plan"].attrs.asdict().get("work_units", [])
+    units = root[names.PLAN].attrs.asdict().get("work_units", [])
     done = manifest(root)
     conds = _conditions(units)
     merged = set(done.get("merged", []))
@@ -115,7 +111,7 @@ def verify_store(path: str | Path) -> Report:
         _check_edges(report, root, fam, done.get("edges", {}))
         _check_parts(report, fam, units, done["parts"], merged, keep_parts)
         for key in sorted(merged & set(conds)):
-            if _applies(fam.name, key.split("/")[1]):
+            if applies(fam.name, names.parse_condition_key(key)[1]):
                 _check_condition(report, fam, key, conds[key], done["parts"])
     _check_families(report, fams, merged & set(conds))
     pending = sorted(set(conds) - merged)
@@ -129,8 +125,11 @@ def verify_store(path: str | Path) -> Report:
             f"incomplete: {len(conds) - len(pending)} of {len(conds)} conditions merged; "
             "resume it with `crossmodal collect CONFIG` (its own config)"
         )
-    report.checked = {"parts": len(done["parts"]), "conditions": len(merged & set(conds)),
-                      "families": len(families)}  # fmt: skip
+    report.checked = {
+        "parts": len(done["parts"]),
+        "conditions": len(merged & set(conds)),
+        "families": len(families),
+    }
     return report
 
 
@@ -161,7 +160,7 @@ def _open(path: Path, report: Report) -> zarr.Group | None:
     for err in jsonschema.Draft202012Validator(schema).iter_errors(attrs):
         where = "/".join(map(str, err.absolute_path)) or "attrs"
         report.problems.append(f"attrs {where}: {err.message}")
-    for group in ("plan", "manifest"):
+    for group in (names.PLAN, names.MANIFEST):
         if group not in root:
             report.problems.append(f"{group}: group missing; the store was not fully created")
     if report.problems:
@@ -172,7 +171,7 @@ def _open(path: Path, report: Report) -> zarr.Group | None:
 def _conditions(units: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     out: dict[str, list[Mapping[str, Any]]] = {}
     for w in units:
-        out.setdefault(f"{w['task']}/{w['modality']}/{w['language']}", []).append(w)
+        out.setdefault(names.condition_key(w["task"], w["modality"], w["language"]), []).append(w)
     return out
 
 
@@ -188,7 +187,7 @@ def _check_manifest(
             report.problems.append(f"manifest part {key}: not a work unit of the plan")
             continue
         w = units[int(key)]
-        want = f"{w['task']}/{w['modality']}/{w['language']}/{w['shard']}"
+        want = f"{names.condition_key(w['task'], w['modality'], w['language'])}/{w['shard']}"
         if summary.get("key") != want:
             report.problems.append(
                 f"manifest part {key}: records work unit {summary.get('key')!r}, the plan "
@@ -214,20 +213,20 @@ def _check_manifest(
 
 def _check_edges(report: Report, root: zarr.Group, fam: _Family, pilots: Mapping[str, Any]) -> None:
     family = fam.name
-    arr = root[f"edges/{family}/edges"]
+    arr = root[names.edges_array(family)]
     tasks, modalities = fam.labels["task"], fam.labels["modality"]
     for key in pilots:
-        task, modality = key.split("/")
-        if not _applies(family, modality) or task not in tasks or modality not in modalities:
+        task, modality = names.parse_condition_key(key)
+        if not applies(family, modality) or task not in tasks or modality not in modalities:
             continue
         t, m = tasks.index(task), modalities.index(modality)
         for si, pi in np.ndindex(*arr.shape[2:4]):
             edges = np.asarray(arr[t, m, si, pi])
             if not np.isfinite(edges).all() or not (np.diff(edges, axis=-1) > 0).all():
-                bad = int((~np.isfinite(edges).all(-1) | ~(np.diff(edges, axis=-1) > 0).all(-1))
-                          .sum())  # fmt: skip
+                unsorted = ~(np.diff(edges, axis=-1) > 0).all(-1)
+                bad = int((~np.isfinite(edges).all(-1) | unsorted).sum())
                 report.problems.append(
-                    f"edges/{family}[{task}, {modality}, step {si}, pooling {pi}]: {bad} "
+                    f"{names.edges_group(family)}[{task}, {modality}, step {si}, pooling {pi}]: {bad} "
                     "unit(s) have non-finite or non-increasing edges"
                 )
 
@@ -247,22 +246,29 @@ def _check_parts(
         if not key.isdigit() or int(key) >= len(units):
             continue
         p, w = int(key), units[int(key)]
-        if not _applies(fam.name, w["modality"]):
+        if not applies(fam.name, w["modality"]):
             continue
         rows = np.asarray(summary.get("n_rows", []), dtype=np.int64)
         got = count[p] + dropped[p]
         if rows.shape != got.shape[:1] or (got != rows[:, None]).any():
             report.problems.append(
-                f"parts/{fam.name} part {p} ({summary.get('key')}): count + dropped "
+                f"{names.parts_group(fam.name)} part {p} ({summary.get('key')}): count + dropped "
                 f"{got.T.tolist()} per pooling and step, the manifest recorded n_rows "
                 f"{rows.tolist()}; the part was lost or written twice: delete it from the "
                 "manifest and resume"
             )
-        elif keep_parts or f"{w['task']}/{w['modality']}/{w['language']}" not in merged:
+        elif (
+            keep_parts or names.condition_key(w["task"], w["modality"], w["language"]) not in merged
+        ):
             kept.append(p)  # else the driver deleted its shards after merging
     for a, b in _runs(sorted(kept)):  # contiguous parts: one read per unit block
-        _check_region(report, fam.part_arrays, (slice(a, b),), count[a:b],
-                      lambda i, a=a: f"parts/{fam.name} part {a + i[0]}")  # fmt: skip
+        _check_region(
+            report,
+            fam.part_arrays,
+            (slice(a, b),),
+            count[a:b],
+            lambda i, a=a: f"{names.parts_group(fam.name)} part {a + i[0]}",
+        )
 
 
 def _check_condition(
@@ -275,7 +281,7 @@ def _check_condition(
     """A merged condition against the sum of its parts, across steps, and per unit."""
     summaries = [parts[str(w["index"])] for w in units if str(w["index"]) in parts]
     at = _at(fam.labels, key)
-    where = f"stats/{fam.name}[{key}]"
+    where = f"{names.stats_group(fam.name)}[{key}]"
     for name in _COUNTS:
         want = np.sum([s.get(name, 0) for s in summaries], axis=0)
         got = fam.stats[name][at]
@@ -317,7 +323,7 @@ def _check_region(
     is > 0. Reads one unit block of the whole region at a time; ``where(lead index)`` names
     a region for the messages."""
     n_units = arrays["mean"].shape[-1]
-    block = unit_chunk(n_units, arrays["hist"].shape[-1] - 2)
+    block = arrays["mean"].chunks[-1]  # one unit block: the arrays' chunk
     bad_hist = np.zeros(count.shape, dtype=np.int64)
     bad_moments = np.zeros(count.shape, dtype=np.int64)
     for start in range(0, n_units, block):
@@ -344,9 +350,9 @@ def _check_region(
 def _check_families(report: Report, fams: Sequence[_Family], merged: set[str]) -> None:
     """Every family measured on a condition saw the same rows."""
     for key in sorted(merged):
-        modality = key.split("/")[1]
+        modality = names.parse_condition_key(key)[1]
         counts = {
-            f.name: f.stats["count"][_at(f.labels, key)] for f in fams if _applies(f.name, modality)
+            f.name: f.stats["count"][_at(f.labels, key)] for f in fams if applies(f.name, modality)
         }
         first = next(iter(counts.values()), None)
         if any((c != first).any() for c in counts.values()):
@@ -370,28 +376,13 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
 
 def _at(labels: Labels, key: str) -> tuple[int, int, int]:
     """Indices of condition ``task/modality/language``."""
-    task, modality, language = key.split("/")
-    return (labels["task"].index(task), labels["modality"].index(modality),
-            labels["language"].index(language))  # fmt: skip
+    task, modality, language = names.parse_condition_key(key)
+    return (
+        labels["task"].index(task),
+        labels["modality"].index(modality),
+        labels["language"].index(language),
+    )
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-@click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("store", type=click.Path(file_okay=False))
-def verify_command(store: str) -> None:
-    """Check a collect STORE's integrity; print each problem (exit 1) or "ok".
-
-    Checks the layout version and root attributes, the manifest against the plan and the
-    arrays, counts across steps and families, histogram sums and finite moments.
-
-    \b
-    Example:
-      crossmodal verify results/organism.zarr
-    """
-    report = verify_store(store)
-    click.echo(report.format())
-    if not report.ok:
-        raise SystemExit(1)

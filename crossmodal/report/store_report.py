@@ -1,0 +1,57 @@
+"""The whole report of a reduced store: selection figures and summary, then each steering run.
+
+``crossmodal report STORE`` and the pipeline's last stage call :func:`write_store_report`. It
+reads the store through :class:`~crossmodal.store.results.Results`, writes the selection half
+with :func:`crossmodal.report.selection.write_report` (exact sets, overlap, Spearman, and the
+v1 concentration and modality tables when the store has them), and the steering figures of
+every finished run of :meth:`~crossmodal.store.results.Results.steering_runs` under
+``steering/<run>`` with :func:`crossmodal.report.steering.steering_figures`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crossmodal.store.results import Results
+
+
+def write_store_report(
+    results_or_store: Results | str | Path,
+    out: str | Path | None = None,
+    *,
+    family: str = "decoder",
+    pooling: str | None = None,
+    scope: str = "all",
+    figures: bool = True,
+) -> list[Path]:
+    """Write the report of a store; returns the files written.
+
+    Args:
+        results_or_store: the store's :class:`Results`, or its path.
+        out: the report directory (default: ``<store>-report`` next to the store).
+        family, pooling, scope: which units' sets to report (default pooling: the store's).
+        figures: False writes the Markdown summaries only.
+    """
+    from crossmodal.report.selection import write_report
+    from crossmodal.report.steering import steering_figures
+    from crossmodal.store import results
+
+    res = results_or_store
+    if not isinstance(res, results.Results):
+        res = results.open(res)
+    dest = Path(out) if out is not None else res.path.parent / f"{res.path.stem}-report"
+    sets = res.sets(family, pooling, scope)
+    ds = res.selectivity(family, pooling)
+    conc = mod = None
+    with contextlib.suppress(ValueError):  # stores collected before these analyses
+        conc = res.concentration(pooling)["mean"]
+    with contextlib.suppress(ValueError):
+        mod = res.modality(family, pooling)
+    paths = write_report(ds, dest, sets=sets, figures=figures, concentration=conc, modality=mod)
+    for run in res.steering_runs():
+        if (run / "summary.parquet").is_file():
+            paths += steering_figures(run, dest / "steering" / run.name)
+    return paths
