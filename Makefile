@@ -38,12 +38,13 @@ format: setup
 # The config reference, generated from crossmodal/schemas/ (tests/test_schema_doc.py checks it).
 docs: setup
 	$(PY) -m crossmodal.schemas.doc > docs/config-reference.md
+	$(PY) -m crossmodal.schemas.outputs > docs/outputs.md
 
 # Rebuild the shipped model organism deterministically (crossmodal/organism_model/).
 organism: setup
 	$(VENV)/bin/crossmodal organism --build crossmodal/organism_model
 
-# A local one-GPU (or CPU) Ray head with the environment this project needs (docs/design.md, "Platform: Ray"):
+# A local one-GPU (or CPU) Ray head with the environment this project needs (docs/platform.md, "Ray"):
 # token auth off so `ray job submit` and `ray status` work, usage stats off.
 cluster-up: setup
 	$(RAY_ENV) $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats

@@ -4,13 +4,21 @@ Each subcommand parses its options and calls one library function; none holds lo
 own, and each imports the library only when it runs, so ``--help`` answers at once. Every
 ``--help`` ends with an example that runs as written. ``jobs/*.py`` are the same commands
 as Ray job entry points (``python -m jobs.collect CONFIG``).
+
+Failures are mapped in one place, :class:`Command` (every command's class): an expected
+failure (bad config, store, data or steering grid, a lock, a full disk, a read-only output,
+a work unit whose actor died for good) is ONE ``error: ...`` line on stderr and exit status
+2; anything else is one ``error: unexpected ...`` line and exit status 1. ``--debug`` (before
+the command, ``crossmodal --debug collect ...``, or after it, as the ``jobs/*.py`` shims
+take it) or ``CROSSMODAL_DEBUG=1`` prints the traceback above that line
+(:mod:`crossmodal.errors`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import os
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,24 +37,88 @@ address_option = click.option(
 )
 
 
+DEBUG_KEY = "crossmodal.debug"
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+
+
+debug_option = click.Option(
+    ["--debug"],
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="On failure, print the traceback too (also: CROSSMODAL_DEBUG=1).",
+)
+
+
+def report_failure(err: Exception, *, debug: bool) -> int:
+    """Print ``err`` as its one line (after the traceback when ``debug``); the exit status."""
+    from crossmodal.errors import explain
+
+    failure = explain(err)
+    if debug:
+        traceback.print_exception(err)
+    click.echo(f"error: {failure.line}", err=True)
+    return failure.code
+
+
+class Command(click.Command):
+    """A command whose failures end as one line (:func:`report_failure`), with ``--debug``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(debug_option)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            from crossmodal.errors import DEBUG_ENV
+
+            debug = ctx.meta.get(DEBUG_KEY, False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+            raise click.exceptions.Exit(report_failure(err, debug=debug)) from err
+
+
 def no_progress_option(what: str = "bar") -> Callable[[F], F]:
     """``--no-progress``; ``what`` names the progress display (``bar`` or ``bars``)."""
-    return click.option("--no-progress", is_flag=True, help=f"No progress {what} (logs, CI).")
+    return click.option(
+        "--no-progress",
+        is_flag=True,
+        expose_value=True,
+        callback=_quiet,
+        help=f"No progress {what} (logs, CI); no model-loading bars in the actors either.",
+    )
 
 
-@contextmanager
-def exit_on_error(kind: type[Exception] = ValueError) -> Iterator[None]:
-    """Turn a ``kind`` error (config, store, data, model) into one ``error: ...`` line on
-    stderr and exit status 2, instead of a traceback."""
-    try:
-        yield
-    except kind as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+def _quiet(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """``--no-progress`` also silences the Hugging Face bars here and in every actor."""
+    if value:
+        from crossmodal.fleet.session import quiet_progress
+
+        quiet_progress()
+    return value
 
 
-@click.group(context_settings=CONTEXT)
+class Group(click.Group):
+    command_class = Command
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="crossmodal")
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="On failure, print the traceback too (also: CROSSMODAL_DEBUG=1).",
+)
 def main() -> None:
     """Language-selective units in SeamlessM4T v2, step by step through generation.
 
@@ -72,9 +144,8 @@ def run(config: str, address: str | None, no_progress: bool) -> None:
     """
     from crossmodal.pipeline import format_headline, load_pipeline, run_pipeline
 
-    with exit_on_error():  # ConfigError is a ValueError
-        pipeline = load_pipeline(config)
-        result = run_pipeline(pipeline, address=address, progress=not no_progress, echo=click.echo)
+    pipeline = load_pipeline(config)
+    result = run_pipeline(pipeline, address=address, progress=not no_progress, echo=click.echo)
     click.echo("== done ==")
     click.echo(format_headline(result))
 
@@ -97,15 +168,14 @@ def collect(
     """
     from crossmodal.collect.driver import collect_file
 
-    with exit_on_error():  # config, store, data and model errors: one clear message
-        collect_file(
-            config,
-            address=address,
-            dry_run=dry_run,
-            output=output,
-            progress=not no_progress,
-            echo=click.echo,
-        )
+    collect_file(
+        config,
+        address=address,
+        dry_run=dry_run,
+        output=output,
+        progress=not no_progress,
+        echo=click.echo,
+    )
 
 
 @main.command("reduce", context_settings=CONTEXT)
@@ -146,18 +216,17 @@ def reduce(
     """
     from crossmodal.reduce.driver import run_reduce
 
-    with exit_on_error():  # store, option and exact-pass errors: one clear message
-        run_reduce(
-            store,
-            k=k,
-            scopes=[s.strip() for s in scopes.split(",") if s.strip()],
-            widen=widen,
-            csv_dir=csv_dir,
-            address=address,
-            num_cpus=num_cpus,
-            progress=not no_progress,
-            echo=click.echo,
-        )
+    run_reduce(
+        store,
+        k=k,
+        scopes=[s.strip() for s in scopes.split(",") if s.strip()],
+        widen=widen,
+        csv_dir=csv_dir,
+        address=address,
+        num_cpus=num_cpus,
+        progress=not no_progress,
+        echo=click.echo,
+    )
 
 
 @main.command("steer", context_settings=CONTEXT)
@@ -177,19 +246,16 @@ def steer(
     """
     from dataclasses import replace
 
-    from crossmodal.schemas import ConfigError
     from crossmodal.steer.driver import run_steer
     from crossmodal.steer.grid import describe, expand, load_grid
 
-    with exit_on_error(ConfigError):
-        grid = load_grid(config)
+    grid = load_grid(config)
     if output is not None:
         grid = replace(grid, output=output)
     click.echo(describe(grid, expand(grid)))
     if dry_run:
         return
-    with exit_on_error():
-        run_steer(grid, address=address, progress=not no_progress, echo=click.echo)
+    run_steer(grid, address=address, progress=not no_progress, echo=click.echo)
 
 
 @main.command("report", context_settings=CONTEXT)
@@ -215,10 +281,9 @@ def report(
     """
     from crossmodal.store import results
 
-    with exit_on_error():
-        paths = results.open(store).report(
-            out, family=family, pooling=pooling, scope=scope, figures=not no_figures
-        )
+    paths = results.open(store).report(
+        out, family=family, pooling=pooling, scope=scope, figures=not no_figures
+    )
     click.echo(f"wrote {len(paths)} files to {paths[0].parent if paths else out}")
 
 

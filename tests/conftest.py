@@ -1,4 +1,4 @@
-"""Shared fixtures. No hub and no Ray auth in tests (docs/design.md, "Platform: Ray").
+"""Shared fixtures. No hub and no Ray auth in tests (docs/platform.md, "Ray").
 
 Plain builders several test modules share (model directories, configs, the collect driver
 without Ray, a lock holder) live in tests/helpers.py: ``from helpers import ...``.

@@ -228,10 +228,10 @@ def test_store_of_another_layout_version(good_store, tmp_path, monkeypatch):
     with pytest.raises(StoreError) as err:
         local_collect(monkeypatch, {**raw, "output": str(out)})
     assert str(err.value) == (
-        f"store layout_version must be one of [1], got 0 in {str(out)!r}; write to a new "
+        f"store layout_version must be one of [2], got 0 in {str(out)!r}; write to a new "
         "output path"
     )
-    with pytest.raises(StoreError, match=r"layout_version must be one of \[1\], got 0; "):
+    with pytest.raises(StoreError, match=r"layout_version must be one of \[2\], got 0; "):
         run_reduce(out, progress=False, echo=lambda _: None)
     assert _tree(out) == before  # untouched, no lock left behind
 

@@ -7,7 +7,7 @@ skips are counted). Edge cases: skipped examples inside a shard, a step some out
 reach, en2x reusing the pivot inputs per target, a part half-written before a crash. The
 last test runs configs/organism.yaml (the demo) on the shipped organism, shrunk.
 
-Ray hygiene (docs/design.md, "Platform: Ray"): RAY_AUTH_MODE=disabled and
+Ray hygiene (docs/platform.md, "Ray"): RAY_AUTH_MODE=disabled and
 RAY_USAGE_STATS_ENABLED=0 everywhere; fractional num_cpus; the head is started by this module in its own process group on free
 ports and killed by process group in ``finally`` (never ``ray stop``, which would stop every
 Ray on a shared machine). ``--address auto`` is pinned to that head with RAY_ADDRESS so it

@@ -82,11 +82,13 @@ def test_all_errors_at_once_one_line_each():
         r"^n_bins: must be of type integer, got 'many'",
         r"^steps\[0\]: must be >= 1, got 0",
         r"^tasks\[1\]: must be one of \['x2en', 'en2x', 'asr'\], got 'x2fr'",
+        # the cross-field checks run too (the default source 'organism' needs a count)
+        r"^data\.examples_per_language: required for source 'organism', got None",
     ]
     assert len(errors) == len(expected), errors
     for pattern in expected:
         assert any(__import__("re").search(pattern, e) for e in errors), (pattern, errors)
-    with pytest.raises(ConfigError, match=r"config: 8 config error\(s\)") as info:
+    with pytest.raises(ConfigError, match=r"config: 9 config error\(s\)") as info:
         load_config(raw)
     assert info.value.errors == errors
 

@@ -293,11 +293,12 @@ def steer_reference(steer_root):
 
     from crossmodal.steer.driver import consolidate
     from crossmodal.steer.grid import expand, tasks
+    from crossmodal.steer.source import selectivity_digest
     from crossmodal.steer.worker import SteerWorker
 
     ref = _config(steer_root, "ref")
     worker = SteerWorker(ref, device="cpu")
-    cells = expand(ref)
+    cells = expand(ref, selectivity_digest(ref.selectivity))
     for task in tasks(cells, ref.cells_per_task):
         worker(task)
     consolidate(ref, cells)
@@ -339,41 +340,34 @@ class _Died(BaseException):
     """What the patched kill raises: the driver stops right there (its ``finally`` runs)."""
 
 
+def _in_process_steer(monkeypatch) -> None:
+    """Steering actors as one in-process worker (no Ray); a fault kill that raises."""
+    from helpers import LocalFleet
+
+    from crossmodal.fleet import RaySession, faults
+
+    def local_fleet(session, cls, *args, spec, count=None, **_):  # one worker in this process
+        return LocalFleet(cls(*args, device="cpu"))
+
+    def died(mode: str) -> None:
+        raise _Died(mode)
+
+    monkeypatch.setattr(RaySession, "actors", local_fleet)
+    monkeypatch.setattr(faults, "_kill", died)
+
+
 def test_steer_driver_stopped_after_one_task_resumes(
     steer_root, steer_reference, tmp_path, monkeypatch
 ):
     """The steering driver's fault point, with an in-process executor instead of Ray actors
     and a kill that raises (so pytest survives): one task lands, the re-run does the rest."""
-    from types import SimpleNamespace
-
     from helpers import steer_config as _config
 
-    from crossmodal.fleet import ActorFleet, RaySession, faults
     from crossmodal.steer import driver as steer
     from crossmodal.steer.grid import tasks
 
     worker, cells, reference = steer_reference
-
-    class LocalPool:  # ray.util.ActorPool's interface, run in this process
-        def __init__(self, actors):
-            self.actors = actors
-
-        def map_unordered(self, fn, items):
-            return (self.actors[0](item) for item in items)
-
-    def local_fleet(session, cls, *args, spec, count=None):  # one worker in this process
-        fleet = ActorFleet.__new__(ActorFleet)
-        fleet._ray = SimpleNamespace(kill=lambda actor: None)
-        fleet.actors = [cls(*args, device="cpu")]
-        return fleet
-
-    monkeypatch.setattr("ray.util.ActorPool", LocalPool)
-    monkeypatch.setattr(RaySession, "actors", local_fleet)
-
-    def died(mode: str) -> None:
-        raise _Died(mode)
-
-    monkeypatch.setattr(faults, "_kill", died)
+    _in_process_steer(monkeypatch)
     monkeypatch.setenv(ENV, "driver:after_units=1")
     config = _config(steer_root, "driver")
     with pytest.raises(_Died):
@@ -401,3 +395,25 @@ def test_write_boundary_fault_fires_at_the_armed_arrival(tmp_path):
     assert not point.reached("collect.part.marked")
     assert [point.reached("collect.merge.written") for _ in range(3)] == [False, True, False]
     assert fired == ["sigkill"]
+
+
+@pytest.mark.integration
+def test_steer_driver_killed_at_every_write_boundary_resumes(
+    steer_root, steer_reference, monkeypatch
+):
+    """For each of the steer driver's write boundaries (grid.json, a task's part landed,
+    results.parquet, summary.parquet): it dies there once; the same call again completes
+    with tables identical to a fault-free run, and no temporary file is left."""
+    from helpers import steer_config as _config
+
+    from crossmodal.steer import driver as steer
+
+    _in_process_steer(monkeypatch)
+    for boundary in steer.BOUNDARIES:
+        config = _config(steer_root, f"at_{boundary.replace('.', '_')}")
+        monkeypatch.setenv(ENV, f"driver:at={boundary}")
+        with pytest.raises(_Died):
+            steer.run_steer(config, progress=False, echo=lambda _: None)
+        steer.run_steer(config, progress=False, echo=lambda _: None)
+        _same_tables(Path(config.output), steer_reference[2])
+        assert not list(Path(config.output).glob(".*.tmp")), boundary

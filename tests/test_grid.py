@@ -73,7 +73,17 @@ def test_all_violations_at_once():
     assert (
         "forcing[0]: must be one of ['on_p50', 'on_p90', 'zero', 'off_mean'], got 'median'" in text
     )
-    assert len(errors) == 4  # schema errors first; semantic checks run on a schema-valid config
+    assert len(errors) == 8, errors  # schema and cross-field errors together
+    assert (
+        errors[4]
+        == "selectivity.path: must be a path, got None; point it at the reduce job's store"
+    )
+    assert errors[5].startswith("languages[0]: must be one of [") and "got 'de_de'" in errors[5]
+    assert errors[6] == (
+        "data.path: required for source 'fleurs_raw', got None; point it at the FLEURS root directory"
+    )
+    assert errors[7].startswith("lid.model_path: required by backend 'fasttext', got None")
+    assert "did you mean 'deu'?" in validate({**raw, "languages": ["eng", "de"]})[5]
     raw = {k: v for k, v in raw.items() if k not in ("roles", "steps", "set_sizez", "forcing")}
     errors = validate(raw)
     assert errors == [

@@ -3,21 +3,29 @@
 The real-vocabulary processor (unit tests, fast once cached): 256,000 sentencepiece pieces
 plus the fairseq specials, the 98 language tags at SeamlessM4T v2 large's ids, a model
 directory with random weights drawn on load that every stage reads like a real checkpoint,
-and the one-line refusal of a processor whose vocabulary the model cannot hold.
+the one-line refusal of a processor whose vocabulary the model cannot hold, and the
+per-actor memory estimate at the real shapes.
 
 The integration test runs configs/large-shapes.yaml's config (eng + deu + spa; x2en and
 en2x in speech and text, asr; 3 examples per language; steps 1/6/11; 12 new tokens; 256
 bins; both poolings; the decoder family) through collect (in-process, no Ray) and reduce
 (in-process Ray, with the exact pass) on a model with the real vocabulary (256,102 ids,
 real language tags, real embedding and lm_head sizes) and the real width of every layer
-(20,480 decoder units per layer: hidden 1024, FFN 8192, 16 heads), but 2
-decoder layers, 1 text and 1 speech encoder layer and 1-layer t2u instead of 24/24/24/6.
-It checks the store's shapes at the real unit count per layer and the real vocabulary.
+(20,480 decoder units per layer: hidden 1024, FFN 8192, 16 heads), but 2 decoder layers,
+1 text and 1 speech encoder layer and 1-layer t2u instead of 24/24/24/6.
+It checks the store's shapes at the real unit count per layer and the real vocabulary, and
+goes through the driver's checks before actors (language tags, vocabulary from the
+directory's files, per-actor memory: 6.7 GB estimated here). It takes about 4 minutes on
+2 quiet cores (226 s; profiled: collect 135 s, most of it the 256,102-way logits of every
+decode step; reduce 118 s, exact pass 48 s, selectivity 40 s) and 7 under load. It is not
+cut further: the time is in the real vocabulary and the 33 examples, not in the layers.
+The planner's memory estimate and refusals at the real shapes (no weights) are in
+tests/test_actor_memory.py.
 
-Only the documented full run (docs/benchmarks.md, "Real shapes on CPU") covers the 24
-decoder layers (492,544 units: running statistics of ~3 GB per work unit, the store's
-real size against the dry run's estimate, the exact pass at that unit count) and the memory
-of 2.3B weights per actor.
+Only the documented full run (configs/large-shapes.yaml as shipped; not yet run, see
+docs/benchmarks.md, "Real shapes on CPU, the GPU check, bf16") covers the 24 decoder layers:
+492,544 units, 6.2 GB of statistics and edges per work unit, 2.3B weights per actor, the
+store's size against the dry run's estimate and the exact pass at that unit count.
 """
 
 from __future__ import annotations

@@ -85,3 +85,25 @@ def test_random_large_model_has_reference_shapes() -> None:
 def test_random_model_rejects_unknown_size() -> None:
     with pytest.raises(ValueError, match="size must be one of \\['large', 'tiny'\\], got 'huge'"):
         build_random_model("huge")
+
+
+def test_random_sources_load_through_load_model() -> None:
+    loaded = load_model("random:tiny", device="cpu", dtype="float32")
+    assert loaded.source == "random:tiny" and loaded.processor is None
+    with pytest.raises(ValueError, match="size must be one of"):
+        load_model("random:huge")
+
+
+def test_random_large_has_the_real_language_tag_ids_without_a_processor() -> None:
+    loaded = build_random_model("large", device="meta", processor=False)
+    assert loaded.processor is None
+    assert loaded.lang_to_code_id["eng"] == 256022 and len(loaded.lang_to_code_id) == 98
+    assert loaded.model.generation_config.text_decoder_lang_to_code_id["spa"] == 256081
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ValueError, match=r"on Tesla V100 \(no bf16") as err:
+        resolve_dtype("bfloat16", torch.device("cuda"))
+    assert "\n" not in str(err.value)

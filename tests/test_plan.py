@@ -173,5 +173,8 @@ def test_job_dry_run_and_config_errors(tmp_path):
     bad.write_text("tasks: [x2fr]\nsteps: [0]\n")
     result = CliRunner().invoke(main, [str(bad), "--dry-run"])
     assert result.exit_code == 2
-    assert "2 config error(s)" in result.output
+    # the schema's two, and the cross-field check run on the defaults (organism data needs
+    # examples_per_language): every error in one round
+    assert "3 config error(s)" in result.output
+    assert "data.examples_per_language: required for source 'organism'" in result.output
     assert "tasks[0]: must be one of ['x2en', 'en2x', 'asr'], got 'x2fr'" in result.output

@@ -151,3 +151,22 @@ def test_report_needs_both_modalities(tmp_path) -> None:
         ValueError, match=r"task must be one of \[tasks with text and speech data\]"
     ):
         write_report(ds, tmp_path, k=K)
+
+
+def test_summary_lists_skipped_examples_per_reason(tmp_path) -> None:
+    """Collect's skips (reason -> ids) are a table in summary.md; none -> no section."""
+    ds = synthetic_selectivity(seed=11)
+    skipped = {
+        "text_not_utf8": ["deu/test/7"],
+        "audio_too_long": [f"fra/test/{i}" for i in range(8)],
+    }
+    write_report(ds, tmp_path, k=K, skipped=skipped, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Skipped examples" in md
+    assert (
+        "| audio_too_long | 8 | `fra/test/0`, `fra/test/1`, `fra/test/2`, `fra/test/3`, `fra/test/4` |"
+        in md
+    )
+    assert "| text_not_utf8 | 1 | `deu/test/7` |" in md
+    write_report(ds, tmp_path / "clean", k=K, skipped={}, figures=False)
+    assert "Skipped examples" not in (tmp_path / "clean" / "summary.md").read_text()

@@ -23,6 +23,7 @@ from helpers import build_model_dir, steer_config, steer_selectivity
 from crossmodal.model.load import load_model
 from crossmodal.organism import organism_corpus
 from crossmodal.steer.grid import expand, load_grid, tasks
+from crossmodal.steer.source import selectivity_digest
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def worker_run(run_dir):
 
     config = steer_config(run_dir, "direct")
     worker = SteerWorker(config, device="cpu")
-    cells = expand(config)
+    cells = expand(config, selectivity_digest(config.selectivity))
     results = [worker(task) for task in tasks(cells, config.cells_per_task)]
     return config, worker, cells, results
 
@@ -173,7 +174,7 @@ def test_fleet_runs_and_resumes(run_dir, monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     config = steer_config(run_dir, "fleet")
     first = run_steer(config, progress=False, echo=lambda _: None)
-    cells = expand(config)
+    cells = expand(config, selectivity_digest(config.selectivity))
     assert first["ran"] == len(cells) and first["resumed"] == 0
     table = pd.read_parquet(first["results"])
     assert len(table) == len(cells) * config.n_inputs
@@ -279,7 +280,7 @@ def test_organism_speech_control_units_steer_text(shipped_organism, tmp_path):
         }
     )
     worker = SteerWorker(config, device="cpu")
-    cells = expand(config)
+    cells = expand(config, selectivity_digest(config.selectivity))
     for task in tasks(cells, config.cells_per_task):
         worker(task)
     frame = pd.read_parquet(tmp_path / "out" / "parts")

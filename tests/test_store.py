@@ -255,7 +255,7 @@ def test_open_existing_checks(tmp_path):
     with pytest.raises(StoreError, match="planned from different data"):
         open_existing(path, config_hash="abc", plan_hash="p2")
     zarr.open_group(str(path), mode="r+").attrs["layout_version"] = 99
-    with pytest.raises(StoreError, match=r"layout_version must be one of \[1\], got 99"):
+    with pytest.raises(StoreError, match=r"layout_version must be one of \[2\], got 99"):
         open_existing(path, config_hash="abc", plan_hash="p1")
     other = tmp_path / "other"
     other.mkdir()

@@ -86,11 +86,11 @@ def test_store_whose_parts_were_deleted_after_merging_is_ok(model_dir, tmp_path,
 
 
 def test_layout_version(store):
-    zarr.open_group(str(store), mode="r+").attrs["layout_version"] = 2
+    zarr.open_group(str(store), mode="r+").attrs["layout_version"] = 3
     result = CliRunner().invoke(verify_command, [str(store)])
     assert result.exit_code == 1
     assert result.output == (
-        "layout_version: must be one of [1], got 2; this crossmodal cannot read it: collect it "
+        "layout_version: must be one of [2], got 3; this crossmodal cannot read it: collect it "
         "again into a new output\n"
     )
 

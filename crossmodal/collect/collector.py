@@ -94,6 +94,7 @@ class Collector:
             layers = UnitCoords.from_index(index, self.conc_family).unit_arrays()
             self.layer_gini = LayerGini(layers["unit_layer"], self.device)
         self._records: OrderedDict[tuple, tuple[list[Record], int]] = OrderedDict()
+        self._skips: dict[tuple, dict[str, list[str]]] = {}
         self._fault = FaultPoint("collector", self.store)  # CROSSMODAL_FAULT, see fleet/faults.py
 
     def __call__(self, job: WorkUnit | PilotUnit | tuple[PilotUnit, ...]) -> dict[str, Any]:
@@ -105,7 +106,8 @@ class Collector:
         self, language: str, modality: str, ids: tuple[str, ...]
     ) -> tuple[list[Record], int]:
         """Records of ``ids`` (in that order) and how many were skipped; a 2-entry cache
-        serves the pivot inputs that en2x runs once per target."""
+        serves the pivot inputs that en2x runs once per target. The skipped ids by reason
+        (bad or too long audio, text past the bounds) are in :meth:`skipped_ids`."""
         key = (language, modality, ids)
         if key not in self._records:
             data = self.config.data
@@ -116,13 +118,26 @@ class Collector:
                 audio_root=data.audio_root,
                 n_sentences=data.examples_per_language,
                 seed=self.config.seed,
+                bounds=data.bounds,
             )
             by_id = {r.id: r for r in source.records(language, data.split, ids=ids)}
             records = [by_id[i] for i in ids if i in by_id]
+            wanted = set(ids) - set(by_id)  # skipped examples, not replaced recordings
+            skips = {
+                reason: [x for x in labels if x.rsplit("/", 1)[-1] in wanted]
+                for reason, labels in source.skipped.ids.items()
+            }
+            self._skips[key] = {k: v for k, v in skips.items() if v}
             self._records[key] = (records, len(ids) - len(records))
             while len(self._records) > 2:
-                self._records.popitem(last=False)
+                dropped, _ = self._records.popitem(last=False)
+                self._skips.pop(dropped, None)
         return self._records[key]
+
+    def skipped_ids(self, language: str, modality: str, ids: tuple[str, ...]) -> dict:
+        """``{reason: [language/split/id, ...]}`` of the examples of ``ids`` the source
+        skipped (after :meth:`load_records`); recorded per work unit in the manifest."""
+        return dict(self._skips.get((language, modality, ids), {}))
 
     def capture(self, records: Sequence[Record], modality: str, target: str) -> Iterator[Any]:
         from crossmodal.model.inputs import make_batch
@@ -228,6 +243,7 @@ class Collector:
             "key": unit.key,
             "n_examples": len(records),
             "n_skipped": skipped,
+            "skipped": self.skipped_ids(cond.source, cond.modality, unit.example_ids),
             "n_rows": n_rows,
             "n_ended": n_ended,
             "dropped": sum(int(s.dropped) for s in stats.values()),

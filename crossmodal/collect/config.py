@@ -24,6 +24,7 @@ from crossmodal.data.languages import (
     SPEECH_INPUT_CODES,
     TEXT_OUTPUT_CODES,
     format_allowed,
+    language_error,
 )
 from crossmodal.model.units import resolve_families
 from crossmodal.schemas import load_validated, validate_against
@@ -42,6 +43,15 @@ class DataConfig:
     split: str
     audio_root: str | None
     examples_per_language: int | None
+    max_audio_seconds: float = 60.0
+    max_text_chars: int = 1000
+
+    @property
+    def bounds(self) -> Any:
+        """The :class:`~crossmodal.data.sources.Bounds` the data source applies."""
+        from crossmodal.data.sources import Bounds
+
+        return Bounds(self.max_audio_seconds, self.max_text_chars)
 
 
 @dataclass(frozen=True)
@@ -154,25 +164,52 @@ def _resolve_languages(languages: Any, pivot: str, source: str) -> tuple[str, ..
     return (pivot, *sorted(chosen - {pivot}))
 
 
+def _model_errors(model: str) -> list[str]:
+    """``random:<size>`` must name a size :mod:`crossmodal.model.load` builds."""
+    if not model.startswith("random:"):
+        return []
+    from crossmodal.model.load import RANDOM_PREFIX, RANDOM_SIZES
+
+    allowed = [RANDOM_PREFIX + k for k in sorted(RANDOM_SIZES)]
+    if model in allowed:
+        return []
+    return [
+        f"model: must be one of {allowed} for random weights, got {model!r}; "
+        "use one of them or a directory of python -m crossmodal.model.make_random"
+    ]
+
+
 def _semantic_errors(v: Mapping[str, Any]) -> list[str]:
     """Cross-field checks the schema cannot express."""
-    errors: list[str] = []
-    data = v["data"]
-    known = _known_languages(data["source"])
+    return [
+        *_model_errors(v["model"]),
+        *_language_errors(v),
+        *_data_errors(v["data"]),
+        *_task_errors(v),
+    ]
+
+
+def _language_errors(v: Mapping[str, Any]) -> list[str]:
+    """Languages and the pivot against what the data source has."""
+    source = v["data"]["source"]
+    known = _known_languages(source)
     listed = v["languages"] if v["languages"] != "all" else sorted(known)
-    for i, code in enumerate(listed):
-        if code not in known:
-            errors.append(
-                f"languages[{i}]: must be one of {format_allowed(known)}, got {code!r}; "
-                f"{data['source']} data has no such language"
-            )
+    errors = [
+        language_error(f"languages[{i}]", code, known, f"{source} data has no such language")
+        for i, code in enumerate(listed)
+        if code not in known
+    ]
     if v["pivot"] not in known:
-        errors.append(
-            f"pivot: must be one of {format_allowed(known)}, got {v['pivot']!r}; "
-            "use a language of the data source (eng)"
-        )
+        fix = "use a language of the data source (eng)"
+        errors.append(language_error("pivot", v["pivot"], known, fix))
     elif v["languages"] != "all" and v["pivot"] not in listed:
         errors.append(f"languages: must include the pivot {v['pivot']!r}, got {listed!r}; add it")
+    return errors
+
+
+def _data_errors(data: Mapping[str, Any]) -> list[str]:
+    """The fields each data source needs, or does not use."""
+    errors = []
     if data["source"] in FLEURS_SOURCES and not data["path"]:
         errors.append(
             f"data.path: required for source {data['source']!r}, got None; "
@@ -188,6 +225,12 @@ def _semantic_errors(v: Mapping[str, Any]) -> list[str]:
             f"data.audio_root: unused by source 'organism', got {data['audio_root']!r}; "
             "remove it or use a FLEURS source"
         )
+    return errors
+
+
+def _task_errors(v: Mapping[str, Any]) -> list[str]:
+    """Steps, tasks and modalities that cannot run together."""
+    errors = []
     mnt = v["max_new_tokens"]
     if mnt is not None and mnt < max(v["steps"]):
         errors.append(
@@ -201,11 +244,11 @@ def _semantic_errors(v: Mapping[str, Any]) -> list[str]:
             f"pivot: x2en must write the pivot as text, got {v['pivot']!r}; "
             f"use one of {format_allowed(TEXT_OUTPUT_CODES)}"
         )
+    speech_pivot = "en2x" in v["tasks"] and "speech" in v["modalities"]
     if (
-        v["pivot"] not in SPEECH_INPUT_CODES
-        and "en2x" in v["tasks"]
-        and "speech" in v["modalities"]
-        and data["source"] != ORGANISM_SOURCE
+        speech_pivot
+        and v["pivot"] not in SPEECH_INPUT_CODES
+        and v["data"]["source"] != ORGANISM_SOURCE
     ):
         errors.append(
             f"pivot: en2x speech needs pivot speech input, got {v['pivot']!r}; "

@@ -10,6 +10,7 @@ each condition as soon as all its parts are done, and writes provenance.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -24,19 +25,36 @@ from crossmodal.collect.plan import (
     Plan,
     WorkUnit,
     build_plan,
+    check_memory,
     estimate_size,
     family_sizes,
     format_plan,
     unit_index,
 )
+from crossmodal.errors import disk_need
 from crossmodal.fleet import ActorFleet, FaultPoint, RaySession
 from crossmodal.fleet import progress as progress_bar
 from crossmodal.model.units import UnitIndex
 from crossmodal.store import names
-from crossmodal.store.collect_store import CollectStore, now
+from crossmodal.store.collect_store import CollectStore, now, skipped_examples
+from crossmodal.store.integrity import repairable, scan
+from crossmodal.store.layout import StoreError
 from crossmodal.store.lock import OutputLock
 
-__all__ = ["Collector", "collect_file", "run_collect"]
+__all__ = ["BOUNDARIES", "Collector", "collect_file", "run_collect"]
+
+BOUNDARIES = (
+    "collect.store.created",
+    "collect.edges.marked",
+    "collect.part.marked",
+    "collect.merge.written",
+    "collect.merge.recorded",
+    "collect.parts.deleted",
+    "collect.finished",
+)
+"""The driver's write boundaries, in order: a place between two of its writes where
+``CROSSMODAL_FAULT="driver:at=<boundary>"`` kills it (crossmodal/fleet/faults.py); a resume
+from each gives the store of a clean run (tests/test_collect_faults.py)."""
 
 
 def _check_disk(store: Path, need: int) -> None:
@@ -51,13 +69,25 @@ def _check_disk(store: Path, need: int) -> None:
         )
 
 
-def _check_writable(config: CollectConfig, plan: Plan) -> None:
-    """Refuse targets the model has no language tag for, before any store is written (the
-    actors would otherwise fail on the first batch). Skipped when the model's generation
-    config is not readable here (a hub model that is not cached): the actors check then."""
+def _language_table(config: CollectConfig) -> dict[str, int] | None:
+    """Output language -> tag id of the configured model, from its generation config (no
+    weights); ``random:<size>`` from :mod:`crossmodal.model.load`'s tables. None when not
+    readable here (a hub model that is not cached)."""
+    import inspect
+
     from transformers import GenerationConfig
 
+    from crossmodal.model.load import RANDOM_PREFIX, RANDOM_SIZES, build_random_model
+
     source: str | Path = config.model
+    if source == RANDOM_PREFIX + "large":
+        from crossmodal.model.processor import language_ids
+
+        return language_ids()
+    if source == RANDOM_PREFIX + "tiny":  # the last ids, one per language of its default list
+        languages = inspect.signature(build_random_model).parameters["languages"].default
+        first = RANDOM_SIZES["tiny"]().vocab_size - len(languages)
+        return {lang: first + i for i, lang in enumerate(languages)}
     if source == ORGANISM_SOURCE:
         from crossmodal.organism import organism_path
 
@@ -67,14 +97,82 @@ def _check_writable(config: CollectConfig, plan: Plan) -> None:
             source, revision=config.revision, local_files_only=True
         )
     except (OSError, ValueError):
-        return
-    table = getattr(gen, "text_decoder_lang_to_code_id", None) or {}
+        return None
+    return dict(getattr(gen, "text_decoder_lang_to_code_id", None) or {})
+
+
+def _check_writable(config: CollectConfig, plan: Plan) -> None:
+    """Refuse targets the model has no language tag for, before any store is written (the
+    actors would otherwise fail on the first batch). Skipped when the model's generation
+    config is not readable here (a hub model that is not cached): the actors check then."""
+    table = _language_table(config) or {}
     missing = sorted({c.target for c in plan.conditions} - set(table))
     if table and missing:
         raise ValueError(
             f"languages must be one of {sorted(table)} (those model {config.model!r} writes) "
             f"where a task writes them, got {missing!r}; drop them or their tasks (en2x, asr)"
         )
+
+
+def _model_dir(config: CollectConfig) -> Path | None:
+    """The directory the model is read from (the organism's too), or None (hub id, random)."""
+    if config.model == ORGANISM_SOURCE:
+        from crossmodal.organism import organism_path
+
+        return Path(organism_path())
+    path = Path(config.model).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
+def _tokenizer_size(path: Path) -> int:
+    """Ids of the tokenizer saved in ``path`` (``tokenizer.json``: its vocabulary and added
+    tokens) without loading it; 0 without that file (the actors' load_model checks then)."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return 0
+    data = json.loads(file.read_text())
+    vocab = data.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+    return max([*ids, *(t["id"] for t in data.get("added_tokens", []))], default=-1) + 1
+
+
+def _check_vocabulary(config: CollectConfig) -> None:
+    """The refusal of :func:`crossmodal.model.load.check_vocabulary` from the directory's
+    files alone (config, generation config, tokenizer), before any actor loads the model."""
+    from crossmodal.model.load import ModelLoadError
+
+    path = _model_dir(config)
+    if path is None:
+        return
+    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+    tokens = _tokenizer_size(path)
+    tags = max((_language_table(config) or {}).values(), default=-1) + 1
+    if tokens > vocab or tags > vocab:
+        raise ModelLoadError(
+            f"model {config.model!r} has a {vocab}-token vocabulary but its tokenizer has "
+            f"{tokens} tokens and its language tags reach id {tags - 1}; save the model's own "
+            "processor (processor.save_pretrained) into the directory"
+        )
+
+
+def _check_dtype(config: CollectConfig) -> None:
+    """bf16 on a GPU without it is refused here, not by every actor (load.resolve_dtype)."""
+    import torch
+
+    from crossmodal.model.load import resolve_dtype
+
+    if config.actors.num_gpus > 0 and torch.cuda.is_available():
+        resolve_dtype(config.dtype, torch.device("cuda"))
+
+
+def _check_before_actors(config: CollectConfig, plan: Plan, index: UnitIndex) -> None:
+    """Every refusal that needs no store and no actor, one line each: targets without a
+    language tag, a dtype the device lacks, a vocabulary the model cannot hold, a plan
+    whose actor memory cannot fit (docs/benchmarks.md, "Real shapes on CPU")."""
+    _check_writable(config, plan)
+    _check_dtype(config)
+    _check_vocabulary(config)
+    check_memory(plan, family_sizes(index))
 
 
 def run_collect(
@@ -98,7 +196,8 @@ def run_collect(
 
     Raises:
         StoreError: the output holds another config's or another plan's store.
-        ValueError: the data is absent (only ``dry_run`` works then).
+        ValueError: the data is absent (only ``dry_run`` works then); a target language,
+            dtype, vocabulary or actor memory the model or device cannot serve (one line).
     """
     start = time.time()
     plan = build_plan(config)
@@ -120,11 +219,15 @@ def run_collect(
             f"{config.data.path!r}; only --dry-run works without the data"
         )
     store = Path(out["store"])
-    _check_writable(config, plan)
+    _check_before_actors(config, plan, index)
+    need = sum(s.compressed for s in estimate_size(plan, family_sizes(index)))
     if not (store / "zarr.json").is_file():  # a new store: checked before anything is written
-        _check_disk(store, sum(s.compressed for s in estimate_size(plan, family_sizes(index))))
+        _check_disk(store, need)
     run = _Run(config, plan, store, out, start=start, echo=echo, progress=progress)
-    with OutputLock(store, "collect", echo=echo):  # one writer per store (store/lock.py)
+    with (
+        disk_need(need, "the plan's compressed estimate of the whole store"),
+        OutputLock(store, "collect", echo=echo),  # one writer per store (store/lock.py)
+    ):
         return _collect(run, index, address)
 
 
@@ -162,10 +265,12 @@ def _pending(
 
 def _collect(run: _Run, index: UnitIndex, address: str | None) -> dict[str, Any]:
     """The locked part of :func:`run_collect`: create or resume the store, run, merge, finish."""
+    fault = FaultPoint("driver", run.store)  # CROSSMODAL_FAULT, see fleet/faults.py
     store = CollectStore.open(run.store, run.plan, index)
+    fault.reached("collect.store.created")
+    _check_resume(run, store)
     pilots, units = _pending(run.plan, store.manifest)
     run.out["resumed"] = len(run.plan.work_units) - len(units)
-    driver_fault = FaultPoint("driver", run.store)  # CROSSMODAL_FAULT, see fleet/faults.py
     if pilots or units:
         with RaySession(address) as session:
             spec = run.config.actors
@@ -173,20 +278,52 @@ def _collect(run: _Run, index: UnitIndex, address: str | None) -> dict[str, Any]
                 for summary in fleet.map(pilots):
                     for modality in summary["modalities"]:
                         store.mark_edges(summary["task"], modality, summary)
-                _run_units(run, store, fleet, units, driver_fault)
-    store.merge_ready(run.plan, keep_parts=run.config.keep_parts)
+                    fault.reached("collect.edges.marked")
+                _run_units(run, store, fleet, units, fault)
+    store.merge_ready(run.plan, keep_parts=run.config.keep_parts, reached=fault.reached)
     provenance = dict(store.root.attrs.get("provenance", {}))
     if run.model_provenance:
         provenance["model"] = run.model_provenance
     store.finish({"finished": now(), "provenance": provenance})
+    fault.reached("collect.finished")
     return _report(run, store)
+
+
+def _check_resume(run: _Run, store: CollectStore) -> None:
+    """Verify what the resume skips: every chunk of recorded work decodes (checksums), every
+    shard a recorded region needs exists, counts match the recorded rows. Damaged work is
+    un-recorded and runs again; damage no work unit rewrites (array metadata, labels, an
+    edited config) is refused with one line. Parts left by a crash between a condition's
+    merge record and their deletion are deleted (docs/reliability.md)."""
+    done = store.manifest
+    if not (done["parts"] or done["edges"] or done["merged"]):
+        return  # a new store: nothing recorded, nothing to check
+    damage = scan(store.root)
+    fatal = [d for d in damage if not d.repairable]
+    if fatal:
+        more = f" (and {len(damage) - 1} more: `crossmodal verify {run.store}`)" * (len(damage) > 1)
+        raise StoreError(f"store {str(run.store)!r}: {fatal[0].line()}{more}")
+    if damage:
+        parts, conds, edges = repairable(damage)
+        if not run.config.keep_parts:  # their siblings' shards are gone: redo the whole condition
+            for cond in run.plan.conditions:
+                if cond.key in conds:
+                    parts |= {w.index for w in run.plan.units_of(cond)}
+        run.echo(
+            f"resume: {len(damage)} damaged chunk(s), first {damage[0].line().split(';')[0]}; "
+            f"recollecting work units {sorted(parts)}"
+        )
+        files = sorted({d.key for d in damage if d.key is not None})
+        store.forget(sorted(parts), sorted(conds), sorted(edges), files)
+    if not run.config.keep_parts:
+        store.delete_merged_parts(run.plan)
 
 
 def _run_units(
     run: _Run, store: CollectStore, fleet: ActorFleet, units: list[WorkUnit], fault: FaultPoint
 ) -> None:
     """Run the pending work units; record and merge as each one returns (``fault`` ticks
-    after each)."""
+    after each, and is reached at every write boundary)."""
     plan, out = run.plan, run.out
     initial = plan.n_examples - sum(w.n_examples for w in units)
     bar = progress_bar(
@@ -197,12 +334,13 @@ def _run_units(
             store.mark_part(
                 summary["part"], {k: v for k, v in summary.items() if k != "provenance"}
             )
+            fault.reached("collect.part.marked")
             run.model_provenance = summary["provenance"]
             out["ran"] += 1
             bar.update(plan.work_units[summary["part"]].n_examples)
             n_done = out["resumed"] + out["ran"]
             bar.set_postfix_str(f"work units {n_done}/{len(plan.work_units)}")
-            store.merge_ready(plan, keep_parts=run.config.keep_parts)
+            store.merge_ready(plan, keep_parts=run.config.keep_parts, reached=fault.reached)
 
 
 def _report(run: _Run, store: CollectStore) -> dict[str, Any]:
@@ -213,6 +351,12 @@ def _report(run: _Run, store: CollectStore) -> dict[str, Any]:
         f"collected {out['ran']} work units ({out['resumed']} already done) into {run.store} "
         f"in {out['seconds']:.1f} s"
     )
+    skipped = skipped_examples(store.root)
+    if skipped:  # per id: the plan attrs and the manifest parts (store/collect_store.py)
+        counts = ", ".join(f"{k}={len(v)}" for k, v in sorted(skipped.items()))
+        run.echo(
+            f"skipped examples: {counts} (ids: crossmodal.store.collect_store.skipped_examples)"
+        )
     out["dropped"] = sum(int(p.get("dropped", 0)) for p in store.manifest["parts"].values())
     if out["dropped"]:  # rows with NaN/Inf are dropped by the statistics: reported, never merged
         run.echo(

@@ -9,6 +9,9 @@ whose exact values choose the histogram edges.
 
 All of it works without the model and the dataset: unit counts come from the model's config
 on the meta device (:func:`unit_index`); without data, counts are FLEURS' split sizes (flagged).
+So does each actor's memory (:func:`actor_memory`, :func:`memory_budget`,
+:func:`check_memory`): the dry run prints it, and the driver refuses a plan that cannot fit
+before any actor starts, where an out-of-memory actor would fail hours into the run.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class WorkUnit:
     def key(self) -> str:
         return f"{self.condition.key}/{self.shard}"
 
+    def describe(self) -> str:
+        """Its name in a failure line."""
+        return f"work unit {self.index} ({self.key})"
+
 
 @dataclass(frozen=True)
 class PilotUnit:
@@ -79,6 +86,10 @@ class PilotUnit:
     @property
     def n_examples(self) -> int:
         return sum(len(ids) for _, ids in self.items)
+
+    def describe(self) -> str:
+        """Its name in a failure line."""
+        return f"pilot {self.task}/{self.modality}"
 
 
 def conditions(config: CollectConfig) -> tuple[list[Condition], list[str]]:
@@ -123,6 +134,7 @@ def _source_ids(
         audio=False,
         n_sentences=data.examples_per_language,
         seed=config.seed,
+        bounds=data.bounds,
     )
     ids = {lang: [r.id for r in source.records(lang, data.split)] for lang in languages}
     return ids, source.skipped
@@ -291,16 +303,26 @@ def build_plan(config: CollectConfig, ids: Mapping[str, list[str]] | None = None
 def model_config(config: CollectConfig) -> Any:
     """The model's ``SeamlessM4Tv2Config`` without loading (or downloading) its weights.
 
-    The organism and directories read ``config.json``; a hub id is read from the local cache,
-    and ``facebook/seamless-m4t-v2-large`` falls back to the config defaults, which are its
-    shapes (docs/design.md, "Platform: transformers and SeamlessM4T v2"), so the reference
-    plan prints on a machine without the model.
+    The organism and directories (those of ``python -m crossmodal.model.make_random`` too)
+    read ``config.json``; ``random:<size>`` is :data:`~crossmodal.model.load.RANDOM_SIZES`'s
+    config; a hub id is read from the local cache, and ``facebook/seamless-m4t-v2-large``
+    falls back to the config defaults, which are its shapes (docs/design.md, "Platform:
+    transformers and SeamlessM4T v2"), so the reference plan prints on a machine without it.
     """
     from transformers import SeamlessM4Tv2Config
 
-    from crossmodal.model.load import REFERENCE_MODEL, large_config
+    from crossmodal.model.load import RANDOM_PREFIX, RANDOM_SIZES, REFERENCE_MODEL, large_config
 
     source = config.model
+    if source.startswith(RANDOM_PREFIX):
+        size = source.removeprefix(RANDOM_PREFIX)
+        if size not in RANDOM_SIZES:
+            allowed = [RANDOM_PREFIX + k for k in sorted(RANDOM_SIZES)]
+            raise ValueError(
+                f"model must be one of {allowed} (random weights), got {source!r}; "
+                "use one of them or a directory of python -m crossmodal.model.make_random"
+            )
+        return RANDOM_SIZES[size]()
     if source == ORGANISM_SOURCE:
         from crossmodal.organism import organism_path
 
@@ -318,7 +340,7 @@ def model_config(config: CollectConfig) -> Any:
         return SeamlessM4Tv2Config.from_pretrained(source, revision=config.revision)
     except OSError as err:
         raise ValueError(
-            f"model must be one of [a hub id, a directory, 'organism'], got "
+            f"model must be one of [a hub id, a directory, 'organism', 'random:<size>'], got "
             f"{source!r}; its config.json could not be read ({err})"
         ) from None
 
@@ -416,6 +438,166 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
+SPEECH_FRAMES_PER_SECOND = 50
+"""Speech encoder positions per second of audio: the feature extractor's 100 filterbank
+frames per second, stacked by 2 (SeamlessM4T v2's ``stride``)."""
+
+
+def attention_bytes(config: CollectConfig) -> int | None:
+    """Peak bytes of one speech encoder layer's attention scores for one batch of the
+    longest recording the bounds allow (``batch_size x heads x frames^2``): what grows with
+    the square of the duration (a 10-minute clip: tens of GB), so the bound plans it. None
+    without speech or a readable model config."""
+    if "speech" not in config.modalities:
+        return None
+    try:
+        heads = int(model_config(config).speech_encoder_attention_heads)
+    except Exception:  # noqa: BLE001 - the plan prints without it
+        return None
+    frames = int(config.data.max_audio_seconds * SPEECH_FRAMES_PER_SECOND)
+    itemsize = 4 if config.dtype == "float32" else 2
+    return config.batch_size * heads * frames * frames * itemsize
+
+
+# ---------------------------------------------------------------- actor memory
+
+
+def plan_dtype(config: CollectConfig) -> Any:
+    """The dtype the actors run: ``auto`` is bf16 on a GPU (fp16 before Ampere when the GPU
+    is visible here), fp32 on the CPU; never raises (the driver's dtype check does)."""
+    import torch
+
+    from crossmodal.model.load import DTYPES
+
+    gpu = config.actors.num_gpus > 0
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if gpu and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.bfloat16 if gpu else torch.float32
+
+
+def _pilot_bytes(plan: Plan, sizes: Mapping[str, int]) -> int:
+    """The largest pilot job's exact float32 values: one job per task with every modality's
+    pilot (at most ``pilot_size`` examples each), at every (step, pooling) of every unit, plus
+    two copies of one (step, pooling) while its edges are chosen (the collector concatenates
+    its batches, ``choose_edges`` keeps the finite rows)."""
+    cfg = plan.config
+    examples: dict[tuple[str, str], int] = {}
+    for w in plan.work_units:
+        key = (w.condition.task, w.condition.modality)
+        examples[key] = examples.get(key, 0) + w.n_examples
+    per_task: dict[str, int] = {}
+    for (task, modality), n in examples.items():
+        units = sum(k for f, k in sizes.items() if applies(f, modality))
+        per_task[task] = per_task.get(task, 0) + min(cfg.pilot_size, n) * units
+    return max(per_task.values(), default=0) * (len(cfg.steps) * len(cfg.poolings) + 2) * 4
+
+
+def actor_memory(plan: Plan, sizes: Mapping[str, int]) -> Any:
+    """Bytes one actor needs (:class:`~crossmodal.model.memory.ActorMemory`): for each
+    modality the plan runs, its longest input the bounds allow (``data.max_audio_seconds``;
+    ``data.max_text_chars`` + 2 tokens: at most one token per character, plus the language
+    tag and end of sentence) at ``batch_size``; the largest."""
+    from crossmodal.model.memory import RUNTIME_BYTES, estimate_actor_memory
+
+    cfg = plan.config
+    model = model_config(cfg)
+    lengths = {"speech": cfg.data.max_audio_seconds, "text": cfg.data.max_text_chars + 2}
+    pilot = _pilot_bytes(plan, sizes)
+    estimates = [
+        estimate_actor_memory(
+            model,
+            dtype=plan_dtype(cfg),
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            modality=modality,
+            source_length=lengths[modality],
+            n_units=sum(n for f, n in sizes.items() if applies(f, modality)),
+            n_steps=len(cfg.steps),
+            n_poolings=len(cfg.poolings),
+            n_bins=cfg.n_bins,
+            pilot_values=pilot,
+            runtime=0 if cfg.actors.num_gpus > 0 else RUNTIME_BYTES,
+        )
+        for modality in dict.fromkeys(c.modality for c in plan.conditions)
+    ]
+    return max(estimates, key=lambda m: m.total)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What one actor may use: ``available`` bytes (None: not knowable here) on ``where``."""
+
+    available: int | None
+    where: str
+
+
+def memory_budget(config: CollectConfig) -> MemoryBudget:
+    """:data:`~crossmodal.model.memory.HEADROOM` of the GPU's memory (times ``num_gpus``
+    when actors share one) when the actors use GPUs and CUDA is visible here; of the
+    physical memory divided by ``actors.count`` on the CPU. GPU actors planned on a driver
+    without CUDA (a CPU head node of a cluster) are not checked: their GPU is elsewhere."""
+    import os
+
+    import torch
+
+    from crossmodal.model.memory import HEADROOM
+
+    count, share = config.actors.count, min(1.0, config.actors.num_gpus)
+    if share > 0:
+        if not torch.cuda.is_available():
+            return MemoryBudget(None, "a GPU (none visible here: checked where CUDA is)")
+        props = torch.cuda.get_device_properties(0)
+        total = props.total_memory * share
+        where = f"{props.name} ({share:g} x {props.total_memory / 1e9:.1f} GB)"
+    else:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = physical / count
+        where = f"the CPU ({physical / 1e9:.1f} GB physical / {count} actor(s))"
+    return MemoryBudget(int(total * HEADROOM), f"{where}, {HEADROOM:.0%} of it")
+
+
+def check_memory(plan: Plan, sizes: Mapping[str, int]) -> tuple[Any, MemoryBudget]:
+    """The per-actor estimate and the budget; refuses a plan that cannot fit (one line).
+
+    Raises:
+        ValueError: from :meth:`~crossmodal.model.memory.ActorMemory.check`.
+    """
+    memory, budget = actor_memory(plan, sizes), memory_budget(plan.config)
+    if budget.available is not None:
+        memory.check(budget.available, budget.where)
+    return memory, budget
+
+
+def _memory_line(plan: Plan, sizes: Mapping[str, int]) -> str:
+    """The dry run's per-actor memory, its parts and whether it fits."""
+    try:
+        memory, budget = actor_memory(plan, sizes), memory_budget(plan.config)
+    except (OSError, ValueError) as err:  # an unreadable model config: the plan prints without
+        return f"  memory     not estimated ({err})"
+    if budget.available is None:
+        verdict = f"not checked: {budget.where}"
+    elif memory.total <= budget.available:
+        verdict = f"fits <= {budget.available / 1e9:.1f} GB on {budget.where}"
+    else:
+        verdict = f"DOES NOT FIT <= {budget.available / 1e9:.1f} GB on {budget.where}: refused"
+    return (
+        f"  memory     per actor {memory.describe()} ({memory.modality} inputs, "
+        f"{str(plan_dtype(plan.config)).removeprefix('torch.')}); {verdict}"
+    )
+
+
+def _inputs_line(cfg: CollectConfig) -> str:
+    """The input bounds and the speech memory they plan."""
+    attn = attention_bytes(cfg)
+    memory = "" if attn is None else f" (speech encoder attention <= {_gb(attn)} per batch)"
+    return (
+        f"  inputs     audio <= {cfg.data.max_audio_seconds:g} s{memory}, text <= "
+        f"{cfg.data.max_text_chars:,} chars; longer examples are skipped and counted"
+    )
+
+
 def format_plan(plan: Plan, sizes: Mapping[str, int], source: str = "") -> str:
     """The ``--dry-run`` report: conditions, work units, examples, units, store size."""
     cfg, where = plan.config, f" {source}" if source else ""
@@ -428,6 +610,8 @@ def format_plan(plan: Plan, sizes: Mapping[str, int], source: str = "") -> str:
         f"  examples   {plan.note}",
         f"  steps {list(cfg.steps)} x poolings {list(cfg.poolings)}; n_bins {cfg.n_bins}; "
         f"shard_size {cfg.shard_size}; batch_size {cfg.batch_size}",
+        _inputs_line(cfg),
+        _memory_line(plan, sizes),
         f"  {'task/modality':<15}{'conditions':>11}{'work units':>11}{'examples':>10}",
     ]
     rows: dict[str, list[int]] = {}
@@ -454,6 +638,10 @@ def format_plan(plan: Plan, sizes: Mapping[str, int], source: str = "") -> str:
     if plan.skipped:
         counts = ", ".join(f"{k}={v['count']}" for k, v in plan.skipped.items())
         out.append(f"  skipped    {counts} (records the data source could not use)")
+        for reason, v in plan.skipped.items():  # which ones: the store's plan attrs list all
+            shown = ", ".join(v.get("ids", v.get("examples", []))[:5])
+            more = f" (+{v['count'] - 5} more)" if v["count"] > 5 else ""
+            out.append(f"    {reason:<18} {shown}{more}")
     lines = estimate_size(plan, sizes)
     out.append(f"  store {cfg.output} (ESTIMATE; compressed = measured ratio on synthetic values):")
     total = SizeLine(

@@ -1,7 +1,7 @@
 """Decode WAV/FLAC/OGG into 16 kHz mono float32 without FFmpeg.
 
 ``datasets``' audio decoding needs torchcodec + FFmpeg, which are often absent
-(docs/design.md, "Platform: FLEURS and audio"); FLEURS ships plain WAV, so libsndfile (``soundfile``) is enough, with the
+(docs/platform.md, "FLEURS and audio"); FLEURS ships plain WAV, so libsndfile (``soundfile``) is enough, with the
 stdlib ``wave`` module as a fallback for PCM WAV when ``soundfile`` is not installed.
 
 Every failure is an :class:`AudioError` whose message is one line naming the file and the
@@ -27,7 +27,15 @@ from scipy.signal import resample_poly
 from crossmodal.data.records import TARGET_SAMPLING_RATE
 
 BACKENDS = ("auto", "soundfile", "wave")
-AUDIO_PROBLEMS = ("missing", "unreadable", "empty", "undecodable", "truncated", "nonfinite")
+AUDIO_PROBLEMS = (
+    "missing",
+    "unreadable",
+    "empty",
+    "undecodable",
+    "truncated",
+    "nonfinite",
+    "too_long",
+)
 
 
 class AudioError(ValueError):

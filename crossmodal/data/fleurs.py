@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from crossmodal.data.audio import AudioError, iter_audio_files, iter_tar_audio, try_load_audio
 from crossmodal.data.languages import SEAMLESS_TO_FLEURS, validate_language
 from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
-from crossmodal.data.sources import DataError, SkipReport, validate_split
+from crossmodal.data.sources import Bounds, DataError, SkipReport, validate_split
 
 TEXT_FIELDS = ("raw", "normalized")
 AUDIO_LAYOUTS = ("auto", "extracted", "tar")
@@ -78,6 +78,7 @@ class _FleursLoader:
         text_field: str,
         audio_root: str | Path | None,
         one_per_id: bool,
+        bounds: Bounds,
     ) -> None:
         if text_field not in TEXT_FIELDS:
             raise _fail("text_field", list(TEXT_FIELDS), text_field, "'raw' keeps punctuation")
@@ -86,6 +87,7 @@ class _FleursLoader:
         self.text_field = text_field
         self.audio_root = None if audio_root is None else Path(audio_root)
         self.one_per_id = one_per_id
+        self.bounds = bounds
         self.skipped = SkipReport()
         if self.audio_root is not None and not self.audio_root.is_dir():
             raise _fail("audio_root", "an existing directory", str(audio_root), "check the path")
@@ -168,8 +170,9 @@ class _FleursLoader:
         while pending:
             wanted = {rows[0].file_name: key for key, rows in pending.items()}
             found: dict[str, np.ndarray | AudioError] = {}
-            for name, result in self._fetch(config, split, set(wanted)):
+            for name, fetched in self._fetch(config, split, set(wanted)):
                 key = wanted[name]
+                result = self._bounded(fetched, name)
                 if isinstance(result, AudioError):
                     found[name] = result
                     continue
@@ -203,17 +206,38 @@ class _FleursLoader:
             if row.id in done:  # one_per_id=False: one re-synthesised file per id
                 continue
             done.add(row.id)
-            audio = try_load_audio(directory / f"{row.id}.wav")
+            audio = self._bounded(try_load_audio(directory / f"{row.id}.wav"), f"{row.id}.wav")
             if isinstance(audio, AudioError):
                 self.skipped.add(f"audio_{audio.problem}", f"{language}/{split}/{row.id} ({audio})")
             else:
                 yield Record(row.id, language, row.text, audio, TARGET_SAMPLING_RATE, split)
 
-    def _keep_text(self, text: str | None, language: str, split: str, row_id: str) -> str | None:
-        """The stripped text, or None after counting an empty one."""
+    def _bounded(self, audio: np.ndarray | AudioError, name: str) -> np.ndarray | AudioError:
+        """``audio``, or an ``AudioError`` (``too_long``) past ``max_audio_seconds``: a long
+        recording is skipped like a bad one, before any model sees it."""
+        if isinstance(audio, AudioError):
+            return audio
+        why = self.bounds.audio_problem(len(audio), TARGET_SAMPLING_RATE)
+        return audio if why is None else AudioError(f"{name}: {why}", "too_long")
+
+    def _keep_text(
+        self, text: str | bytes | None, language: str, split: str, row_id: str
+    ) -> str | None:
+        """The stripped text, or None after counting an empty, too long or non-UTF-8 one."""
+        label = f"{language}/{split}/{row_id}"
+        if isinstance(text, bytes):  # a binary column: decoded strictly, never with U+FFFD
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped.add("text_not_utf8", label)
+                return None
         text = (text or "").strip()
         if not text:
-            self.skipped.add("text_empty", f"{language}/{split}/{row_id}")
+            self.skipped.add("text_empty", label)
+            return None
+        problem = self.bounds.text_problem(text)
+        if problem is not None:
+            self.skipped.add(problem, label)
             return None
         return text
 
@@ -229,6 +253,8 @@ class FleursSource(_FleursLoader):
         one_per_id: one record per sentence id (default) or one per recording.
         audio_layout: ``auto`` (extracted directory if present, else tar.gz), ``extracted``
             or ``tar``.
+        bounds: longest audio and text used; longer examples are skipped and counted
+            (``audio_too_long``: the next recording of the id is tried, like a bad one).
     """
 
     def __init__(
@@ -240,9 +266,15 @@ class FleursSource(_FleursLoader):
         audio_root: str | Path | None = None,
         one_per_id: bool = True,
         audio_layout: str = "auto",
+        bounds: Bounds = Bounds(),  # noqa: B008 - frozen, so safe to share
     ) -> None:
         super().__init__(
-            root, audio=audio, text_field=text_field, audio_root=audio_root, one_per_id=one_per_id
+            root,
+            audio=audio,
+            text_field=text_field,
+            audio_root=audio_root,
+            one_per_id=one_per_id,
+            bounds=bounds,
         )
         if audio_layout not in AUDIO_LAYOUTS:
             raise _fail("audio_layout", list(AUDIO_LAYOUTS), audio_layout, "'auto' finds it")
@@ -277,8 +309,14 @@ class FleursSource(_FleursLoader):
     def _rows(self, config: str, split: str, language: str) -> Iterator[_Row]:
         path = self._config_dir(config) / f"{split}.tsv"
         text_col = 2 if self.text_field == "raw" else 3
-        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
-            for n, line in enumerate(lines, start=1):
+        with path.open("rb") as lines:  # decoded per line, strictly: no U+FFFD in model input
+            for n, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    row_id = raw.split(b"\t", 1)[0].decode("ascii", "replace")
+                    self.skipped.add("text_not_utf8", f"{language}/{split}/{row_id}")
+                    continue
                 cols = line.rstrip("\r\n").split("\t")
                 if len(cols) != _TSV_COLUMNS or not cols[0].isdigit() or not cols[1].strip():
                     if line.strip():
@@ -302,7 +340,7 @@ class FleursParquetSource(_FleursLoader):
         root: directory holding ``<config>/<split>/*.parquet`` (see module docstring).
         columns: column names, if they differ from the Hub conversion's.
         batch_size: rows per Arrow batch (bounds memory: at most this many audio blobs).
-        audio, text_field, audio_root, one_per_id: as :class:`FleursSource`.
+        audio, text_field, audio_root, one_per_id, bounds: as :class:`FleursSource`.
     """
 
     def __init__(
@@ -315,9 +353,15 @@ class FleursParquetSource(_FleursLoader):
         one_per_id: bool = True,
         columns: ParquetColumns = ParquetColumns(),  # noqa: B008 - frozen, so safe to share
         batch_size: int = 64,
+        bounds: Bounds = Bounds(),  # noqa: B008 - frozen, so safe to share
     ) -> None:
         super().__init__(
-            root, audio=audio, text_field=text_field, audio_root=audio_root, one_per_id=one_per_id
+            root,
+            audio=audio,
+            text_field=text_field,
+            audio_root=audio_root,
+            one_per_id=one_per_id,
+            bounds=bounds,
         )
         if not self.root.is_dir():
             raise _fail("Parquet root", "a directory with <config>/<split>/", str(root), "check it")

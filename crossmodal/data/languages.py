@@ -204,6 +204,73 @@ def format_allowed(allowed: Iterable[str], limit: int = 12) -> str:
     return f"[{head}, ..., {tail}] ({len(items)} in all)"
 
 
+_ISO_639_3: Mapping[str, str] = MappingProxyType(
+    {
+        # ISO 639-3 macrolanguage and ISO 639-2/B codes whose Seamless code is an individual
+        # language (the table's choice; see the FLEURS rows above).
+        "ara": "arb", "aze": "azj", "chi": "cmn", "zho": "cmn", "fas": "pes", "per": "pes",
+        "ful": "fuv", "lav": "lvs", "mon": "khk", "msa": "zlm", "may": "zlm", "zsm": "zlm",
+        "nep": "npi", "orm": "gaz", "ori": "ory", "pus": "pbt", "swa": "swh", "uzb": "uzn",
+        "fil": "tgl", "nor": "nob", "ger": "deu", "fre": "fra", "dut": "nld", "gre": "ell",
+        "cze": "ces", "arm": "hye", "baq": "eus", "bur": "mya", "geo": "kat", "ice": "isl",
+        "mac": "mkd", "rum": "ron", "slo": "slk", "wel": "cym", "kur": "ckb",
+    }
+)  # fmt: skip
+"""ISO 639-3 macrolanguage / ISO 639-2/B codes -> the Seamless code of that language."""
+
+_NAME_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "chinese": "cmn", "mandarin": "cmn", "persian": "pes", "farsi": "pes",
+        "latvian": "lvs", "mongolian": "khk", "azerbaijani": "azj", "uzbek": "uzn",
+        "pashto": "pbt", "oromo": "gaz", "norwegian": "nob", "tagalog": "tgl",
+        "kurdish": "ckb", "fulfulde": "fuv", "basque": "eus",
+    }
+)  # fmt: skip
+"""Common English names the FLEURS table spells longer (``Western Persian``)."""
+
+
+def _aliases() -> dict[str, tuple[str, str]]:
+    """Lower-case alias -> (Seamless code, what the alias is), from the table above."""
+    out: dict[str, tuple[str, str]] = {}
+    for config, code, name in _TABLE:
+        if code is None:
+            continue
+        prefix = config.split("_")[0]
+        if len(prefix) == 2:
+            out.setdefault(prefix, (code, f"the ISO 639-1 code of {name}"))
+        out[config] = (code, f"the FLEURS config of Seamless code {code!r}")
+        out.setdefault(name.lower(), (code, f"the English name of Seamless code {code!r}"))
+    for alias, code in _ISO_639_3.items():
+        out.setdefault(alias, (code, f"an ISO 639 code of Seamless code {code!r}"))
+    for alias, code in _NAME_ALIASES.items():
+        out.setdefault(alias, (code, f"an English name of Seamless code {code!r}"))
+    return out
+
+
+_UNSUPPORTED_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        alias: f"{name} is {_NO_SEAMLESS}"
+        for config, code, name in _TABLE
+        if code is None
+        for alias in (config, config.split("_")[0], name.lower())
+    }
+)
+"""FLEURS config, ISO 639-1 code or English name of a language Seamless lacks -> why."""
+
+LANGUAGE_ALIASES: Mapping[str, tuple[str, str]] = MappingProxyType(_aliases())
+"""Lower-case ISO 639-1 (``de``), ISO 639-3 / 639-2 (``ger``, ``zho``), FLEURS config
+(``de_de``) or English name (``german``) -> (Seamless code, what the alias is)."""
+
+
+def to_seamless(name: str) -> str | None:
+    """The Seamless code ``name`` stands for (``de``, ``de_de``, ``de-DE``, ``German``,
+    ``ger`` -> ``deu``), ``name`` itself if it is one, else ``None``."""
+    if name in SPEECH_INPUT_CODES or name in TEXT_OUTPUT_CODES:
+        return name
+    hit = LANGUAGE_ALIASES.get(name.strip().lower().replace("-", "_"))
+    return hit[0] if hit else None
+
+
 def validate_language(code: object, allowed: Iterable[str], what: str = "language") -> str:
     """Return ``code`` if it is in ``allowed``, else raise a one-line ValueError with a hint.
 
@@ -219,12 +286,34 @@ def validate_language(code: object, allowed: Iterable[str], what: str = "languag
         return code
     raise ValueError(
         f"{what} must be one of {format_allowed(allowed_set)}, got {code!r}; "
-        f"{_hint(code, allowed_set)}"
+        f"{language_hint(code, allowed_set)}"
     )
 
 
-def _hint(code: object, allowed: set[str]) -> str:
-    """The fix part of an unknown-language message."""
+def language_error(
+    where: str, code: object, allowed: Iterable[str], fallback: str | None = None
+) -> str:
+    """A config violation line for a language code outside ``allowed``:
+    ``<where>: must be one of [...], got <code>; <fix>``, the fix from :func:`language_hint`.
+
+    Example: ``language_error("languages[1]", "de", {"deu", "eng"})`` is ``"languages[1]:
+    must be one of ['deu', 'eng'], got 'de'; 'de' is the ISO 639-1 code of German: did you
+    mean 'deu'?"``.
+    """
+    allowed = set(allowed)
+    hint = language_hint(code, allowed, fallback)
+    return f"{where}: must be one of {format_allowed(allowed)}, got {code!r}; {hint}"
+
+
+def language_hint(code: object, allowed: Iterable[str], fallback: str | None = None) -> str:
+    """The fix part of an unknown-language message: what ``code`` is and the allowed code it
+    maps to (ISO 639-1/3, FLEURS config, English name -> Seamless code, or Seamless code ->
+    FLEURS config), else close matches, else ``fallback`` (or a pointer to this table).
+
+    Example: ``language_hint("de", {"deu", "eng"})`` is
+    ``"'de' is the ISO 639-1 code of German: did you mean 'deu'?"``.
+    """
+    allowed = set(allowed)
     if not isinstance(code, str):
         return f"pass a language code string, not {type(code).__name__}"
     as_seamless = FLEURS_TO_SEAMLESS.get(code)
@@ -235,9 +324,13 @@ def _hint(code: object, allowed: set[str]) -> str:
     as_fleurs = SEAMLESS_TO_FLEURS.get(code)
     if as_fleurs in allowed:
         return f"{code!r} is the Seamless code of FLEURS config {as_fleurs!r}: use {as_fleurs!r}"
-    if code in UNSUPPORTED_FLEURS:
-        return f"{UNSUPPORTED_FLEURS[code]}, so it cannot be used here"
+    key = code.strip().lower().replace("-", "_")
+    if key in _UNSUPPORTED_ALIASES:
+        return f"{_UNSUPPORTED_ALIASES[key]}, so it cannot be used here"
+    alias = LANGUAGE_ALIASES.get(key)
+    if alias is not None and alias[0] in allowed:
+        return f"{code!r} is {alias[1]}: did you mean {alias[0]!r}?"
     close = difflib.get_close_matches(code, sorted(allowed), n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
-    return "see crossmodal.data.languages for the FLEURS <-> Seamless table"
+    return fallback or "see crossmodal.data.languages for the FLEURS <-> Seamless table"

@@ -40,22 +40,52 @@ def validate_split(split: object) -> str:
     raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}; {hint}")
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """Inputs bounded by policy (config ``data.max_audio_seconds``, ``data.max_text_chars``):
+    longer examples are skipped and counted, so one outlier cannot exhaust memory (the speech
+    encoder's grows with the square of the duration; docs/reliability.md, "Bounded inputs")."""
+
+    max_audio_seconds: float | None = None
+    max_text_chars: int | None = None
+
+    def text_problem(self, text: str) -> str | None:
+        """``text_too_long`` or None."""
+        if self.max_text_chars is not None and len(text) > self.max_text_chars:
+            return "text_too_long"
+        return None
+
+    def audio_problem(self, n_samples: int, sampling_rate: int) -> str | None:
+        """A one-line reason if the recording is longer than the bound, else None."""
+        seconds = n_samples / sampling_rate
+        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+            return f"{seconds:.1f} s, longer than max_audio_seconds {self.max_audio_seconds:g}"
+        return None
+
+
 @dataclass
 class SkipReport:
-    """Skipped examples by reason, with a few example labels per reason.
+    """Skipped examples by reason: counts, a few labels per reason, and every example id.
 
     Reasons used by the loaders: ``audio_missing``, ``audio_truncated``,
     ``audio_undecodable`` (not audio / corrupt), ``audio_empty``, ``audio_nonfinite``,
-    ``audio_unreadable`` (unreadable file or archive), ``text_empty``, ``row_malformed``.
+    ``audio_unreadable`` (unreadable file or archive), ``audio_too_long`` (over
+    ``max_audio_seconds``), ``text_empty``, ``text_too_long`` (over ``max_text_chars``),
+    ``text_not_utf8`` (a transcript that is not UTF-8: never decoded with replacement
+    characters), ``row_malformed``.
     """
 
     max_examples: int = 5
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    """Every skipped example (``language/split/id``, or the file line) per reason."""
 
     def add(self, reason: str, example: str) -> None:
-        """Count one skipped example; keep its label if fewer than ``max_examples`` are kept."""
+        """Count one skipped example ``language/split/id[ (why)]``; keep its label if fewer
+        than ``max_examples`` are kept, and its id always."""
         self.counts[reason] += 1
+        self.ids.setdefault(reason, []).append(example.split(" (", 1)[0])
         kept = self.examples.setdefault(reason, [])
         if len(kept) < self.max_examples:
             kept.append(example)
@@ -64,6 +94,7 @@ class SkipReport:
         """Add ``other``'s counts and examples into this report (e.g. across workers)."""
         for reason, n in other.counts.items():
             self.counts[reason] += n
+            self.ids.setdefault(reason, []).extend(other.ids.get(reason, []))
             kept = self.examples.setdefault(reason, [])
             kept.extend(other.examples.get(reason, [])[: max(0, self.max_examples - len(kept))])
 
@@ -74,7 +105,11 @@ class SkipReport:
     def as_dict(self) -> dict[str, dict[str, object]]:
         """JSON-ready ``{reason: {"count": n, "examples": [...]}}``."""
         return {
-            r: {"count": n, "examples": list(self.examples.get(r, []))}
+            r: {
+                "count": n,
+                "examples": list(self.examples.get(r, [])),
+                "ids": list(self.ids.get(r, [])),
+            }
             for r, n in sorted(self.counts.items())
         }
 
@@ -111,6 +146,7 @@ def open_source(
     audio_root: str | Path | None = None,
     n_sentences: int | None = None,
     seed: int = 0,
+    bounds: Bounds = Bounds(),  # noqa: B008 - frozen, so safe to share
 ) -> DataSource:
     """The data source a config names: the one place that maps ``data.source`` to a class.
 
@@ -121,18 +157,19 @@ def open_source(
         audio_root: FLEURS only: an alternative audio root replacing the recordings.
         n_sentences, seed: the organism's corpus size and seed; unused by FLEURS, whose
             splits have fixed sizes (plans choose their subset themselves).
+        bounds: longest audio and text used; longer examples are skipped and counted.
 
     Raises:
         ValueError: an unknown ``kind`` (one line); the sources' own errors otherwise.
     """
     if kind == "organism":
-        return OrganismSource(n_sentences, seed, audio=audio)
+        return OrganismSource(n_sentences, seed, audio=audio, bounds=bounds)
     if kind not in SOURCE_KINDS:
         raise ValueError(f"data source must be one of {list(SOURCE_KINDS)}, got {kind!r}")
     from crossmodal.data.fleurs import FleursParquetSource, FleursSource
 
     cls = FleursSource if kind == "fleurs_raw" else FleursParquetSource
-    return cls(path, audio=audio, audio_root=audio_root)
+    return cls(path, audio=audio, audio_root=audio_root, bounds=bounds)
 
 
 def id_key(record_id: str) -> tuple[int, int, str]:
@@ -185,6 +222,7 @@ class OrganismSource:
         seed: corpus seed (the shipped organism was trained on seed 0).
         languages: organism language codes it serves.
         audio: synthesise speech; ``False`` for text-only records.
+        bounds: longest audio and text used; longer examples are skipped and counted.
     """
 
     def __init__(
@@ -193,6 +231,7 @@ class OrganismSource:
         seed: int = 0,
         languages: Sequence[str] = REFERENCE_LANGUAGES,
         audio: bool = True,
+        bounds: Bounds = Bounds(),  # noqa: B008 - frozen, so safe to share
     ) -> None:
         if n_sentences is not None and (not isinstance(n_sentences, int) or n_sentences <= 0):
             fix = "e.g. 64, or None for the organism's split sizes"
@@ -201,6 +240,7 @@ class OrganismSource:
         self.seed = seed
         self.languages = tuple(languages)
         self.audio = audio
+        self.bounds = bounds
         self.skipped = SkipReport()
         self._corpus: dict[tuple[str, str], list[Record]] = {}
 
@@ -224,7 +264,17 @@ class OrganismSource:
         for record in self._corpus[split, language]:
             if keep is not None and record.id not in keep:
                 continue
+            label = f"{language}/{split}/{record.id}"
             if not record.text.strip():
-                self.skipped.add("text_empty", f"{language}/{split}/{record.id}")
+                self.skipped.add("text_empty", label)
                 continue
+            problem = self.bounds.text_problem(record.text)
+            if problem is not None:
+                self.skipped.add(problem, label)
+                continue
+            if record.audio is not None:
+                why = self.bounds.audio_problem(len(record.audio), record.sampling_rate)
+                if why is not None:
+                    self.skipped.add("audio_too_long", f"{label} ({why})")
+                    continue
             yield record

@@ -4,20 +4,27 @@ Every stage (collect, reduce, steer) reaches Ray through :class:`RaySession`, so
 environment is written once: token auth and usage stats off (an in-process ``ray.init()``
 otherwise turns token auth on and later ``ray job submit`` calls fail; docs/design.md,
 "Ray"), and the variables actors must see (the Hugging Face offline switch, the fault
-switches of :mod:`crossmodal.fleet.faults`) forwarded through the session's ``runtime_env``.
+switches of :mod:`crossmodal.fleet.faults`, the progress-bar switch) forwarded through the
+session's ``runtime_env``. An in-process Ray is started with a watcher
+(:mod:`crossmodal.fleet.reaper`) that ends its processes if the driver is killed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from crossmodal.fleet.faults import ENV_VARS as FAULT_VARS
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-FORWARDED = ("HF_HUB_OFFLINE", *FAULT_VARS)
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+"""What ``--no-progress`` sets: no Hugging Face / transformers bars (``Loading weights``),
+in the driver and in every actor; results are unchanged."""
+FORWARDED = ("HF_HUB_OFFLINE", *QUIET, *FAULT_VARS)
 """Variables of the driver's environment that actors get too, when they are set."""
 
 
@@ -31,11 +38,27 @@ def set_ray_env(environ: MutableMapping[str, str] | None = None) -> None:
         environ.setdefault(key, value)
 
 
-def actor_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The ``env_vars`` of the session's ``runtime_env``: :data:`RAY_ENV` and what is set of
-    :data:`FORWARDED`."""
+def quiet_progress(environ: MutableMapping[str, str] | None = None) -> None:
+    """``--no-progress``: set :data:`QUIET` here, so the driver and (forwarded by
+    :func:`actor_env`) every actor draw no progress bars. The libraries read it when they
+    are imported: one already imported here is switched off directly."""
+    (os.environ if environ is None else environ).update(QUIET)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def actor_env(environ: Mapping[str, str] | None = None, *, progress: bool = True) -> dict[str, str]:
+    """The ``env_vars`` of the session's ``runtime_env``: :data:`RAY_ENV`, what is set of
+    :data:`FORWARDED`, and :data:`QUIET` when ``progress`` is off."""
     environ = os.environ if environ is None else environ
-    return {**RAY_ENV, **{k: environ[k] for k in FORWARDED if k in environ}}
+    quiet = {} if progress else QUIET
+    return {**RAY_ENV, **{k: environ[k] for k in FORWARDED if k in environ}, **quiet}
 
 
 class RaySession:
@@ -44,6 +67,7 @@ class RaySession:
     ``address=None`` joins the cluster of a ``ray job submit`` (or a session already
     initialised in this process) and otherwise starts an in-process Ray; ``"auto"`` joins
     a running head. Connecting is lazy: a stage with nothing left to do never starts Ray.
+    ``progress=False`` silences the actors' progress bars (:data:`QUIET`).
 
     Example::
 
@@ -51,10 +75,12 @@ class RaySession:
             ray = session.connect()
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, *, progress: bool = True) -> None:
         self.address = address
+        self.progress = progress
         self.started = False
         self._ray: ModuleType | None = None
+        self._reaper: Any = None  # a crossmodal.fleet.reaper.Reaper
 
     def connect(self) -> ModuleType:
         """The ``ray`` module, connected."""
@@ -66,16 +92,22 @@ class RaySession:
                 ray.init(
                     address=self.address,
                     include_dashboard=False,
-                    runtime_env={"env_vars": actor_env()},
+                    runtime_env={"env_vars": actor_env(progress=self.progress)},
                 )
                 self.started = True
+                if self.address is None and "RAY_ADDRESS" not in os.environ:
+                    from crossmodal.fleet.reaper import Reaper
+
+                    self._reaper = Reaper(str(Path(ray.__file__).parent))  # in-process Ray
             self._ray = ray
         return self._ray
 
     def close(self) -> None:
         if self.started and self._ray is not None:
             self._ray.shutdown()
-        self.started, self._ray = False, None
+        if self._reaper is not None:
+            self._reaper.release()
+        self.started, self._ray, self._reaper = False, None, None
 
     def __enter__(self) -> RaySession:
         return self
@@ -83,8 +115,15 @@ class RaySession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def actors(self, cls: type, *args: Any, spec: Any, count: int | None = None) -> Any:
+    def actors(
+        self,
+        cls: type,
+        *args: Any,
+        spec: Any,
+        count: int | None = None,
+        echo: Callable[[str], None] | None = None,
+    ) -> Any:
         """An :class:`~crossmodal.fleet.pool.ActorFleet` of ``cls(*args)`` replicas."""
         from crossmodal.fleet.pool import ActorFleet
 
-        return ActorFleet(self.connect(), cls, args, spec, count=count)
+        return ActorFleet(self.connect(), cls, args, spec, count=count, echo=echo)

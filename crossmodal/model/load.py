@@ -104,12 +104,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """``auto``: bf16 on Ampere or newer GPUs, fp16 on older GPUs, fp32 on CPU.
 
     Raises:
-        ValueError: for a name outside :data:`DTYPES`.
+        ValueError: for a name outside :data:`DTYPES`, or bf16 on a GPU without it.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"dtype must be one of ['auto', 'float16', 'float32'] on {name} (no bf16: "
+            "compute capability < 8.0), got 'bfloat16'; use dtype: auto (fp16 there)"
+        )
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":

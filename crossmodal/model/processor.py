@@ -7,7 +7,7 @@ see the real sizes. The real tokenizer cannot be downloaded everywhere, so this 
 builds a stand-in deterministically and caches it:
 
 - a sentencepiece BPE model trained on the organism's generated corpus (every language's
-  text), padded with filler pieces to exactly :data:`SPM_PIECES` (256,000) pieces, as the
+  text; the organism tokenizer's training, so every organism word is one piece), padded with filler pieces to exactly :data:`SPM_PIECES` (256,000) pieces, as the
   real ``sentencepiece.bpe.model``. Filler pieces are two characters of the Unicode private
   use area, which no corpus text contains, so they never change how text is split; they
   only make the id space real. :class:`SeamlessM4TTokenizer` adds the fairseq offset
@@ -26,7 +26,6 @@ loaded from then on (``tokenizer.json`` makes later loads fast).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -146,9 +145,8 @@ SEAMLESS_TEXT_LANGUAGES = [
     "zul",
 ]
 """The 98 language tags SeamlessM4T v2 writes text with, in the order of their ids."""
-_FORMAT = 1  # bump when the built directory changes; a stale cache is rebuilt
+_FORMAT = 2  # bump when the built directory changes; a stale cache is rebuilt
 _STAMP = "real_vocab_processor.json"
-_TRAINED_PIECES = 2000
 _PRIVATE_USE = 0xE000
 _PRIVATE_USE_SIZE = 6400  # U+E000..U+F8FF
 
@@ -172,26 +170,14 @@ def _corpus_lines() -> list[str]:
 
 
 def _train(lines: list[str]) -> spm_pb2.ModelProto:
-    import sentencepiece as spm
+    """The organism's BPE training (every organism word one piece), as a proto to extend."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=out,
-        vocab_size=_TRAINED_PIECES,
-        model_type="bpe",
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,  # deterministic piece order
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    proto = spm_pb2.ModelProto()
-    proto.ParseFromString(out.getvalue())
+    from crossmodal.organism.tokenizer import train_sentencepiece
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = spm_pb2.ModelProto()
+        proto.ParseFromString(train_sentencepiece(lines, Path(tmp)).read_bytes())
     return proto
 
 

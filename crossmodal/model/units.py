@@ -10,7 +10,7 @@ Families (docs/method.md, "Units"):
     plus the final ``text_decoder.layer_norm``: the reference study's units.
   * ``ffn_act``: the output of ``text_decoder.layers[i].ffn.act`` (post-ReLU). Not
     ``layers[i].activation_fn``: that module exists but is never called
-    (docs/design.md, "Platform: transformers and SeamlessM4T v2").
+    (docs/platform.md, "transformers and SeamlessM4T v2").
   * ``speech_encoder`` / ``text_encoder``: Linear, LayerNorm, Conv1d and GLU outputs of each
     encoder, pooled over input positions (step-independent); ``encoder`` means both.
 

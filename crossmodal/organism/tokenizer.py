@@ -4,8 +4,8 @@ The sentencepiece BPE model is trained on the synthetic corpus with the fairseq 
 (``unk 0, <s> 1, </s> 2``, no pad), saved as ``sentencepiece.bpe.model``, and loaded with
 :class:`SeamlessM4TTokenizer`, which adds the fairseq +1 offset (pad 0, unk 1, <s> 2, </s> 3)
 and appends the ``__xxx__`` language tokens after the sentencepiece vocabulary. Constructing
-the tokenizer from ``vocab_file=`` silently builds a 4-token vocabulary (docs/design.md,
-"Platform: transformers and SeamlessM4T v2"), hence the directory round trip.
+the tokenizer from ``vocab_file=`` silently builds a 4-token vocabulary (docs/platform.md,
+"transformers and SeamlessM4T v2"), hence the directory round trip.
 
 The vocabulary is grown until every word of every language is one piece: then each output
 token belongs to exactly one language, which is what makes :class:`~crossmodal.steer.lid.OrganismLID`

@@ -12,6 +12,12 @@ Passes, each recorded in the root attribute ``reduce`` when done and skipped on 
 4. ``modality`` (:mod:`crossmodal.reduce.modality`): v1 modality-selective units of the
    decoder families. Redone when k changes.
 
+Pass 1 records a digest of the values it wrote per selectivity group (``digests``); a
+re-run recomputes it before skipping the pass and redoes the family (all four passes) when
+it differs, and steering keys its cells by it (:mod:`crossmodal.steer.source`). The driver
+reaches a named write boundary (:data:`BOUNDARIES`, :class:`crossmodal.fleet.FaultPoint`)
+between every two writes, so a test kills it at each and checks the re-run.
+
 Group layout: :mod:`crossmodal.store.results`. Only the driver creates arrays and writes
 attrs (docs/design.md, "Crash safety and resume"). Activation concentration (Gini) needs no
 pass: collect merges it per condition into ``concentration/<family>``;
@@ -30,21 +36,22 @@ import xarray as xr
 import zarr
 
 from crossmodal.collect.config import CollectConfig, from_dict
-from crossmodal.fleet import RaySession
+from crossmodal.fleet import FaultPoint, RaySession
 from crossmodal.reduce.exact import (
     Candidates,
     ExactPlan,
-    Rows,
     create_exact,
+    drop_spill,
     exact_pass,
     exact_plan,
+    same_candidates,
     write_exact,
 )
 from crossmodal.reduce.labels import store_labels
 from crossmodal.reduce.modality import FAMILIES as MODALITY_FAMILIES
 from crossmodal.reduce.modality import modality_pass
 from crossmodal.reduce.selection import GROUPS, check_k, expand_scopes, parse_scope
-from crossmodal.reduce.selectivity import selectivity_pass
+from crossmodal.reduce.selectivity import selectivity_digest, selectivity_pass
 from crossmodal.reduce.sets import final_sets, write_analyses, write_csvs
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
@@ -53,11 +60,36 @@ from crossmodal.store.names import (
     MANIFEST,
     PLAN,
     condition_key,
+    default_pooling,
     exact_group,
+    modality_group,
+    selectivity_group,
     sets_group,
     stats_group,
 )
 from crossmodal.store.results import Results
+from crossmodal.store.verify import check_integrity
+
+PASSES = ("selectivity", "exact", "sets", "modality")
+"""The passes, in order; the keys of the root attribute ``reduce``."""
+BOUNDARIES = (
+    "reduce.selectivity.created",
+    "reduce.selectivity.blocks_written",
+    "reduce.selectivity.written",
+    "reduce.selectivity.recorded",
+    "reduce.exact.created",
+    "reduce.exact.spilled",
+    "reduce.exact.written",
+    "reduce.exact.marked",
+    "reduce.sets.written",
+    "reduce.sets.csv_written",
+    "reduce.sets.analyses_written",
+    "reduce.sets.recorded",
+    "reduce.modality.written",
+    "reduce.modality.recorded",
+)
+"""The write boundaries of the reduce driver, in the order a first run reaches them
+(``CROSSMODAL_FAULT="driver:at=<boundary>"``, crossmodal/fleet/faults.py)."""
 
 
 class PassLog:
@@ -88,9 +120,17 @@ class PassLog:
         node[keys[-1]] = value
         self.root.attrs["reduce"] = jsonable(self.state)
 
+    def forget(self, family: str) -> None:
+        """Drop every pass of ``family`` (recorded before its groups are rewritten)."""
+        for name in PASSES:
+            (self.state.get(name) or {}).pop(family, None)
+        self.root.attrs["reduce"] = jsonable(self.state)
+
 
 def open_reducible(store: str | Path) -> zarr.Group:
-    """The store, if collect finished every condition of its plan."""
+    """The store, if collect finished every condition of its plan and nothing in it is
+    damaged: a flipped byte, a missing shard or an edited config would otherwise give wrong
+    selectivity (a deleted mean shard reads as NaN ``off_mean``), never an error."""
     path = Path(store)
     if not (path / "zarr.json").is_file():
         raise StoreError(
@@ -114,6 +154,12 @@ def open_reducible(store: str | Path) -> zarr.Group:
             f"store must be one of [finished by collect], got {len(wanted & merged)} of "
             f"{len(wanted)} conditions merged in {str(path)!r}; resume it with "
             "`crossmodal collect CONFIG` (its own config)"
+        )
+    damage = check_integrity(root)  # checksums, missing shards, config hash (verify.py)
+    if damage:
+        raise StoreError(
+            f"store must be one of [undamaged], got {len(damage)} damaged item(s) in "
+            f"{str(path)!r}, first: {damage[0]}"
         )
     return root
 
@@ -163,7 +209,7 @@ def run_reduce(
         )
     root = open_reducible(path)
     with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
-        job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress)
+        job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
         with RaySession(address) as session:
             job.selectivity(session)
             job.exact(session)
@@ -193,9 +239,11 @@ class ReduceJob:
         widen: float,
         num_cpus: float,
         progress: bool,
+        echo: Callable[[str], None] = print,
     ) -> None:
         self.root, self.path, self.k, self.widen = root, path, k, widen
-        self.num_cpus, self.progress = num_cpus, progress
+        self.num_cpus, self.progress, self.echo = num_cpus, progress, echo
+        self.fault = FaultPoint("driver", path)  # CROSSMODAL_FAULT (fleet/faults.py)
         self.config: CollectConfig = from_dict(root.attrs["config"])
         self.families = [f for f in self.config.families if stats_group(f) in root]
         self.labels = {f: store_labels(root, f) for f in self.families}  # read once
@@ -210,7 +258,7 @@ class ReduceJob:
             "csv": 0,
         }
         self.views: dict[str, dict[str, xr.Dataset]] = {}
-        self.pending = [f for f in self.families if self.log.get("sets", f) != self.params]
+        self.pending: list[str] = []
         self.plans: dict[str, ExactPlan] = {}
 
     def _expand(self, scopes: Sequence[str]) -> list[str]:
@@ -226,20 +274,64 @@ class ReduceJob:
         return scopes
 
     def selectivity(self, session: RaySession) -> None:
-        """Pass 1 for every family not done yet."""
+        """Pass 1 for every family not done yet (or whose recorded digest no longer holds)."""
         for f in self.families:
-            if f in (self.log.get("selectivity") or {}):
+            if self._verified(f):
                 self.out["skipped"].append(f"selectivity/{f}")
                 continue
             summary = selectivity_pass(
-                session, self.root, self.path, f, self.config, self.num_cpus, self.progress
+                session,
+                self.root,
+                self.path,
+                f,
+                self.config,
+                self.num_cpus,
+                self.progress,
+                self.fault,
             )
+            self.fault.reached("reduce.selectivity.written")
             self.log.save("selectivity", f, value=asdict(summary))
+            self.fault.reached("reduce.selectivity.recorded")
             self.out["ran"].append(f"selectivity/{f}")
         res = Results(Path(self.path))
         self.views = {
             f: {p: res.selectivity(f, p) for p in self.config.poolings} for f in self.families
         }
+        self.pending = [f for f in self.families if not self._sets_done(f)]
+
+    def _groups(self, family: str) -> list[str]:
+        poolings = self.config.poolings
+        return [selectivity_group(family, p, poolings) for p in poolings]
+
+    def _verified(self, family: str) -> bool:
+        """Whether pass 1 of ``family`` is recorded AND its groups still hold what it wrote
+        (the digests); an older record without digests gets them. A mismatch forgets every
+        pass of the family, so all four are redone (a resume verifies what it skips)."""
+        recorded = self.log.get("selectivity", family)
+        if not recorded:
+            return False
+        try:
+            now = {g: selectivity_digest(self.path, g) for g in self._groups(family)}
+        except (KeyError, FileNotFoundError, ValueError) as err:
+            now = {"unreadable": f"{type(err).__name__}: {err}"}
+        if "digests" not in recorded and "unreadable" not in now:
+            self.log.save("selectivity", family, "digests", value=now)
+            return True
+        if recorded.get("digests") == now:
+            return True
+        self.echo(
+            f"selectivity/{family} no longer holds what reduce recorded (digest "
+            f"{recorded.get('digests')} != {now}); redoing every pass of {family}"
+        )
+        self.log.forget(family)
+        return False
+
+    def _sets_done(self, family: str) -> bool:
+        """Sets recorded with these parameters and their group present."""
+        return (
+            self.log.get("sets", family) == self.params
+            and (Path(self.path) / sets_group(family) / "units" / "zarr.json").is_file()
+        )
 
     def exact(self, session: RaySession) -> None:
         """Pass 2 for the families whose sets are not done with these parameters."""
@@ -248,10 +340,11 @@ class ReduceJob:
             f: exact_plan(self.views[f], self.k, self.scopes, self.widen) for f in pending
         }
         for f in pending:  # new k/scopes/widen (or first run): other candidates, measure anew
-            if self.log.get("exact", f, "params") != params:
-                create_exact(
-                    self.path, f, self.plans[f].candidates, self.labels[f], self.config.poolings
-                )
+            cands = self.plans[f].candidates
+            recorded = self.log.get("exact", f, "params") == params
+            if not recorded or not same_candidates(self.path, f, cands):
+                create_exact(self.path, f, cands, self.labels[f], self.config.poolings)
+                self.fault.reached("reduce.exact.created")
                 self.log.save("exact", f, value={"params": params, "done": []})
         done = set.intersection(
             *[set(self.log.get("exact", f, "done")) for f in pending] or [set()]
@@ -262,19 +355,32 @@ class ReduceJob:
             for f in pending
         }
 
-        def write(key: str, rows: Rows) -> None:
+        def write(key: str) -> None:
             for f, by in cands.items():
                 if key in by:
-                    write_exact(self.path, f, key, rows, by[key], unions[f], self.labels[f])
+                    write_exact(self.path, f, key, by[key], unions[f], self.labels[f])
+            self.fault.reached("reduce.exact.written")
 
         def mark(key: str) -> None:
             for f in pending:
                 finished = sorted({*self.log.get("exact", f, "done"), key})
                 self.log.save("exact", f, "done", value=finished)
+            self.fault.reached("reduce.exact.marked")
 
         self.out["exact_units"] = exact_pass(
-            session, self.root, self.path, self.config, cands, write, mark, done, self.progress
+            session,
+            self.root,
+            self.path,
+            self.config,
+            cands,
+            write,
+            mark,
+            done,
+            self.progress,
+            self.fault,
         )
+        for f in pending:  # every pair is written and marked: the spilled values can go
+            drop_spill(self.path, f)
 
     def sets(self, csv_root: Path) -> None:
         """Pass 3 for the families whose sets are not done with these parameters."""
@@ -284,18 +390,30 @@ class ReduceJob:
             sets = final_sets(self.plans[f].plans, exact_ap, self.config.poolings, self.scopes)
             sets = sets.rename("units").assign_attrs(**self.params, exact=True)
             write_dataset(self.path, sets_group(f), sets)
+            self.fault.reached("reduce.sets.written")
             self.out["csv"] += write_csvs(self.views[f], sets, csv_root / f)
+            self.fault.reached("reduce.sets.csv_written")
             write_analyses(self.path, f, self.views[f], sets, self.k)
+            self.fault.reached("reduce.sets.analyses_written")
             self.log.save("sets", f, value=self.params)
+            self.fault.reached("reduce.sets.recorded")
             self.out["ran"].append(f"sets/{f}")
         self.out["skipped"] += [f"sets/{f}" for f in self.families if f not in self.pending]
 
     def modality(self) -> None:
         """Pass 4 for the decoder families not done with this k."""
         for f in (f for f in self.families if f in MODALITY_FAMILIES):
-            if self.log.get("modality", f, "k") == self.k:
+            poolings = self.config.poolings
+            group = modality_group(f, default_pooling(poolings), poolings)
+            present = (
+                not self.log.get("modality", f, "tasks")
+                or (Path(self.path) / group / "zarr.json").is_file()
+            )
+            if self.log.get("modality", f, "k") == self.k and present:
                 self.out["skipped"].append(f"modality/{f}")
                 continue
             summary = modality_pass(self.root, self.path, f, self.labels[f], self.k)
+            self.fault.reached("reduce.modality.written")
             self.log.save("modality", f, value={**summary, "k": int(self.k)})
+            self.fault.reached("reduce.modality.recorded")
             self.out["ran"].append(f"modality/{f}")

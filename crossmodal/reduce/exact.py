@@ -3,10 +3,18 @@
 :func:`crossmodal.reduce.selection.plan_exact` over the AP intervals (every pooling and
 scope) names the candidates; :class:`ExactWorker` actors re-run the work units of each
 (task, modality) with candidates, keeping the per-example values of the candidates only.
-When all of a (task, modality)'s work units are back the driver writes their exact AP to
-``exact/<family>`` and marks that (task, modality) done. A unit is re-collected only for the
-(step, pooling) where it is a candidate. Memory: candidates x examples of the open (task,
-modality) pairs.
+The candidates are recorded in the store (``exact/<family>/candidates``), and the actors read
+them there: nothing large travels as an actor argument (an argument Ray keeps in its object
+store cannot be restored with a restarted actor). A unit is re-collected only for the (step,
+pooling) where it is a candidate.
+
+Memory, bounded independent of the number of examples: the driver writes each work unit's
+values to the store as it arrives (``exact/<family>/spill/<part>``) and keeps only which
+parts a (task, modality) has; when its last work unit is back it computes the exact AP
+:data:`SPILL_CHUNK_BYTES` of values at a time (a chunk of candidate columns over all the
+pair's examples; at least one column), writes it to ``exact/<family>``, marks the pair done
+and deletes its spill. Driver memory: one work unit's values (``shard_size`` examples x
+candidates) plus one chunk (with the sort's working copies, a small multiple of it).
 """
 
 from __future__ import annotations
@@ -22,13 +30,20 @@ import zarr
 
 from crossmodal.collect.config import CollectConfig
 from crossmodal.collect.plan import Condition, WorkUnit, applies
-from crossmodal.fleet import RaySession, progress
+from crossmodal.fleet import FaultPoint, RaySession, progress
 from crossmodal.reduce.labels import COND
 from crossmodal.reduce.selection import exact_units, parse_scope, plan_exact
 from crossmodal.stats.finalize import exact_selectivity
 from crossmodal.stats.running import ExactValues
 from crossmodal.store.datasets import put_array, unicode
 from crossmodal.store.names import PLAN, condition_key, exact_group, parse_condition_key
+
+SPILL_CHUNK_BYTES = 32 << 20
+"""Values (float32) the driver holds at once when it finalizes a (task, modality)."""
+CANDIDATES = "candidates"
+"""Subgroup of ``exact/<family>``: one array of sorted unit ids per (task, modality, slot)."""
+SPILL = "spill"
+"""Subgroup of ``exact/<family>``: each open work unit's values, deleted once written."""
 
 
 class Slot(NamedTuple):
@@ -62,14 +77,22 @@ class ExactWorker:
         config: the store's collect config.
         store: the store (the collector reads nothing from it here, it only loads the model
             and the data the way collect did).
-        candidates: see :data:`Candidates`.
+        candidates: see :data:`Candidates`; None: read those the driver recorded in the
+            store for ``families`` (:func:`read_candidates`), as the Ray actors do.
+        families: the families whose recorded candidates to read (with ``candidates=None``).
     """
 
-    def __init__(self, config: CollectConfig, store: str, candidates: Candidates) -> None:
+    def __init__(
+        self,
+        config: CollectConfig,
+        store: str,
+        candidates: Candidates | None = None,
+        families: Sequence[str] = (),
+    ) -> None:
         from crossmodal.collect.collector import Collector
 
         self.collector = Collector(config, store)
-        self.candidates = candidates
+        self.candidates = read_candidates(store, families) if candidates is None else candidates
 
     def __call__(self, unit: WorkUnit) -> ExactPart:
         col, cond = self.collector, unit.condition
@@ -158,23 +181,104 @@ def create_exact(
     for name, values in {"pooling": list(poolings), **{d: lab[d] for d in COND}}.items():
         put_array(g, name, values, [name])
     put_array(g, "unit", ids, ["unit"])
+    write_candidates(g, cands)
     return ids
 
 
-Rows = Mapping[str, Mapping[tuple[str, Slot], list[np.ndarray]]]
-"""``{language: {(family, slot): per-example values of each work unit}}``."""
+def _slot_name(key: str, slot: Slot) -> str:
+    return f"{key.replace('/', '.')}.{slot.step}.{slot.pooling}"
+
+
+def write_candidates(g: zarr.Group, cands: Mapping[str, Mapping[Slot, np.ndarray]]) -> None:
+    """Replace ``<g>/candidates``: one array per (task/modality, slot), named
+    ``<task>.<modality>.<step>.<pooling>``, attrs ``key``, ``step``, ``pooling``."""
+    sub = g.create_group(CANDIDATES, overwrite=True)
+    for key, by in cands.items():
+        for slot, ids in by.items():
+            put_array(sub, _slot_name(key, slot), np.asarray(ids, np.int64), ["candidate"],
+                      key=key, step=int(slot.step), pooling=str(slot.pooling))  # fmt: skip
+
+
+def family_candidates(store: str, family: str) -> dict[str, dict[Slot, np.ndarray]]:
+    """The candidates recorded in ``exact/<family>/candidates`` (empty when none are)."""
+    path = f"{exact_group(family)}/{CANDIDATES}"
+    try:
+        sub = zarr.open_group(store, path=path, mode="r")
+    except FileNotFoundError:
+        return {}
+    out: dict[str, dict[Slot, np.ndarray]] = {}
+    for _, arr in sub.arrays():
+        a = arr.attrs
+        out.setdefault(a["key"], {})[Slot(int(a["step"]), str(a["pooling"]))] = arr[...]
+    return out
+
+
+def read_candidates(store: str, families: Sequence[str]) -> Candidates:
+    """:data:`Candidates` of ``families``, as the driver recorded them."""
+    return {f: family_candidates(store, f) for f in families}
+
+
+def same_candidates(
+    store: str, family: str, cands: Mapping[str, Mapping[Slot, np.ndarray]]
+) -> bool:
+    """Whether the store records exactly ``cands`` for ``family`` (what a resume checks)."""
+    have = family_candidates(store, family)
+    return {k: set(v) for k, v in have.items()} == {k: set(v) for k, v in cands.items()} and all(
+        np.array_equal(have[k][slot], ids) for k, by in cands.items() for slot, ids in by.items()
+    )
+
+
+def spill(store: str, part: ExactPart) -> None:
+    """Write one work unit's values to ``exact/<family>/spill/<part>/<step>.<pooling>``
+    (``[example, candidate]``, attrs ``key`` and ``language``); a retried unit rewrites it."""
+    for (family, slot), values in part.values.items():
+        g = zarr.open_group(store, path=f"{exact_group(family)}/{SPILL}/{part.part}", mode="a")
+        n, c = values.shape
+        arr = g.create_array(
+            f"{slot.step}.{slot.pooling}",
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=(max(1, n), max(1, min(c, 1024))),
+            attributes={"key": part.key, "language": part.language},
+            overwrite=True,
+        )
+        if values.size:
+            arr[...] = values
+
+
+def spilled(store: str, family: str, key: str, slot: Slot) -> dict[str, list[zarr.Array]]:
+    """The spilled values of ``key`` at ``slot``, per language (arrays, not yet read)."""
+    try:
+        sub = zarr.open_group(store, path=f"{exact_group(family)}/{SPILL}", mode="r")
+    except FileNotFoundError:
+        return {}
+    out: dict[str, list[zarr.Array]] = {}
+    name = f"{slot.step}.{slot.pooling}"
+    for part in sorted(sub.group_keys(), key=int):
+        g = sub[part]
+        if name in g and g[name].attrs["key"] == key:
+            out.setdefault(g[name].attrs["language"], []).append(g[name])
+    return out
+
+
+def drop_spill(store: str, family: str) -> None:
+    """Delete ``exact/<family>/spill`` (after the pairs it held are written and marked)."""
+    g = zarr.open_group(store, path=exact_group(family), mode="r+")
+    if SPILL in g:
+        del g[SPILL]
 
 
 def write_exact(
     store: str,
     family: str,
     key: str,
-    rows: Rows,
     cands: Mapping[Slot, np.ndarray],
     union: np.ndarray,
     lab: Mapping[str, Any],
 ) -> None:
-    """Exact AP/AUROC of one (task, modality) from its languages' per-example values."""
+    """Exact AP/AUROC of one (task, modality) from its spilled per-example values, a chunk of
+    candidate columns at a time (:data:`SPILL_CHUNK_BYTES`; the AP of a unit needs only its
+    own column, so any chunking gives the same values)."""
     g = zarr.open_group(store, path=exact_group(family), mode="r+")
     coords = {
         "pooling": unicode(g["pooling"][...]),
@@ -185,43 +289,47 @@ def write_exact(
     ap = xr.DataArray(np.nan, coords=coords, dims=list(coords)).copy()
     auroc = ap.copy()
     for slot, ids in cands.items():
-        ex = {
-            lang: ExactValues(
-                torch.as_tensor(ids), torch.from_numpy(np.concatenate(v)), torch.tensor(0)
-            )
-            for lang, by in rows.items()
-            if (v := by.get((family, slot)))
-        }
-        ex = {lang: e for lang, e in ex.items() if e.n}
-        for lang, sel in (exact_selectivity(ex) if len(ex) >= 2 else {}).items():
-            at = {"pooling": slot.pooling, "step": slot.step, "language": lang, "unit": ids}
-            ap.loc[at], auroc.loc[at] = sel.ap.numpy(), sel.auroc.numpy()
+        arrays = spilled(store, family, key, slot)
+        n = sum(a.shape[0] for arrs in arrays.values() for a in arrs)
+        width = max(1, SPILL_CHUNK_BYTES // (4 * max(1, n)))
+        for lo in range(0, len(ids), width):
+            cols = slice(lo, lo + width)
+            ex = {
+                lang: ExactValues(
+                    torch.as_tensor(ids[cols]),
+                    torch.from_numpy(np.concatenate([a[:, cols] for a in arrs])),
+                    torch.tensor(0),
+                )
+                for lang, arrs in arrays.items()
+            }
+            ex = {lang: e for lang, e in ex.items() if e.n}
+            for lang, sel in (exact_selectivity(ex) if len(ex) >= 2 else {}).items():
+                at = {"pooling": slot.pooling, "step": slot.step, "language": lang}
+                at["unit"] = ids[cols]
+                ap.loc[at], auroc.loc[at] = sel.ap.numpy(), sel.auroc.numpy()
     task, modality = parse_condition_key(key)
     t, m = list(lab["task"]).index(task), list(lab["modality"]).index(modality)
     g["ap"][:, t, m], g["auroc"][:, t, m] = ap.values, auroc.values
 
 
 class OpenConditions:
-    """The (task, modality) pairs of the exact pass whose work units are not all back, and
-    the per-example values received so far."""
+    """The (task, modality) pairs of the exact pass whose work units are not all back: only
+    how many each still waits for (the values themselves are spilled to the store, so this
+    does not grow with the examples)."""
 
     def __init__(self, keys: set[str], units: Sequence[WorkUnit]) -> None:
         self.left = dict.fromkeys(keys, 0)
         for w in units:
             self.left[condition_key(w.condition.task, w.condition.modality)] += 1
-        self.rows: dict[str, dict[str, dict[tuple[str, Slot], list[np.ndarray]]]] = {}
 
     def empty(self) -> list[str]:
         """The pairs with candidates but no work unit to re-run."""
         return [key for key, n in self.left.items() if n == 0]
 
-    def add(self, part: ExactPart) -> Rows | None:
-        """Keep ``part``; the pair's :data:`Rows` once its last work unit is back, else None."""
-        by_lang = self.rows.setdefault(part.key, {}).setdefault(part.language, {})
-        for k, v in part.values.items():
-            by_lang.setdefault(k, []).append(v)
+    def add(self, part: ExactPart) -> bool:
+        """Count ``part`` (already spilled); whether it was its pair's last work unit."""
         self.left[part.key] -= 1
-        return self.rows.pop(part.key) if self.left[part.key] == 0 else None
+        return self.left[part.key] == 0
 
 
 def exact_pass(
@@ -230,14 +338,16 @@ def exact_pass(
     store: str,
     config: CollectConfig,
     cands: Candidates,
-    write: Callable[[str, Rows], None],
+    write: Callable[[str], None],
     mark: Callable[[str], None],
     done: set[str],
     show: bool,
+    fault: FaultPoint | None = None,
 ) -> int:
-    """Pass 2 over every family at once (one capture serves all): once all work units of a
-    (task, modality) pair not in ``done`` are back, ``write(key, rows)`` then ``mark(key)``;
-    returns the work units run."""
+    """Pass 2 over every family at once (one capture serves all): each work unit's values
+    are spilled as they arrive; once all work units of a (task, modality) pair not in
+    ``done`` are back, ``write(key)`` then ``mark(key)``; returns the work units run.
+    The actors read the candidates from the store (written by :func:`create_exact`)."""
     keys = {key for by in cands.values() for key in by} - done
     units = [
         w for w in work_units(root) if condition_key(w.condition.task, w.condition.modality) in keys
@@ -247,16 +357,20 @@ def exact_pass(
         mark(key)  # candidates but no examples left to re-run: nothing to measure
     if not units:
         return 0
-    ref = session.connect().put(dict(cands))
     count = min(config.actors.count, len(units))
+    families = sorted(cands)
     with (
-        session.actors(ExactWorker, config, store, ref, spec=config.actors, count=count) as fleet,
+        session.actors(
+            ExactWorker, config, store, None, families, spec=config.actors, count=count
+        ) as fleet,
         progress(len(units), desc="exact pass", unit="it", enabled=show) as bar,
     ):
         for part in fleet.map(units):
-            rows = pending.add(part)
+            spill(store, part)
+            if fault is not None:
+                fault.reached("reduce.exact.spilled")
             bar.update(1)
-            if rows is not None:
-                write(part.key, rows)
+            if pending.add(part):
+                write(part.key)
                 mark(part.key)
     return len(units)

@@ -167,7 +167,7 @@ def modality_pass(
     """Write ``modality/<family>`` for every pooling; returns a summary (tasks, or why not)."""
     poolings = [str(p) for p in root[stats_group(family)]["pooling"][...]]
     tasks = paired_tasks(root, family)
-    shared = shared_edge_tasks(root, family, tasks)
+    shared = shared_edge_tasks(root, family, tasks) if tasks else []
     if not shared:
         why = "no task with speech and text" if not tasks else "edges not shared by modalities"
         return {"tasks": [], "note": f"skipped: {why}"}

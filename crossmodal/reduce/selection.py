@@ -396,7 +396,9 @@ def _check_exact(
     if out.any():
         raise ValueError(
             f"exact_ap must be one of [within [ap_lo, ap_hi]], got {val[out][:3].tolist()} for "
-            f"units {ids[out][:3].tolist()} at {where!r}; re-plan with a larger widen"
+            f"units {ids[out][:3].tolist()} at {where!r}; the re-run does not reproduce the "
+            "collected statistics: check the store with `crossmodal verify STORE` (damage: "
+            "collect again), else re-plan with a larger widen"
         )
 
 

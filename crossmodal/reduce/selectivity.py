@@ -3,15 +3,16 @@
 Per (task, modality, step, pooling) and unit block (the stats' chunk), a job reads that
 block of every language's histograms and writes AP, AUROC (with guaranteed bounds), on_p50,
 on_p90 and off_mean of every language: one whole shard per array, so every shard has one
-writer (docs/design.md, "Platform: Zarr"). Ray tasks run a few jobs each (a tiny store is
+writer (docs/platform.md, "Zarr"). Ray tasks run a few jobs each (a tiny store is
 one task); memory per task: languages x block x bins. A condition is measured when at least
 two of its languages have examples (one positive class, the rest negatives).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -20,11 +21,11 @@ import torch
 import zarr
 
 from crossmodal.collect.config import CollectConfig
-from crossmodal.fleet import RaySession, progress
+from crossmodal.fleet import FaultPoint, RaySession, progress
 from crossmodal.reduce.labels import COND, UNIT_COORDS, store_labels
 from crossmodal.stats.finalize import selectivity_from_stats
 from crossmodal.stats.running import UnitStats
-from crossmodal.store.datasets import put_array
+from crossmodal.store.datasets import put_array, unicode
 from crossmodal.store.layout import COMPRESSORS, unit_chunk
 from crossmodal.store.names import (
     default_pooling,
@@ -84,6 +85,9 @@ class SelectivitySummary:
     finished: str
     max_ap_width: float
     mean_ap_width: float
+    digests: dict[str, str] = field(default_factory=dict)
+    """Per selectivity group path: :func:`selectivity_digest` of what the pass wrote (what
+    steering cells are keyed by, docs/design.md, "Crash safety and resume")."""
 
 
 def create_selectivity(
@@ -207,11 +211,15 @@ def selectivity_pass(
     config: CollectConfig,
     num_cpus: float,
     show: bool,
+    fault: FaultPoint | None = None,
 ) -> SelectivitySummary:
-    """Pass 1 for one family: create the groups, run the block tasks, write n_pos / n_neg."""
+    """Pass 1 for one family: create the groups, run the block tasks, write n_pos / n_neg;
+    ``fault`` is reached between those writes (``reduce.selectivity.*``)."""
     n_units = root[f"{units_group(family)}/unit"].shape[0]
     block, poolings = unit_chunk(n_units, config.n_bins), config.poolings
     create_selectivity(root, store, family, poolings, block)
+    if fault is not None:
+        fault.reached("reduce.selectivity.created")
     count = root[f"{stats_group(family)}/count"][...]  # [task, modality, language, step, pooling]
     jobs = _jobs(count, n_units, block)
     per = max(1, _TASK_ELEMS // (block * count.shape[2] * (config.n_bins + 2)))
@@ -220,14 +228,46 @@ def selectivity_pass(
         paths = [selectivity_group(family, q, poolings) for q in poolings]
         tasks = [jobs[i : i + per] for i in range(0, len(jobs), per)]
         out = _run_blocks(session, store, family, paths, tasks, num_cpus, show)
+    if fault is not None:
+        fault.reached("reduce.selectivity.blocks_written")
     _write_counts(store, family, count, poolings)
+    groups = [selectivity_group(family, q, poolings) for q in poolings]
     return SelectivitySummary(
         blocks=len(jobs),
         block=block,
         finished=_now(),
         max_ap_width=max([o.max for o in out], default=0.0),
         mean_ap_width=sum(o.total for o in out) / max(1.0, sum(o.count for o in out)),
+        digests={g: selectivity_digest(store, g) for g in groups},
     )
+
+
+DIGEST_ARRAYS = (*SEL_VARS, "n_pos", "n_neg", *COND, "unit", *UNIT_COORDS)
+"""The arrays of a selectivity group whose values :func:`selectivity_digest` covers."""
+
+
+def selectivity_digest(store: str, path: str) -> str:
+    """sha256 (16 hex) over the VALUES of a selectivity group's arrays (name, shape, dtype,
+    bytes; one task index at a time, so memory is one task's slice of one array).
+
+    Values, not file bytes or paths: a moved or copied store keeps its digest, and any
+    changed value (a re-reduce of other statistics, a damaged shard) changes it.
+
+    Raises:
+        KeyError: the group lacks an array of :data:`DIGEST_ARRAYS` (an unfinished pass).
+    """
+    g = zarr.open_group(store, path=path, mode="r")
+    h = hashlib.sha256()
+    for name in DIGEST_ARRAYS:
+        arr = g[name]
+        h.update(f"{name}:{arr.shape}:{arr.dtype}".encode())
+        rows = range(arr.shape[0]) if arr.ndim > 1 else [slice(None)]
+        for i in rows:
+            values = np.asarray(arr[i])
+            if values.dtype.kind in "OT":  # variable-length strings: their UTF-8 text
+                values = np.asarray(unicode(values))
+            h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _now() -> str:

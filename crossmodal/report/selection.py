@@ -23,7 +23,7 @@ Files written into ``out_dir``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ def write_report(
     sets: xr.DataArray | None = None,
     concentration: xr.DataArray | None = None,
     modality: xr.Dataset | None = None,
+    skipped: Mapping[str, Sequence[str]] | None = None,
     dpi: int = 100,
     figures: bool = True,
 ) -> list[Path]:
@@ -71,6 +72,8 @@ def write_report(
             language, layer)`` (``Results.concentration()["mean"]``).
         modality: optional v1 modality-selective units (``Results.modality()``): counts of
             the speech-/text-selective k-sets per submodule and site kind.
+        skipped: the examples collect skipped, ``{reason: [language/split/id, ...]}``
+            (:func:`crossmodal.store.collect_store.skipped_examples`); a section when any.
         dpi: PNG resolution.
         figures: False writes ``summary.md`` only (rendering ~14 figures takes seconds).
     """
@@ -97,13 +100,20 @@ def write_report(
         figs = _figures(tasks, k, ov, rho, rho_layer, rho_sub, counts, concentration)
         paths = [_save(fig, out / f"{name}.png", dpi) for name, fig in figs.items()]
     md = _summary(selectivity_ds, tasks, k, sets, ov, rho, rho_sub, counts, concentration)
-    if concentration is not None:
-        md += "\n" + _concentration_md(concentration)
-    if modality is not None:
-        md += "\n" + _modality_md(modality)
     summary = out / "summary.md"
-    summary.write_text(md)
+    summary.write_text(md + _extra_sections(concentration, modality, skipped))
     return [*paths, summary]
+
+
+def _extra_sections(
+    concentration: xr.DataArray | None,
+    modality: xr.Dataset | None,
+    skipped: Mapping[str, Sequence[str]] | None,
+) -> str:
+    """The summary's optional sections: concentration, modality-selective units, skips."""
+    md = "\n" + _concentration_md(concentration) if concentration is not None else ""
+    md += "\n" + _modality_md(modality) if modality is not None else ""
+    return md + ("\n" + _skipped_md(skipped) if skipped else "")
 
 
 def _figures(
@@ -507,3 +517,12 @@ def _modality_md(mod: xr.Dataset) -> str:
                 "",
             ]
     return "\n".join(lines)
+
+
+def _skipped_md(skipped: Mapping[str, Sequence[str]], shown: int = 5) -> str:
+    """How many examples collect skipped, per reason, with the first ``shown`` ids."""
+    lines = ["## Skipped examples", "", "| reason | examples | first ids |", "| --- | --- | --- |"]
+    for reason, ids in sorted(skipped.items()):
+        first = ", ".join(f"`{i}`" for i in list(ids)[:shown])
+        lines.append(f"| {reason} | {len(ids)} | {first} |")
+    return "\n".join([*lines, ""])

@@ -50,7 +50,14 @@ def write_store_report(
         conc = res.concentration(pooling)["mean"]
     with contextlib.suppress(ValueError):
         mod = res.modality(family, pooling)
-    paths = write_report(ds, dest, sets=sets, figures=figures, concentration=conc, modality=mod)
+    import zarr
+
+    from crossmodal.store.collect_store import skipped_examples
+
+    skipped = skipped_examples(zarr.open_group(str(res.path), mode="r"))
+    paths = write_report(
+        ds, dest, sets=sets, figures=figures, concentration=conc, modality=mod, skipped=skipped
+    )
     for run in res.steering_runs():
         if (run / "summary.parquet").is_file():
             paths += steering_figures(run, dest / "steering" / run.name)

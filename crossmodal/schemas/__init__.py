@@ -3,7 +3,9 @@
 One home for reading a schema (:func:`load_schema`, through ``importlib.resources`` so an
 installed wheel validates configs as a checkout does) and for validating a config against
 one: every violation at once, one line each (``<path>: <problem>; <fix>``), schema first,
-then the config's cross-field checks; the schema's defaults filled in afterwards.
+then the config's cross-field checks (run even when the schema found errors, on a copy whose
+invalid fields fall back to their defaults, so a user fixes everything in one round); the
+schema's defaults filled in afterwards.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -21,6 +24,10 @@ import yaml
 
 CONFIG_SCHEMAS = ("pipeline", "collect", "steer")
 """The config schemas, in the order docs/config-reference.md lists them."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that is valid but probably not what was meant (e.g. ``output`` left unset)."""
 
 
 class ConfigError(ValueError):
@@ -53,22 +60,86 @@ def read_file(path: str | Path) -> Any:
             return json.loads(p.read_text())
         return yaml.safe_load(p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(str(p), [f"{p}: does not parse ({first}); fix the syntax"]) from None
+        raise ConfigError(str(p), [f"{_parse_error(p, err)}; fix the syntax there"]) from None
+
+
+def _parse_error(path: Path, err: Exception) -> str:
+    """``<path>:<line>:<column>: does not parse (<problem>)``: one line, 1-based position of
+    the problem (YAML's ``problem_mark``, JSON's ``lineno``/``colno``) so an editor jumps to it."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{path}:{err.lineno}:{err.colno}: does not parse ({err.msg})"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and start is not mark:
+        problem += f", {context} started at line {start.line + 1}, column {start.column + 1}"
+    elif context:
+        problem += f", {context}"
+    if mark is None:
+        return f"{path}: does not parse ({problem})"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: does not parse ({problem})"
 
 
 def validate_against(
     raw: Any, schema_name: str, semantic: Callable[[dict[str, Any]], list[str]]
 ) -> list[str]:
-    """Every violation of ``raw``: the schema's, one line each sorted by path; only when
-    there are none, ``semantic`` (the cross-field checks) on ``raw`` with defaults filled."""
+    """Every violation of ``raw``: the schema's, one line each sorted by path, then
+    ``semantic`` (the cross-field checks), together.
+
+    The cross-field checks run on ``raw`` with every schema-invalid field replaced by its
+    default (:func:`_repaired`), so they never see a value of the wrong type; a check that
+    still cannot run (a required field is missing) is left out, and a cross-field line about
+    a field the schema already reported is not repeated.
+    """
     schema = load_schema(schema_name)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (list(e.absolute_path), e.message))
     lines = [_format_error(e, schema_name) for e in errors]
-    if lines or not isinstance(raw, Mapping):
+    if not isinstance(raw, Mapping):
         return lines
-    return semantic(_with_defaults(raw, schema))
+    repaired, replaced = _repaired(raw, schema, [list(e.absolute_path) for e in errors])
+    try:
+        more = semantic(_with_defaults(repaired, schema))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        if not lines:  # a valid config must never crash its own checks
+            raise
+        more = []
+    return lines + [m for m in more if _field_of(m) not in replaced]
+
+
+def _repaired(
+    raw: Mapping[str, Any], schema: Mapping[str, Any], paths: list[list[Any]]
+) -> tuple[dict[str, Any], set[str]]:
+    """``raw`` with the (nested) property holding each schema error set back to its default
+    (dropped when it has none); and the dotted names of the properties replaced."""
+    out = copy.deepcopy(dict(raw))
+    replaced: set[str] = set()
+    for path in paths:
+        node, spec, names = out, schema, []
+        for key in path:
+            props = spec.get("properties", {})
+            if not isinstance(key, str) or key not in props or not isinstance(node, dict):
+                break
+            names.append(key)
+            if (
+                props[key].get("type") == "object"
+                and isinstance(node.get(key), dict)
+                and (len(names) < len(path))
+            ):
+                node, spec = node[key], props[key]
+                continue
+            if "default" in props[key]:
+                node[key] = copy.deepcopy(props[key]["default"])
+            else:
+                node.pop(key, None)
+            replaced.add(".".join(names))
+            break
+    return out, replaced
+
+
+def _field_of(line: str) -> str:
+    """The dotted field a violation line is about (``languages[0]: ...`` -> ``languages``)."""
+    return line.split(":", 1)[0].split("[", 1)[0]
 
 
 def load_validated(
@@ -85,19 +156,37 @@ def load_validated(
         ConfigError: with every violation (:func:`validate_against`), one per line.
     """
     raw = read_file(source) if isinstance(source, str | Path) else source
+    name = str(source) if isinstance(source, str | Path) else label
     errors = validate_against(raw, schema_name, semantic)
     if errors:
-        raise ConfigError(str(source) if isinstance(source, str | Path) else label, errors)
-    return _with_defaults(raw, load_schema(schema_name))
+        raise ConfigError(name, errors)
+    schema = load_schema(schema_name)
+    _warn_default_output(raw, schema, name)
+    return _with_defaults(raw, schema)
+
+
+def _warn_default_output(raw: Mapping[str, Any], schema: Mapping[str, Any], name: str) -> None:
+    """A :class:`ConfigWarning` when the config has an ``output`` field and leaves it unset:
+    the default is relative to the working directory, so two configs that both leave it out
+    write to (and a resume refuses) the same path, and a Ray job's working directory is
+    temporary."""
+    spec = schema.get("properties", {}).get("output")
+    if spec is None or "output" in raw or "default" not in spec:
+        return
+    message = (
+        f"output: not set, using the default {spec['default']!r} (relative to the working "
+        f"directory {str(Path.cwd())!r}); set output: to a path of your own"
+    )
+    warnings.warn_explicit(message, ConfigWarning, filename=name, lineno=0)
 
 
 def _with_defaults(raw: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` with every missing property filled from the schema's ``default`` (recursively)."""
     out = dict(raw)
     for key, prop in schema.get("properties", {}).items():
-        if key not in out:
+        if key not in out and "default" in prop:
             out[key] = copy.deepcopy(prop["default"])
-        if prop.get("type") == "object" and isinstance(out[key], Mapping):
+        if prop.get("type") == "object" and isinstance(out.get(key), Mapping):
             out[key] = _with_defaults(out[key], prop)
     return out
 

@@ -4,15 +4,23 @@
 (:mod:`crossmodal.steer.parts`), hands the remaining tasks to :class:`SteerWorker` actors
 (:mod:`crossmodal.fleet`) and writes ``results.parquet`` and ``summary.parquet``.
 
+Before anything is written the grid is checked against its selectivity store
+(:mod:`crossmodal.steer.source`): a store whose reduce is unfinished, a task, modality, step
+or language the store lacks, and (unless ``allow_empty_sets``) a cell that would force no
+unit are each refused with one line. Cell ids hash the selectivity's content digest.
+
 Resume and exactly-once: a cell is done when a part file holds it. A worker killed mid-task
 leaves no part and its task is run again; a task retried after its part landed rewrites the
 same file with the same rows. :func:`consolidate` keeps one row per (cell, input) from the
-parts of the current grid.
+parts of the current grid. Every file the driver writes (``grid.json``, the two tables) is
+written to a temporary name and renamed, and the driver reaches a named write boundary
+(:data:`BOUNDARIES`) between every two writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,14 +31,34 @@ import pyarrow as pa
 from crossmodal.fleet import FaultPoint, RaySession, progress
 from crossmodal.steer.grid import Cell, SteerConfig, expand, tasks
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, done_cells, read_parts
-from crossmodal.steer.worker import SteerWorker
+from crossmodal.steer.source import check_grid_values, check_sets, selectivity_digest
+from crossmodal.steer.worker import SteerWorker, open_selectivity
 from crossmodal.store.lock import OutputLock
 
-__all__ = ["consolidate", "done_cells", "run_steer"]
+__all__ = ["BOUNDARIES", "consolidate", "done_cells", "run_steer"]
+
+BOUNDARIES = (
+    "steer.grid.written",
+    "steer.task.landed",
+    "steer.results.written",
+    "steer.summary.written",
+)
+"""The steer driver's write boundaries (``CROSSMODAL_FAULT="driver:at=<boundary>"``); the
+workers' part files are atomic (:mod:`crossmodal.steer.parts`)."""
 
 
-def consolidate(config: SteerConfig, cells: Sequence[Cell]) -> tuple[Path, Path]:
-    """``results.parquet`` (one row per cell and input, this grid only) and ``summary.parquet``."""
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary name beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def consolidate(
+    config: SteerConfig, cells: Sequence[Cell], fault: FaultPoint | None = None
+) -> tuple[Path, Path]:
+    """``results.parquet`` (one row per cell and input, this grid only) and ``summary.parquet``
+    (each written whole, then renamed)."""
     from crossmodal.steer.metrics import summarize
 
     out = Path(config.output)
@@ -46,7 +74,9 @@ def consolidate(config: SteerConfig, cells: Sequence[Cell]) -> tuple[Path, Path]
     )
     frame = frame.reset_index(drop=True)
     results, summary = out / "results.parquet", out / "summary.parquet"
-    frame.to_parquet(results, index=False)
+    _replace(results, lambda p: frame.to_parquet(p, index=False))
+    if fault is not None:
+        fault.reached("steer.results.written")
     table = summarize(
         frame,
         keys=(*CELL_FIELDS, "n_forced", "mean_ap"),
@@ -54,7 +84,9 @@ def consolidate(config: SteerConfig, cells: Sequence[Cell]) -> tuple[Path, Path]
         languages=config.measured_languages,
         output_language=config.output_language,
     )
-    table.to_parquet(summary, index=False)
+    _replace(summary, lambda p: table.to_parquet(p, index=False))
+    if fault is not None:
+        fault.reached("steer.summary.written")
     return results, summary
 
 
@@ -85,8 +117,15 @@ def _steer(
 ) -> dict[str, Any]:
     """The locked part of :func:`run_steer`."""
     start = time.time()
-    cells = expand(config)
-    (out / "grid.json").write_text(_grid_json(config, cells))
+    digest = selectivity_digest(config.selectivity)  # refuses an unfinished reduce
+    ds = open_selectivity(config.selectivity)
+    check_grid_values(config, ds)
+    cells = expand(config, digest)
+    check_sets(config, cells, ds)
+    fault = FaultPoint("driver", config.output)  # CROSSMODAL_FAULT (fleet/faults.py)
+    grid = _grid_json(config, cells)
+    _replace(out / "grid.json", lambda p: p.write_text(grid))
+    fault.reached("steer.grid.written")
     done = done_cells(out) & {c.id for c in cells}
     pending = tasks([c for c in cells if c.id not in done], config.cells_per_task)
     summary: dict[str, Any] = {
@@ -96,8 +135,10 @@ def _steer(
         "resumed": len(done),
     }
     if pending:
-        summary["ran"] = _run_tasks(config, pending, len(cells), len(done), address, show_progress)
-    results, cell_summary = consolidate(config, cells)
+        summary["ran"] = _run_tasks(
+            config, pending, len(cells), len(done), address, show_progress, fault
+        )
+    results, cell_summary = consolidate(config, cells, fault)
     summary.update(results=str(results), summary=str(cell_summary), seconds=time.time() - start)
     echo(
         f"steered {summary['ran']} cells ({summary['resumed']} already done) into {out} "
@@ -113,18 +154,19 @@ def _run_tasks(
     done: int,
     address: str | None,
     show_progress: bool,
+    fault: FaultPoint,
 ) -> int:
     """Run ``pending`` tasks on the fleet (the driver fault point ticks after each); the
     number of cells run."""
     ran = 0
     bar = progress(total, desc="steer", unit="cell", enabled=show_progress, initial=done)
-    fault = FaultPoint("driver", config.output)  # CROSSMODAL_FAULT (fleet/faults.py)
     with (
         RaySession(address) as session,
         bar,
         session.actors(SteerWorker, config, spec=config.actors) as fleet,
     ):
         for result in fleet.map(pending, fault=fault):
+            fault.reached("steer.task.landed")
             ran += len(result["cells"])
             bar.update(len(result["cells"]))
     return ran

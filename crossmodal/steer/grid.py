@@ -9,8 +9,9 @@ A cell is one intervention run over the config's inputs. The expansion ALWAYS ad
 - for every ``selected`` cell, ``random`` cells of the same size, scope, role, modality,
   step, language and forcing kind, one per seed in ``random_seeds`` (deduplicated: top and
   bottom sets of the same k share their random controls).
-Cell ids hash the cell's fields plus the run context (model, selectivity, inputs, decoding
-and LID settings), so a re-run skips exactly the cells whose results would be the same.
+Cell ids hash the cell's fields plus the run context (model, the selectivity's content
+digest, inputs, decoding and LID settings), so a re-run skips exactly the cells whose
+results would be the same.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from crossmodal.collect.config import ActorsConfig
-from crossmodal.data.languages import TEXT_OUTPUT_CODES, format_allowed
+from crossmodal.data.languages import TEXT_OUTPUT_CODES, language_error
 from crossmodal.schemas import load_validated, validate_against
 from crossmodal.steer.lid import PATH_BACKENDS
 
@@ -83,14 +84,20 @@ class SteerConfig:
     cells_per_task: int
     output: str
     actors: ActorsConfig  # the collect config's: the same actor resources and retries
+    allow_empty_sets: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain data; :func:`load_grid` accepts it back."""
         return json.loads(json.dumps(asdict(self)))
 
-    def context(self) -> str:
-        """Digest of what every cell's outputs depend on besides the cell's own fields."""
-        d = self.to_dict()
+    def context(self, selectivity: str = "") -> str:
+        """Digest of what every cell's outputs depend on besides the cell's own fields.
+
+        ``selectivity``: the content digest of the selectivity Dataset
+        (:func:`crossmodal.steer.source.selectivity_digest`), NOT its path: a re-reduced store
+        gives new ids, a moved one the same ids.
+        """
+        d = {**self.to_dict(), "selectivity": selectivity}
         keep = (
             "model",
             "revision",
@@ -149,6 +156,10 @@ class Cell:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """Its name in a failure line."""
+        return f"cell {self.id} ({self.kind}, {self.input_modality} input)"
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Cell:
         names = {f.name for f in fields(cls)}
@@ -191,6 +202,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         cells_per_task=v["cells_per_task"],
         output=v["output"],
         actors=ActorsConfig(**v["actors"]),
+        allow_empty_sets=v["allow_empty_sets"],
     )
 
 
@@ -203,16 +215,12 @@ def _semantic_errors(v: Mapping[str, Any]) -> list[str]:
         )
     for i, code in enumerate(v["languages"]):
         if code not in TEXT_OUTPUT_CODES:
-            errors.append(
-                f"languages[{i}]: must be one of {format_allowed(TEXT_OUTPUT_CODES)}, got "
-                f"{code!r}; use Seamless codes the decoder can write"
-            )
+            fix = "use Seamless codes the decoder can write"
+            errors.append(language_error(f"languages[{i}]", code, TEXT_OUTPUT_CODES, fix))
     for key in ("input_language", "output_language"):
         if v[key] not in TEXT_OUTPUT_CODES:
-            errors.append(
-                f"{key}: must be one of {format_allowed(TEXT_OUTPUT_CODES)}, got {v[key]!r}; "
-                "use a Seamless language code"
-            )
+            fix = "use a Seamless language code"
+            errors.append(language_error(key, v[key], TEXT_OUTPUT_CODES, fix))
     if v["data"]["source"] != "organism" and not v["data"]["path"]:
         errors.append(
             f"data.path: required for source {v['data']['source']!r}, got None; "
@@ -232,13 +240,15 @@ def _semantic_errors(v: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def expand(config: SteerConfig) -> list[Cell]:
+def expand(config: SteerConfig, selectivity: str = "") -> list[Cell]:
     """All cells of the grid: selected sets, their random controls, and the baselines.
 
-    Order: per input modality, the baseline first, then selected cells each followed by
-    its random controls (those not already listed); ids are unique.
+    ``selectivity``: the selectivity's content digest the ids hash (the driver passes
+    :func:`crossmodal.steer.source.selectivity_digest`; "" only counts cells, as
+    ``--dry-run`` does). Order: per input modality, the baseline first, then selected cells
+    each followed by its random controls (those not already listed); ids are unique.
     """
-    ctx = config.context()
+    ctx = config.context(selectivity)
     cells: dict[str, Cell] = {}
     axes = ("role", "unit_modality", "step", "language", "scope", "k", "forcing", "set_kind")
     values = (

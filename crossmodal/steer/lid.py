@@ -3,7 +3,7 @@
 The steering outcome measures ask "which language is this output in?". Every backend
 implements :class:`LanguageIdentifier` (``languages`` and ``identify(texts)`` -> one
 ``{Seamless code: probability}`` per text), so the steering tables read the same whatever
-identified them (docs/design.md, "Platform: language identification"):
+identified them (docs/platform.md, "language identification"):
 
 - ``organism``: :class:`OrganismLID`, exact for the model organism, whose words are disjoint
   across its six languages: each token belongs to one language or to none, and a text's

@@ -48,10 +48,11 @@ class UnitForcing:
         ds: variables ``ap``, ``on_p50``, ``on_p90``, ``off_mean`` over ``(task, modality,
             step, language, unit)``; unit coords ``site`` (site name or module path),
             ``feature``, ``submodule``, ``layer``.
-        model: the model whose module paths the sites resolve to.
+        model: the model whose module paths the sites resolve to; None: only count the
+            units each cell forces (:meth:`n_forced`, the driver's check before any model).
     """
 
-    def __init__(self, ds: xr.Dataset, model: nn.Module) -> None:
+    def __init__(self, ds: xr.Dataset, model: nn.Module | None) -> None:
         from crossmodal.reduce.selection import scope_mask, unit_ids
 
         extra = set(ds["ap"].dims) - {"task", "modality", "step", "language", "unit"}
@@ -64,9 +65,11 @@ class UnitForcing:
         self._ids = unit_ids(ds)
         self._pos = {int(u): i for i, u in enumerate(self._ids)}
         self._scopes = {s: np.flatnonzero(scope_mask(ds, s)) for s in SCOPES}
-        sites = np.asarray(ds["site"].values).astype(str)
-        names, codes = np.unique(sites, return_inverse=True)
-        self._paths = np.array(_module_paths(model, names.tolist()), dtype=object)[codes]
+        self._paths = None
+        if model is not None:
+            sites = np.asarray(ds["site"].values).astype(str)
+            names, codes = np.unique(sites, return_inverse=True)
+            self._paths = np.array(_module_paths(model, names.tolist()), dtype=object)[codes]
         self._features = np.asarray(ds["feature"].values).astype(np.int64)
         self._cache: dict[tuple, np.ndarray] = {}
 
@@ -94,16 +97,28 @@ class UnitForcing:
             [self._pos[int(u)] for u in set_ids(sets, kind=cell.set_kind)], dtype=np.int64
         )
 
-    def cell_forcing(self, cell: Cell) -> CellForcing:
-        """The cell's forcing: its units by module path with their constants, and how many."""
+    def _forced(self, cell: Cell) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and constants of the units the cell forces (NaN-valued ones dropped)."""
         pos = self.positions(cell)
         if pos.size == 0:
-            return CellForcing(NO_FORCING, n_forced=0, mean_ap=float("nan"))
+            return pos, np.zeros(0)
         values = (
             np.zeros(pos.size) if cell.forcing == "zero" else self._vector(cell.forcing, cell)[pos]
         )
         keep = np.isfinite(values)
-        pos, values = pos[keep], values[keep]
+        return pos[keep], values[keep]
+
+    def n_forced(self, cell: Cell) -> int:
+        """How many units the cell forces (what its rows' ``n_forced`` will say)."""
+        return int(self._forced(cell)[0].size)
+
+    def cell_forcing(self, cell: Cell) -> CellForcing:
+        """The cell's forcing: its units by module path with their constants, and how many."""
+        pos, values = self._forced(cell)
+        if pos.size == 0:
+            return CellForcing(NO_FORCING, n_forced=0, mean_ap=float("nan"))
+        if self._paths is None:
+            raise ValueError("model must be one of [a model], got None; pass it to UnitForcing")
         out: dict[str, tuple[list[int], list[float]]] = {}
         for p, v in zip(pos.tolist(), values.tolist(), strict=True):
             feats, vals = out.setdefault(self._paths[p], ([], []))

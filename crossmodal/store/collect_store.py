@@ -10,7 +10,7 @@ every condition whose parts are all done, and writes the final attributes.
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -20,16 +20,20 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from crossmodal.collect.config import _UNHASHED, CollectConfig
 from crossmodal.collect.plan import Plan, applies
 from crossmodal.model.units import UnitIndex
+from crossmodal.schemas.diff import config_diff
 from crossmodal.stats.concentration import GiniStats
 from crossmodal.stats.running import UnitStats, merge_all
 from crossmodal.store import names
 from crossmodal.store.layout import (
     GINI,
+    LAYOUT_VERSION,
     MOMENTS,
     SCALARS,
     StoreDims,
+    StoreError,
     UnitCoords,
     create_store,
     has_concentration,
@@ -40,6 +44,15 @@ from crossmodal.store.layout import (
 
 COUNTS = ("n_examples", "n_skipped", "n_rows", "n_ended")
 """Per-condition counts the driver sums from its parts' summaries."""
+Reached = Callable[[str], object]
+"""A write-boundary hook: :meth:`crossmodal.fleet.FaultPoint.reached` or a no-op."""
+
+
+def _never(boundary: str) -> bool:
+    """No fault point: a boundary passes."""
+    return False
+
+
 _PACKAGES = ("crossmodal", "torch", "transformers", "zarr", "numpy", "ray", "xarray")
 
 
@@ -69,6 +82,21 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def skipped_examples(root: zarr.Group) -> dict[str, list[str]]:
+    """Every example the collect skipped, ``{reason: [language/split/id, ...]}``: those the
+    data source dropped while planning (the ``plan`` attrs' ``skipped``: empty, too long or
+    non-UTF-8 text, malformed rows) and while loading a work unit (the manifest parts'
+    ``skipped``: bad, missing or too long audio). For ``--dry-run``-like summaries and the
+    report."""
+    out: dict[str, list[str]] = {}
+    for reason, entry in root[names.PLAN].attrs.asdict().get("skipped", {}).items():
+        out.setdefault(reason, []).extend(entry.get("ids", entry.get("examples", [])))
+    for _, summary in sorted(manifest(root)["parts"].items(), key=lambda kv: int(kv[0])):
+        for reason, ids in summary.get("skipped", {}).items():
+            out.setdefault(reason, []).extend(i for i in ids if i not in out.get(reason, []))
+    return out
+
+
 class CollectStore:
     """The store of one collect run, as its driver writes it.
 
@@ -90,6 +118,7 @@ class CollectStore:
                 something that is not a store.
         """
         config, dims = plan.config, store_dims(plan)
+        _refuse_other_config(path, config)
         root = open_existing(path, config_hash=config.hash(), plan_hash=plan.hash)
         if root is None:
             units = {f: UnitCoords.from_index(index, f) for f in index.families}
@@ -129,8 +158,13 @@ class CollectStore:
 
     # ------------------------------------------------------------------ merge
 
-    def merge_ready(self, plan: Plan, *, keep_parts: bool) -> None:
-        """Merge every condition of ``plan`` whose parts are all done and not merged yet."""
+    def merge_ready(self, plan: Plan, *, keep_parts: bool, reached: Reached = _never) -> None:
+        """Merge every condition of ``plan`` whose parts are all done and not merged yet.
+
+        ``reached``: the driver's write-boundary hook (:meth:`FaultPoint.reached`), called
+        between the writes of each merge (``collect.merge.written``, ``.recorded``,
+        ``collect.parts.deleted``).
+        """
         done, merged = self.manifest["parts"], set(self.manifest["merged"])
         for cond in plan.conditions:
             units = plan.units_of(cond)
@@ -146,6 +180,7 @@ class CollectStore:
                 parts=[w.index for w in units],
                 counts=counts,
                 keep_parts=keep_parts,
+                reached=reached,
             )
 
     def merge_condition(
@@ -158,25 +193,64 @@ class CollectStore:
         parts: Sequence[int],
         counts: Mapping[str, Any],
         keep_parts: bool,
+        reached: Reached = _never,
     ) -> None:
         """Chan-merge ``parts`` into ``stats/<family>[task, modality, language]``.
 
         ``counts``: n_examples, n_skipped (ints) and n_rows, n_ended (per step) of the
         condition. Parts are read in unit blocks (the arrays' chunks); each merged (step,
         pooling) is written as whole shards in one call (a partial write would
-        read-modify-write the shard once per block). Parts are deleted afterwards unless
-        ``keep_parts``.
+        read-modify-write the shard once per block). Crash-safe by its order
+        (docs/reliability.md): every family's merged data is written, THEN the condition is
+        recorded as merged, and only then are its parts deleted (unless ``keep_parts``); a
+        crash before the record re-merges from the intact parts, a crash after it leaves
+        parts that :meth:`delete_merged_parts` removes on resume.
         """
         at = self.dims.index(task, modality, language)
         conc = has_concentration(self.root)
-        if conc is not None and conc in families:  # before "merged" is marked: redone on resume
+        if conc is not None and conc in families:
             self._merge_concentration(conc, at, parts)
         for family in families:
             self._merge_family(family, at, parts, counts)
-            if not keep_parts:
-                self._delete_parts(family, parts)
+        reached("collect.merge.written")
         key = names.condition_key(task, modality, language)
         self.root[names.MANIFEST].attrs["merged"] = sorted({*self.manifest["merged"], key})
+        reached("collect.merge.recorded")
+        if not keep_parts:
+            for family in families:
+                self._delete_parts(family, parts)
+            reached("collect.parts.deleted")
+
+    def delete_merged_parts(self, plan: Plan) -> None:
+        """Delete the leftover parts of merged conditions (a crash between the merge record
+        and the deletion leaves them; deleting is idempotent)."""
+        merged = set(self.manifest["merged"])
+        for cond in plan.conditions:
+            if cond.key in merged:
+                families = [f for f in plan.config.families if applies(f, cond.modality)]
+                for family in families:
+                    self._delete_parts(family, [w.index for w in plan.units_of(cond)])
+
+    def forget(
+        self,
+        parts: Sequence[int],
+        conditions: Sequence[str],
+        edges: Sequence[str],
+        files: Sequence[str] = (),
+    ) -> None:
+        """Un-record damaged work: these parts, merged conditions and pilot edges are run
+        (and merged) again by the resume that called this. Then (record before delete) the
+        damaged chunk ``files`` (store keys) are deleted: Zarr reads a shard it writes into,
+        so a damaged one would fail the rewrite."""
+        m = self.manifest
+        root = self.root[names.MANIFEST]
+        root.attrs["parts"] = {k: v for k, v in m["parts"].items() if int(k) not in set(parts)}
+        root.attrs["merged"] = sorted(set(m["merged"]) - set(conditions))
+        root.attrs["edges"] = {k: v for k, v in m["edges"].items() if k not in set(edges)}
+        if "finished" in self.root.attrs:
+            del self.root.attrs["finished"]
+        for key in files:
+            sync(self.root.store.delete(key))
 
     def _merge_concentration(self, family: str, at: tuple[int, ...], parts: Sequence[int]) -> None:
         """The per-layer Gini sums of ``parts`` into the condition at ``at``."""
@@ -214,6 +288,33 @@ class CollectStore:
         for name in (*MOMENTS, "hist"):
             for q in parts:
                 sync(self.root.store.delete_dir(names.part_chunks(family, name, q)))
+
+
+def _refuse_other_config(path: str | Path, config: CollectConfig) -> None:
+    """Refuse a store of this layout written by another config, naming every changed field
+    (``config.steps: [1, 6, 11] -> [1, 6]``) so the user can restore it or pick a new output;
+    other refusals (layout, plan, not a store) are :func:`open_existing`'s.
+
+    Raises:
+        StoreError: the store's ``config_hash`` is not this config's.
+    """
+    if not (Path(path) / "zarr.json").is_file():
+        return
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    if attrs.get("layout_version") != LAYOUT_VERSION or attrs.get("config_hash") == config.hash():
+        return
+    hashed = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED}
+    stored = attrs.get("config")
+    if isinstance(stored, Mapping):
+        stored = {k: v for k, v in stored.items() if k not in _UNHASHED}
+        changed = "; ".join(config_diff(stored, hashed)) or "no field differs (hash edited)"
+    else:
+        changed = "its config attribute is missing"
+    raise StoreError(
+        f"store {str(path)!r} was written by a different config (hash "
+        f"{attrs.get('config_hash')!r}, this config {config.hash()!r}): {changed}; resume it "
+        "with its own config (in its attrs) or choose a new output path"
+    )
 
 
 def _merge_cell(

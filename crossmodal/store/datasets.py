@@ -4,7 +4,7 @@ Zarr v3 keeps each array's ``dimension_names``, which is all xarray needs to reb
 Dataset from a group (``xr.open_zarr``); coordinates that are not dimensions are listed in
 each variable's ``coordinates`` attribute (the CF convention xarray reads). Strings are
 stored as variable-length strings and come back as numpy's StringDType, which
-:func:`decode_strings` turns into ordinary strings (docs/design.md, "Platform: Zarr").
+:func:`decode_strings` turns into ordinary strings (docs/platform.md, "Zarr").
 Only the driver of a stage writes groups this way: one writer per group.
 """
 

@@ -1,6 +1,6 @@
 """The Zarr v3 store of a collect run: its groups and arrays, their creation, collector writes.
 
-Layout version 1; ``crossmodal/schemas/store.schema.json`` lists every array with dims and dtype:
+Layout version 2 (every chunk checksummed: crc32c); ``crossmodal/schemas/store.schema.json`` lists every array with dims and dtype:
 
 - root attrs: ``layout_version``, ``config``, ``config_hash``, ``plan_hash``, ``created``,
   ``finished``, ``provenance`` (model source and revision, dtype, package versions, host);
@@ -21,7 +21,7 @@ Layout version 1; ``crossmodal/schemas/store.schema.json`` lists every array wit
   conditions).
 
 Writers (two writers of one shard lose updates and metadata is last-writer-wins;
-docs/design.md, "Platform: Zarr"): only the driver creates arrays and writes attributes,
+docs/platform.md, "Zarr"): only the driver creates arrays and writes attributes,
 ``stats`` and the manifest (:class:`crossmodal.store.collect_store.CollectStore`). A collector
 writes ``parts[part]`` only for the work unit it runs and the pilot's collector
 ``edges[task, modality]``; both are whole shards (a shard is 1 along every leading axis and
@@ -42,15 +42,20 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from crossmodal.model.units import UnitIndex
 from crossmodal.stats.concentration import concentration_family, layer_groups
 from crossmodal.store import names
 from crossmodal.store.lock import LOCK_NAME
 
-LAYOUT_VERSION = 1
-COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
+LAYOUT_VERSION = 2
+"""2: every chunk carries a crc32c checksum (1: none; refused, collect it again)."""
+COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec())
+"""Big arrays: Blosc, then a crc32c of the compressed chunk, so a changed byte fails on read
+(the shard index carries its own crc32c, Zarr's default); crossmodal/store/integrity.py."""
+SMALL = (ZstdCodec(level=0), Crc32cCodec())
+"""Every other array: Zarr's default compressor, then the same checksum."""
 MOMENTS = ("mean", "m2", "min", "max")
 SCALARS = ("count", "dropped")
 GINI = ("count", "dropped", "mean", "m2")
@@ -135,7 +140,9 @@ def _array(group: zarr.Group, name: str, data: Any, dims: Sequence[str], **kw: A
     """A small unchunked array holding ``data``, with dimension names."""
     data = np.asarray(data)
     dtype = str if data.dtype.kind in "UO" else data.dtype
-    arr = group.create_array(name, shape=data.shape, dtype=dtype, dimension_names=list(dims), **kw)
+    arr = group.create_array(
+        name, shape=data.shape, dtype=dtype, dimension_names=list(dims), compressors=SMALL, **kw
+    )
     arr[...] = data
 
 
@@ -152,7 +159,7 @@ def _sharded(
 ) -> None:
     """``[*lead, unit, *tail]``: chunks of ~8 MiB of units, one shard per lead index (all
     units), so whoever owns a lead index owns whole shard files (two writers of one shard
-    would lose updates; docs/design.md, "Platform: Zarr")."""
+    would lose updates; docs/platform.md, "Zarr")."""
     n_units = group["unit"].shape[0]
     uc = unit_chunk(n_units, n_bins)  # the same unit blocks in every array of a family
     ones = (1,) * len(lead)
@@ -186,6 +193,7 @@ def _counts(
         fill_value=0,
         chunks=chunks,
         dimension_names=list(dims),
+        compressors=SMALL,
         attributes={"coordinates": " ".join(coords)},
     )
 
@@ -334,6 +342,7 @@ def _create_concentration(
                 fill_value=fill,
                 chunks=(*(1,) * (len(shape) - 3), *shape[-3:]),
                 dimension_names=[*dim0, *sp, "layer"],
+                compressors=SMALL,
                 attributes={"coordinates": " ".join(coords_)} if coords_ else {},
             )
 

@@ -1,7 +1,7 @@
 """One writer per output: a lock file in the store (or steering output) held while a run writes.
 
 Two collect (or reduce, or steer) drivers writing one output at once would interleave
-manifests and shards (Zarr metadata is last-writer-wins; docs/design.md, "Platform: Zarr"). :class:`OutputLock`
+manifests and shards (Zarr metadata is last-writer-wins; docs/platform.md, "Zarr"). :class:`OutputLock`
 makes the second one refuse with one line naming the holder.
 
 How: ``<output>/crossmodal.lock`` holds JSON (pid, host, start time, job, command) and the

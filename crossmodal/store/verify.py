@@ -37,6 +37,7 @@ import zarr
 from crossmodal.collect.plan import applies
 from crossmodal.schemas import load_schema
 from crossmodal.store import names
+from crossmodal.store.integrity import scan
 from crossmodal.store.layout import LAYOUT_VERSION, MOMENTS, manifest
 
 _COUNTS = ("n_examples", "n_skipped", "n_rows", "n_ended")
@@ -93,11 +94,44 @@ class _Family:
 
 
 def verify_store(path: str | Path) -> Report:
-    """Check the store at ``path``; never raises for a damaged store, reports instead."""
+    """Check the store at ``path``; never raises for a damaged store, reports instead (one
+    line per damage, naming the array, the chunk and the fix)."""
     report = Report(str(path))
-    root = _open(Path(path), report)
-    if root is None:
-        return report
+    try:
+        root = _open(Path(path), report)
+        if root is None:
+            return report
+        damage = scan(root, counts=False)
+        report.problems += [d.line() for d in damage]
+        try:
+            _check(report, root)
+        except Exception as err:  # noqa: BLE001 - verify reports, it never raises
+            if not damage:  # damage explains a failed read; otherwise say what failed
+                report.problems.append(
+                    f"store: a consistency check could not read it ({_first_line(err)}); "
+                    f"collect again into a new output"
+                )
+    except Exception as err:  # noqa: BLE001 - verify reports, it never raises
+        report.problems.append(
+            f"store: cannot be read ({_first_line(err)}); collect again into a new output"
+        )
+    return report
+
+
+def check_integrity(path: str | Path | zarr.Group) -> list[str]:
+    """One line per damage of a collect store (checksums, missing shards, counts against the
+    recorded rows, the stored config against its hash), each naming the array, the chunk
+    and the fix; empty if intact. For readers (reduce) to refuse damaged inputs; never
+    raises for a damaged store."""
+    try:
+        root = path if isinstance(path, zarr.Group) else zarr.open_group(str(path), mode="r")
+        return [d.line() for d in scan(root)]
+    except Exception as err:  # noqa: BLE001 - a store that does not open is damage too
+        return [f"store: cannot be read ({_first_line(err)}); collect again into a new output"]
+
+
+def _check(report: Report, root: zarr.Group) -> None:
+    """The consistency checks of :func:`verify_store` (module docstring)."""
     attrs = root.attrs.asdict()
     families = [f for f in attrs["config"].get("families", []) if names.stats_group(f) in root]
     keep_parts = bool(attrs["config"].get("keep_parts", False))
@@ -130,7 +164,6 @@ def verify_store(path: str | Path) -> Report:
         "conditions": len(merged & set(conds)),
         "families": len(families),
     }
-    return report
 
 
 # ------------------------------------------------------------------------------ checks
