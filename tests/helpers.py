@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -70,11 +71,27 @@ def collect_config(model_dir: Path, output: Path, **overrides: Any) -> dict[str,
     return raw
 
 
+class InProcessRay:
+    """``ray.remote`` / ``wait`` / ``get`` run in this process (reduce's selectivity tasks)."""
+
+    def remote(self, **_: Any):
+        return lambda fn: SimpleNamespace(remote=fn)
+
+    def wait(self, refs: list, num_returns: int = 1) -> tuple[list, list]:
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, done: list) -> list:
+        return done
+
+
 class LocalSession:
     """A stand-in for :class:`crossmodal.fleet.RaySession`: one in-process replica, no Ray."""
 
     def __init__(self, address: str | None = None) -> None:
         self.address = address
+
+    def connect(self) -> InProcessRay:
+        return InProcessRay()
 
     def __enter__(self) -> LocalSession:
         return self

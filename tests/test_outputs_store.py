@@ -10,8 +10,6 @@ docs/outputs.md: a group or array the code writes and the reference does not nam
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import zarr
@@ -22,28 +20,11 @@ pytestmark = pytest.mark.integration
 FAMILY = "decoder"
 
 
-class _FakeRay:
-    """``ray.remote`` / ``wait`` / ``get`` run in this process (the selectivity tasks)."""
-
-    def remote(self, **_: Any):
-        return lambda fn: SimpleNamespace(remote=fn)
-
-    def wait(self, refs: list, num_returns: int = 1) -> tuple[list, list]:
-        return refs[:num_returns], refs[num_returns:]
-
-    def get(self, done: list) -> list:
-        return done
-
-
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory) -> Path:
     from helpers import LocalSession, build_model_dir, collect_config, local_collect
 
     from crossmodal.reduce import driver
-
-    class Session(LocalSession):
-        def connect(self) -> _FakeRay:
-            return _FakeRay()
 
     root = tmp_path_factory.mktemp("outputs")
     model = build_model_dir(root / "model")
@@ -52,7 +33,7 @@ def reduced(tmp_path_factory) -> Path:
     )
     with pytest.MonkeyPatch.context() as mp:
         local_collect(mp, raw)
-        mp.setattr(driver, "RaySession", Session)
+        mp.setattr(driver, "RaySession", LocalSession)
         driver.run_reduce(raw["output"], k=2, scopes=("all",), progress=False, echo=lambda _: None)
     return Path(raw["output"])
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import pickle
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,29 +34,6 @@ class _Died(BaseException):
     """What the patched kill raises: the driver stops right there."""
 
 
-class _FakeRay:
-    """``ray.remote`` / ``wait`` / ``get`` run in this process (the selectivity tasks)."""
-
-    def remote(self, **_: Any):
-        return lambda fn: SimpleNamespace(remote=fn)
-
-    def wait(self, refs: list, num_returns: int = 1) -> tuple[list, list]:
-        return refs[:num_returns], refs[num_returns:]
-
-    def get(self, done: list) -> list:
-        return done
-
-
-def _local_session():
-    from helpers import LocalSession
-
-    class Session(LocalSession):
-        def connect(self) -> _FakeRay:
-            return _FakeRay()
-
-    return Session
-
-
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory) -> Path:
     from helpers import build_model_dir, collect_config, local_collect
@@ -71,9 +47,11 @@ def collected(tmp_path_factory) -> Path:
 
 
 def _reduce(store: Path, mp: pytest.MonkeyPatch, **kw: Any) -> dict:
+    from helpers import LocalSession
+
     from crossmodal.reduce import driver
 
-    mp.setattr(driver, "RaySession", _local_session())
+    mp.setattr(driver, "RaySession", LocalSession)
     return driver.run_reduce(
         store, k=K, scopes=SCOPES, progress=False, echo=kw.pop("echo", lambda _: None), **kw
     )

@@ -139,7 +139,7 @@ def _tokenizer_size(path: Path) -> int:
 def _check_vocabulary(config: CollectConfig) -> None:
     """The refusal of :func:`crossmodal.model.load.check_vocabulary` from the directory's
     files alone (config, generation config, tokenizer), before any actor loads the model."""
-    from crossmodal.model.load import ModelLoadError
+    from crossmodal.model.load import check_vocabulary_sizes
 
     path = _model_dir(config)
     if path is None:
@@ -147,12 +147,7 @@ def _check_vocabulary(config: CollectConfig) -> None:
     vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
     tokens = _tokenizer_size(path)
     tags = max((_language_table(config) or {}).values(), default=-1) + 1
-    if tokens > vocab or tags > vocab:
-        raise ModelLoadError(
-            f"model {config.model!r} has a {vocab}-token vocabulary but its tokenizer has "
-            f"{tokens} tokens and its language tags reach id {tags - 1}; save the model's own "
-            "processor (processor.save_pretrained) into the directory"
-        )
+    check_vocabulary_sizes(config.model, vocab, tokens, tags)
 
 
 def _check_dtype(config: CollectConfig) -> None:

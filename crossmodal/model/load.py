@@ -223,12 +223,21 @@ def check_vocabulary(loaded: LoadedModel) -> None:
     Raises:
         ModelLoadError: one line with both sizes and the fix.
     """
-    vocab = loaded.model.config.vocab_size
     tokens = len(loaded.processor.tokenizer) if loaded.processor is not None else 0
     tags = max(loaded.lang_to_code_id.values(), default=-1) + 1
+    check_vocabulary_sizes(loaded.source, loaded.model.config.vocab_size, tokens, tags)
+
+
+def check_vocabulary_sizes(source: str, vocab: int, tokens: int, tags: int) -> None:
+    """Refuse a tokenizer of ``tokens`` ids or language tags up to id ``tags - 1`` that a
+    model of ``vocab`` ids cannot embed (the check of :func:`check_vocabulary`, from sizes).
+
+    Raises:
+        ModelLoadError: one line with the three sizes and the fix.
+    """
     if tokens > vocab or tags > vocab:
         raise ModelLoadError(
-            f"model {loaded.source!r} has a {vocab}-token vocabulary but its tokenizer has "
+            f"model {source!r} has a {vocab}-token vocabulary but its tokenizer has "
             f"{tokens} tokens and its language tags reach id {tags - 1}; save the model's own "
             "processor (processor.save_pretrained) into the directory"
         )
