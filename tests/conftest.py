@@ -85,10 +85,19 @@ def ray_head(tmp_path_factory):
     temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
     env = {**os.environ, **RAY_ENV}
     cmd = [
-        ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0",
-        f"--temp-dir={temp}", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
-    ]  # fmt: skip
+        ray_bin,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+    ]
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
     try:

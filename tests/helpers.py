@@ -48,9 +48,13 @@ def build_model_dir(
     torch.manual_seed(0)
     model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        max_new_tokens=max_new_tokens, text_decoder_lang_to_code_id={k: ids[k] for k in writes},
-    )  # fmt: skip
+        decoder_start_token_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        max_new_tokens=max_new_tokens,
+        text_decoder_lang_to_code_id={k: ids[k] for k in writes},
+    )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     processor.feature_extractor.save_pretrained(out)
@@ -60,13 +64,23 @@ def build_model_dir(
 def collect_config(model_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:
     """A small collect config on the organism corpus (raw dict; ``load_config`` it)."""
     raw: dict[str, Any] = {
-        "model": str(model_dir), "dtype": "float32", "languages": ["eng", "deu", "jpn"],
-        "tasks": ["x2en", "en2x"], "modalities": ["text"], "steps": [1, 3],
-        "families": ["decoder", "ffn_act"], "n_bins": 8, "pilot_size": 4, "batch_size": 1,
-        "max_new_tokens": 4, "data": {"source": "organism", "examples_per_language": 3},
-        "output": str(output), "shard_size": 2, "keep_parts": True,
+        "model": str(model_dir),
+        "dtype": "float32",
+        "languages": ["eng", "deu", "jpn"],
+        "tasks": ["x2en", "en2x"],
+        "modalities": ["text"],
+        "steps": [1, 3],
+        "families": ["decoder", "ffn_act"],
+        "n_bins": 8,
+        "pilot_size": 4,
+        "batch_size": 1,
+        "max_new_tokens": 4,
+        "data": {"source": "organism", "examples_per_language": 3},
+        "output": str(output),
+        "shard_size": 2,
+        "keep_parts": True,
         "actors": {"count": 1, "num_cpus": 0.25, "max_restarts": 1, "max_task_retries": 1},
-    }  # fmt: skip
+    }
     raw.update(overrides)
     return raw
 
@@ -145,16 +159,25 @@ def steer_selectivity(model: Any, path: Path) -> Path:
     shape = (2, 2, 3, len(ORGANISM_LANGUAGES), len(units))
     ap = rng.uniform(0, 1, shape)
     coords = {
-        "task": ["x2en", "en2x"], "modality": ["speech", "text"], "step": [1, 6, 11],
-        "language": list(ORGANISM_LANGUAGES), "unit": np.arange(len(units)),
+        "task": ["x2en", "en2x"],
+        "modality": ["speech", "text"],
+        "step": [1, 6, 11],
+        "language": list(ORGANISM_LANGUAGES),
+        "unit": np.arange(len(units)),
         "site": ("unit", units["name"].to_numpy().astype(str)),
         "feature": ("unit", units["feature"].to_numpy()),
         "layer": ("unit", units["layer"].fillna(-1).to_numpy().astype(int)),
         "submodule": ("unit", units["submodule"].to_numpy().astype(str)),
-    }  # fmt: skip
-    data = {"ap": ap, "ap_lo": ap - 0.01, "ap_hi": ap + 0.01, "auroc": ap,
-            "on_p50": rng.normal(0, 4, shape), "on_p90": rng.normal(3, 4, shape),
-            "off_mean": rng.normal(0, 1, shape)}  # fmt: skip
+    }
+    data = {
+        "ap": ap,
+        "ap_lo": ap - 0.01,
+        "ap_hi": ap + 0.01,
+        "auroc": ap,
+        "on_p50": rng.normal(0, 4, shape),
+        "on_p90": rng.normal(3, 4, shape),
+        "off_mean": rng.normal(0, 1, shape),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: fixed-width strings have no v3 spec yet
         xr.Dataset({k: (dims, v) for k, v in data.items()}, coords=coords).to_zarr(
@@ -168,14 +191,23 @@ def steer_config(root: Path, out: str, **kw: Any):
     from crossmodal.steer.grid import load_grid
 
     raw = {
-        "model": str(root / "model"), "dtype": "float32",
+        "model": str(root / "model"),
+        "dtype": "float32",
         "selectivity": {"path": str(root / "sel.zarr")},
-        "roles": ["control"], "unit_modalities": ["speech"], "steps": [1, 11],
-        "languages": ["deu", "jpn"], "set_sizes": [40], "random_seeds": [0, 1],
-        "n_inputs": 3, "max_new_tokens": 10, "batch_size": 8, "cells_per_task": 3,
-        "lid": {"backends": ["organism"]}, "output": str(root / out),
+        "roles": ["control"],
+        "unit_modalities": ["speech"],
+        "steps": [1, 11],
+        "languages": ["deu", "jpn"],
+        "set_sizes": [40],
+        "random_seeds": [0, 1],
+        "n_inputs": 3,
+        "max_new_tokens": 10,
+        "batch_size": 8,
+        "cells_per_task": 3,
+        "lid": {"backends": ["organism"]},
+        "output": str(root / out),
         "actors": {"count": 2, "num_cpus": 0.5, "num_gpus": 0},
-    }  # fmt: skip
+    }
     raw.update(kw)
     return load_grid(raw)
 

@@ -113,8 +113,14 @@ def test_bad_audio_files_are_counted_skips(model_dir, fleurs, tmp_path, monkeypa
     (1006), a whitespace-only text (1007), an 8 kHz file (1002) and a 22.05 kHz stereo one
     (1003): the bad ones are skipped and counted, the others resampled to 16 kHz mono."""
     out = tmp_path / "s.zarr"
-    raw = _small(model_dir, out, languages=["eng", "deu"], tasks=["asr"], modalities=["speech"],
-                 data={"source": "fleurs_raw", "path": str(fleurs)})  # fmt: skip
+    raw = _small(
+        model_dir,
+        out,
+        languages=["eng", "deu"],
+        tasks=["asr"],
+        modalities=["speech"],
+        data={"source": "fleurs_raw", "path": str(fleurs)},
+    )
     result = local_collect(monkeypatch, raw)
     stats = xr.open_zarr(out, group="stats/decoder", consolidated=False)
     eng = stats.sel(task="asr", modality="speech", language="eng")
@@ -131,9 +137,12 @@ def test_bad_audio_files_are_counted_skips(model_dir, fleurs, tmp_path, monkeypa
     recs = {r.id: r for r in source.records("eng", "test")}
     assert all(r.sampling_rate == 16_000 and r.audio.ndim == 1 for r in recs.values())
     assert {k: v["count"] for k, v in source.skipped.as_dict().items()} == {
-        "audio_undecodable": 2, "audio_missing": 1, "audio_truncated": 1, "row_malformed": 1,
+        "audio_undecodable": 2,
+        "audio_missing": 1,
+        "audio_truncated": 1,
+        "row_malformed": 1,
         "text_empty": 1,
-    }  # fmt: skip
+    }
 
 
 def test_raw_records_with_wrong_rate_stereo_or_empty_audio(model_dir):
@@ -143,16 +152,22 @@ def test_raw_records_with_wrong_rate_stereo_or_empty_audio(model_dir):
     loaded = load_model(str(model_dir))
     mono = np.zeros(1600, dtype=np.float32)
     cases = [
-        (Record("a", "eng", "x", mono, 8_000, "test"),
-         "sampling_rate must be one of [16000], got 8000 for record 'a'; resample with "
-         "crossmodal.data.audio.resample"),
-        (Record("b", "eng", "x", np.zeros((1600, 2), np.float32), 16_000, "test"),
-         "audio must be one of [non-empty 1-D waveform], got shape (1600, 2) for record 'b'; "
-         "convert to mono with crossmodal.data.audio.to_mono"),
-        (Record("c", "eng", "x", None, 16_000, "test"),
-         "audio must be one of [a mono waveform], got None for record 'c'; load audio for "
-         "speech batches or use modality='text'"),
-    ]  # fmt: skip
+        (
+            Record("a", "eng", "x", mono, 8_000, "test"),
+            "sampling_rate must be one of [16000], got 8000 for record 'a'; resample with "
+            "crossmodal.data.audio.resample",
+        ),
+        (
+            Record("b", "eng", "x", np.zeros((1600, 2), np.float32), 16_000, "test"),
+            "audio must be one of [non-empty 1-D waveform], got shape (1600, 2) for record 'b'; "
+            "convert to mono with crossmodal.data.audio.to_mono",
+        ),
+        (
+            Record("c", "eng", "x", None, 16_000, "test"),
+            "audio must be one of [a mono waveform], got None for record 'c'; load audio for "
+            "speech batches or use modality='text'",
+        ),
+    ]
     for record, message in cases:
         with pytest.raises(ValueError) as err:
             make_batch([record], "speech", loaded)

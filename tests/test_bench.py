@@ -41,10 +41,20 @@ SMOKE = textwrap.dedent(
 
 
 RATIOS = (
-    "bare_eps", "fast_eps", "capture_hf_eps", "capture_fast_eps", "reference_eps",
-    "steer_hf_eps", "steer_fast_eps", "capture_hf_ratio", "capture_fast_ratio",
-    "capture_fast_vs_reference", "capture_hf_vs_reference", "steer_hf_ratio", "steer_fast_ratio",
-)  # fmt: skip
+    "bare_eps",
+    "fast_eps",
+    "capture_hf_eps",
+    "capture_fast_eps",
+    "reference_eps",
+    "steer_hf_eps",
+    "steer_fast_eps",
+    "capture_hf_ratio",
+    "capture_fast_ratio",
+    "capture_fast_vs_reference",
+    "capture_hf_vs_reference",
+    "steer_hf_ratio",
+    "steer_fast_ratio",
+)
 
 
 def check_cell(cell: dict, batch: int, kernel: str = "numba") -> None:
@@ -62,9 +72,15 @@ def check_cell(cell: dict, batch: int, kernel: str = "numba") -> None:
 
 def test_one_cell_in_process(tiny_model):
     cfg = BenchConfig(
-        model="tiny", n_batches=1, repeats=1, reference_examples=1, max_new_tokens=12,
-        text_tokens=6, steer_units=20, n_bins=16,
-    )  # fmt: skip
+        model="tiny",
+        n_batches=1,
+        repeats=1,
+        reference_examples=1,
+        max_new_tokens=12,
+        text_tokens=6,
+        steer_units=20,
+        n_bins=16,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads on 2 busy cores are several times slower
     try:
@@ -81,12 +97,39 @@ def test_one_cell_in_process(tiny_model):
 def test_bench_runs_without_ray_zarr_click(tmp_path):
     out = tmp_path / "results.json"
     args = [
-        "--model", "tiny", "--device", "cpu", "--batch-sizes", "2", "--n-batches", "1",
-        "--repeats", "1", "--reference-examples", "1", "--max-new-tokens", "12",
-        "--speech-seconds", "1", "--text-tokens", "6", "--steer-units", "20",
-        "--reducer-units", "600", "--reducer-chunk", "400", "--reducer-groups", "1",
-        "--n-bins", "16", "--threads", "1", "--out", str(out),
-    ]  # fmt: skip
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "2",
+        "--n-batches",
+        "1",
+        "--repeats",
+        "1",
+        "--reference-examples",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--speech-seconds",
+        "1",
+        "--text-tokens",
+        "6",
+        "--steer-units",
+        "20",
+        "--reducer-units",
+        "600",
+        "--reducer-chunk",
+        "400",
+        "--reducer-groups",
+        "1",
+        "--n-bins",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", SMOKE, *args], capture_output=True, text=True, env=env, timeout=300
@@ -146,8 +189,11 @@ def test_gpu_check_code_path_on_cpu(tmp_path):
     assert result["config"]["dtype"] == "bfloat16" and result["config"]["speech_seconds"] == 10.0
     assert result["model"]["dtype"] == "bfloat16" and "reducer" not in result
     assert [(c["modality"], c["batch_size"]) for c in result["cells"]] == [
-        ("speech", 2), ("speech", 3), ("text", 2), ("text", 3),
-    ]  # fmt: skip
+        ("speech", 2),
+        ("speech", 3),
+        ("text", 2),
+        ("text", 3),
+    ]
     for cell in result["cells"]:
         assert cell["fast_identical"] is True and cell["steer_fast_identical"] is True
         assert cell["replay_tokens_equal"] is True

@@ -92,8 +92,13 @@ def test_organism_bounds():
 
 
 def test_the_bound_plans_the_speech_memory(fleurs):
-    raw = {"model": "organism", "languages": ["eng", "deu"], "tasks": ["asr"],
-           "modalities": ["speech"], "data": {"source": "fleurs_raw", "path": str(fleurs)}}  # fmt: skip
+    raw = {
+        "model": "organism",
+        "languages": ["eng", "deu"],
+        "tasks": ["asr"],
+        "modalities": ["speech"],
+        "data": {"source": "fleurs_raw", "path": str(fleurs)},
+    }
     config = load_config(raw)
     ten_minutes = load_config({**raw, "data": {**raw["data"], "max_audio_seconds": 600}})
     assert attention_bytes(ten_minutes) == 100 * attention_bytes(config)  # quadratic
@@ -116,9 +121,15 @@ def test_collect_skips_the_long_recording_and_records_why(model_dir, fleurs, tmp
     """The recording is skipped while loading, before the pilot or a work unit runs the
     model on it; every skip is recorded per example id in the store."""
     out = tmp_path / "s.zarr"
-    raw = collect_config(model_dir, out, languages=["eng", "deu"], tasks=["asr"],
-                         modalities=["speech"], families=["decoder"],
-                         data={"source": "fleurs_raw", "path": str(fleurs)})  # fmt: skip
+    raw = collect_config(
+        model_dir,
+        out,
+        languages=["eng", "deu"],
+        tasks=["asr"],
+        modalities=["speech"],
+        families=["decoder"],
+        data={"source": "fleurs_raw", "path": str(fleurs)},
+    )
     lines: list[str] = []
     local_collect(monkeypatch, raw, echo=lines.append)
     assert verify_store(out).ok

@@ -86,9 +86,13 @@ def lively_model(dtype: str = "float32", **config: int) -> LoadedModel:
 
 def build_random_model_gc(loaded: LoadedModel) -> dict:
     return dict(
-        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        max_new_tokens=32, text_decoder_lang_to_code_id=dict(loaded.lang_to_code_id),
-    )  # fmt: skip
+        decoder_start_token_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        max_new_tokens=32,
+        text_decoder_lang_to_code_id=dict(loaded.lang_to_code_id),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +168,15 @@ def test_replay_equals_reference(lively, batches, modality):
     assert_replay_matches_reference(lively, batches[modality])
 
 
-@pytest.mark.parametrize(("modality", "src", "tgt"), [("speech", "deu", "eng"),
-                                                      ("text", "deu", "eng"),
-                                                      ("speech", "eng", "jpn"),
-                                                      ("text", "eng", "cmn")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("modality", "src", "tgt"),
+    [
+        ("speech", "deu", "eng"),
+        ("text", "deu", "eng"),
+        ("speech", "eng", "jpn"),
+        ("text", "eng", "cmn"),
+    ],
+)
 def test_replay_equals_reference_on_the_organism(shipped_organism, modality, src, tgt):
     """The trained organism (real tokenizer, feature extractor, padded batches of real
     sentences), x2en and en2x: its outputs run past MAX_NEW, so no row ends early here."""
@@ -406,9 +415,16 @@ def with_processor(tmp_path_factory, lively) -> LoadedModel:
     root = tmp_path_factory.mktemp("tok")
     sents = ["the cat sat on the mat", "der hund lief schnell", "el gato come pescado"] * 20
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sents), model_prefix=str(root / "sentencepiece.bpe"), vocab_size=40,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, model_type="bpe", minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(sents),
+        model_prefix=str(root / "sentencepiece.bpe"),
+        vocab_size=40,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        model_type="bpe",
+        minloglevel=2,
+    )
     tok = SeamlessM4TTokenizer.from_pretrained(
         str(root),
         additional_special_tokens=[f"__{x}__" for x in LANGS],

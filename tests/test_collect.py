@@ -295,5 +295,6 @@ def test_organism_demo_config(shipped_organism, tmp_path):
     assert sorted(np.unique(n_rows).tolist()) == [0, 4]  # 4 everywhere but non-conditions
     assert (n_rows.sum() == 26 * 4) and int(stats["n_skipped"].sum()) == 0
     done = stats["count"].sel(step=1, pooling="prefix_mean").values
-    assert (stats["hist"].sel(step=1, pooling="prefix_mean").sum("bin").values
-            == done[..., None]).all()  # fmt: skip
+    assert (
+        stats["hist"].sel(step=1, pooling="prefix_mean").sum("bin").values == done[..., None]
+    ).all()

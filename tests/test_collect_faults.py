@@ -119,9 +119,14 @@ def test_killed_at_every_write_boundary(raw, reference, tmp_path, monkeypatch, b
 def test_a_driver_process_killed_while_merging(raw, reference, tmp_path):
     """A real driver SIGKILLed between writing a merge and recording it; the same command."""
     boundary = "collect.merge.written"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", DIR_ENV: str(tmp_path / "markers"),
-           ENV: f"driver:at={boundary},n=2,mode=sigkill"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        DIR_ENV: str(tmp_path / "markers"),
+        ENV: f"driver:at={boundary},n=2,mode=sigkill",
+    }
     out = tmp_path / "out.zarr"
     cfg = tmp_path / "collect.json"
     cfg.write_text(json.dumps({**raw, "output": str(out)}))

@@ -230,10 +230,15 @@ def organism(shipped_organism) -> LoadedModel:
     return load_model("organism", device="cpu")
 
 
-@pytest.mark.parametrize(("modality", "src", "tgt"), [("text", "deu", "eng"),
-                                                      ("speech", "deu", "eng"),
-                                                      ("text", "eng", "jpn"),
-                                                      ("speech", "eng", "fra")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("modality", "src", "tgt"),
+    [
+        ("text", "deu", "eng"),
+        ("speech", "deu", "eng"),
+        ("text", "eng", "jpn"),
+        ("speech", "eng", "fra"),
+    ],
+)
 def test_organism_identical_to_hf(organism, modality, src, tgt):
     from crossmodal.model.inputs import make_batch
     from crossmodal.organism import organism_corpus

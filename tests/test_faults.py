@@ -67,21 +67,33 @@ def test_parse_the_switch():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("worker:after_batches=2", "CROSSMODAL_FAULT role must be one of ['collector', 'driver', "
-         "'steer_worker'], got 'worker' in 'worker:after_batches=2'; write e.g. "
-         "CROSSMODAL_FAULT='collector:after_batches=2'"),
-        ("collector:after_units=2", "CROSSMODAL_FAULT options of collector must be one of "
-         "['after_batches', 'mode'], got ['after_units']"),
-        ("driver:after_units=0", "CROSSMODAL_FAULT after_units must be one of [an integer >= 1], "
-         "got '0'"),
+        (
+            "worker:after_batches=2",
+            "CROSSMODAL_FAULT role must be one of ['collector', 'driver', "
+            "'steer_worker'], got 'worker' in 'worker:after_batches=2'; write e.g. "
+            "CROSSMODAL_FAULT='collector:after_batches=2'",
+        ),
+        (
+            "collector:after_units=2",
+            "CROSSMODAL_FAULT options of collector must be one of "
+            "['after_batches', 'mode'], got ['after_units']",
+        ),
+        (
+            "driver:after_units=0",
+            "CROSSMODAL_FAULT after_units must be one of [an integer >= 1], got '0'",
+        ),
         ("driver:after_units=two", "got 'two'"),
-        ("collector:after_batches=1,mode=segv", "CROSSMODAL_FAULT mode must be one of ['exit', "
-         "'sigkill'], got 'segv'"),
+        (
+            "collector:after_batches=1,mode=segv",
+            "CROSSMODAL_FAULT mode must be one of ['exit', 'sigkill'], got 'segv'",
+        ),
         ("collector", "CROSSMODAL_FAULT role must be one of"),
-        ("driver:after_units=1;driver:after_units=2", "roles must be one of [each role at most "
-         "once], got ['driver', 'driver']"),
+        (
+            "driver:after_units=1;driver:after_units=2",
+            "roles must be one of [each role at most once], got ['driver', 'driver']",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_switch_is_one_line(text, message):
     with pytest.raises(ValueError) as err:
         parse(text)
@@ -144,8 +156,9 @@ def _assert_same_store(a: Path, b: Path) -> None:
             for name in exact:
                 np.testing.assert_array_equal(x[name].values, y[name].values, err_msg=name)
             for name in ("mean", "m2", "min", "max"):
-                np.testing.assert_allclose(x[name].values, y[name].values, rtol=1e-12, atol=0,
-                                           equal_nan=True, err_msg=name)  # fmt: skip
+                np.testing.assert_allclose(
+                    x[name].values, y[name].values, rtol=1e-12, atol=0, equal_nan=True, err_msg=name
+                )
     ma = zarr.open_group(str(a), mode="r")["manifest"].attrs.asdict()
     mb = zarr.open_group(str(b), mode="r")["manifest"].attrs.asdict()
     assert sorted(ma["parts"]) == sorted(mb["parts"]) and sorted(ma["merged"]) == sorted(
@@ -206,8 +219,13 @@ def _collect_cmd(config: Path) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", **extra}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -226,8 +244,15 @@ def test_driver_killed_then_the_same_command_completes(fault_raw, reference, tmp
     cfg = tmp_path / "collect.yaml"
     cfg.write_text(yaml.safe_dump({**fault_raw, "output": str(out)}))
     env = _env(**{ENV: "driver:after_units=2,mode=sigkill"})
-    proc = subprocess.Popen(_collect_cmd(cfg), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _collect_cmd(cfg),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while read_lock(out) is None and proc.poll() is None and time.time() < deadline:
@@ -250,8 +275,15 @@ def test_driver_killed_then_the_same_command_completes(fault_raw, reference, tmp
     assert partial.ok and partial.notes[0].startswith("incomplete:")
     assert read_lock(out).pid == proc.pid  # the dead driver's lock is still there
 
-    again = subprocess.run(_collect_cmd(cfg), cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300, start_new_session=True)  # fmt: skip
+    again = subprocess.run(
+        _collect_cmd(cfg),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"taking over the stale lock of {str(out)!r}: collect run pid {proc.pid}" in (
         again.stdout

@@ -266,8 +266,10 @@ def test_skip_report_merge_and_str() -> None:
     assert a.total == 5 and dict(a.counts) == {"audio_missing": 4, "text_empty": 1}
     assert a.examples["audio_missing"] == ["eng/test/0", "eng/test/1"]
     assert a.as_dict()["text_empty"] == {
-        "count": 1, "examples": ["deu/test/9"], "ids": ["deu/test/9"]
-    }  # fmt: skip
+        "count": 1,
+        "examples": ["deu/test/9"],
+        "ids": ["deu/test/9"],
+    }
     assert a.ids["audio_missing"] == ["eng/test/0", "eng/test/1", "eng/test/2", "deu/test/8"]
     assert str(a).startswith("5 skipped: audio_missing=4 (e.g. eng/test/0, eng/test/1)")
     assert str(SkipReport()) == "nothing skipped"

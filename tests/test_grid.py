@@ -138,10 +138,29 @@ def test_expansion_counts_and_controls():
     assert len(randoms) == n_conditions // 2 * 3 * 2
     for sel in selected:
         match = [
-            r for r in randoms
-            if (r.role, r.unit_modality, r.input_modality, r.step, r.language, r.scope, r.forcing, r.n_units)
-            == (sel.role, sel.unit_modality, sel.input_modality, sel.step, sel.language, sel.scope, sel.forcing, sel.n_units)
-        ]  # fmt: skip
+            r
+            for r in randoms
+            if (
+                r.role,
+                r.unit_modality,
+                r.input_modality,
+                r.step,
+                r.language,
+                r.scope,
+                r.forcing,
+                r.n_units,
+            )
+            == (
+                sel.role,
+                sel.unit_modality,
+                sel.input_modality,
+                sel.step,
+                sel.language,
+                sel.scope,
+                sel.forcing,
+                sel.n_units,
+            )
+        ]
         assert sorted(r.seed for r in match) == [0, 1]
     assert {(s.set_kind, s.k, s.n_units) for s in selected} >= {("both", 10, 20), ("top", 20, 20)}
 

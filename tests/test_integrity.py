@@ -171,10 +171,16 @@ def test_encoder_families_and_speech_resume_without_false_damage(model_dir, tmp_
     """Families that skip a modality (speech_encoder on text) hold no rows there: not damage;
     a complete store resumes with nothing to redo."""
     out = tmp_path / "enc.zarr"
-    raw = collect_config(model_dir, out, languages=["eng", "deu"], tasks=["x2en"],
-                         modalities=["speech", "text"], families=["decoder", "encoder"],
-                         data={"source": "organism", "examples_per_language": 2},
-                         keep_parts=False)  # fmt: skip
+    raw = collect_config(
+        model_dir,
+        out,
+        languages=["eng", "deu"],
+        tasks=["x2en"],
+        modalities=["speech", "text"],
+        families=["decoder", "encoder"],
+        data={"source": "organism", "examples_per_language": 2},
+        keep_parts=False,
+    )
     local_collect(monkeypatch, raw)
     assert check_integrity(out) == [] and verify_store(out).ok
     lines: list[str] = []

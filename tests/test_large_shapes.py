@@ -124,9 +124,14 @@ def test_large_shapes_config_collects_and_reduces(
     stats = xr.open_zarr(raw["output"], group="stats/decoder", consolidated=False)
     hist = stats["hist"]
     assert dict(hist.sizes) == {
-        "task": 3, "modality": 2, "language": 3, "step": 3, "pooling": 2,
-        "unit": n_units, "bin": 256 + 2,
-    }  # fmt: skip
+        "task": 3,
+        "modality": 2,
+        "language": 3,
+        "step": 3,
+        "pooling": 2,
+        "unit": n_units,
+        "bin": 256 + 2,
+    }
     # every example in every condition the config has, at every step (12 new tokens)
     rows = stats["n_rows"].sel(task="asr", modality="speech")
     assert (rows == 3).all()
@@ -150,9 +155,17 @@ def test_actor_memory_at_the_real_shapes() -> None:
     config = large_config()
     assert source_positions(config, "speech", 10.0) == 63  # 500 stacked frames / stride 8
     mem = estimate_actor_memory(
-        config, dtype=torch.bfloat16, batch_size=128, max_new_tokens=32, modality="speech",
-        source_length=10.0, n_units=492_544, n_steps=3, n_poolings=2, n_bins=256,
-    )  # fmt: skip
+        config,
+        dtype=torch.bfloat16,
+        batch_size=128,
+        max_new_tokens=32,
+        modality="speech",
+        source_length=10.0,
+        n_units=492_544,
+        n_steps=3,
+        n_poolings=2,
+        n_bins=256,
+    )
     assert 2.2e9 < mem.weights / 2 < 2.4e9
     assert mem.statistics == 3 * 2 * 492_544 * (258 * 4 + 32 + 257 * 4)
     assert mem.kv_cache == 128 * 2 * 24 * 1024 * 2 * (32 + 2 + 63)

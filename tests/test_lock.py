@@ -33,8 +33,13 @@ def _dead_pid() -> int:
 
 def _write(out: Path, **fields) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    info = {"pid": 1, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
-            "job": "collect", **fields}  # fmt: skip
+    info = {
+        "pid": 1,
+        "host": socket.gethostname(),
+        "started": "2026-01-01T00:00:00+00:00",
+        "job": "collect",
+        **fields,
+    }
     (out / LOCK_NAME).write_text(json.dumps(info))
 
 

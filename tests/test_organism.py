@@ -88,8 +88,11 @@ FIRST_CLAUSE_GLOSS = {
 
 
 def test_word_order_rules():
-    dog, cat, house = (NounPhrase("the", "big", "dog"), NounPhrase("a", None, "cat"),
-                       NounPhrase("the", None, "house"))  # fmt: skip
+    dog, cat, house = (
+        NounPhrase("the", "big", "dog"),
+        NounPhrase("a", None, "cat"),
+        NounPhrase("the", None, "house"),
+    )
     clause = Clause(dog, "sees", cat, ("in", house), "today")
     sentence = Sentence(clause, "and", clause)
     for lang, expected in FIRST_CLAUSE_GLOSS.items():
@@ -255,8 +258,12 @@ def test_competence_on_held_out_sentences(shipped_organism):
 
 
 def test_report_floors_apply_per_task_pooled_over_languages():
-    rows = [("x2en", "speech", "deu", 10, 0.7), ("x2en", "speech", "spa", 30, 0.9),
-            ("x2en", "text", "deu", 10, 1.0), ("x2en", "text", "spa", 10, 0.7)]  # fmt: skip
+    rows = [
+        ("x2en", "speech", "deu", 10, 0.7),
+        ("x2en", "speech", "spa", 30, 0.9),
+        ("x2en", "text", "deu", 10, 1.0),
+        ("x2en", "text", "spa", 10, 0.7),
+    ]
     table = pd.DataFrame(rows, columns=["task", "modality", "language", "n", "exact_match"])
     report = OrganismReport(table.assign(long_enough=1.0))
     pooled = report.by_task().set_index(["task", "modality"])["exact_match"]
@@ -273,11 +280,18 @@ def test_build_is_deterministic(tmp_path):
     cfg = BuildConfig(
         n_train_sentences=24,
         n_speech_sentences=3,
-        shape=ModelShape(hidden=32, heads=2, text_encoder_layers=1, speech_encoder_layers=1,
-                         decoder_layers=1, ffn=32, decoder_ffn=32),
+        shape=ModelShape(
+            hidden=32,
+            heads=2,
+            text_encoder_layers=1,
+            speech_encoder_layers=1,
+            decoder_layers=1,
+            ffn=32,
+            decoder_ffn=32,
+        ),
         train=TrainConfig(steps=3, batch_text=4, batch_speech=2, warmup=1),
         workers=1,
-    )  # fmt: skip
+    )
     dirs = [build_organism(tmp_path / name, seed=3, config=cfg, log=None) for name in ("a", "b")]
     models = [SeamlessM4Tv2Model.from_pretrained(d) for d in dirs]
     a, b = (m.state_dict() for m in models)

@@ -73,10 +73,18 @@ class _FixedLID:
 
 def _cells() -> list[Cell]:
     selected = Cell(
-        kind="selected", input_modality="text", role="control", unit_modality="speech",
-        step=1, language="deu", set_kind="top", scope="all", k=2, n_units=2,
+        kind="selected",
+        input_modality="text",
+        role="control",
+        unit_modality="speech",
+        step=1,
+        language="deu",
+        set_kind="top",
+        scope="all",
+        k=2,
+        n_units=2,
         forcing="on_p50",
-    )  # fmt: skip
+    )
     return [selected, Cell(kind="baseline", input_modality="text")]
 
 

@@ -32,10 +32,16 @@ def _small_pipeline(tmp_path: Path) -> Path:
     collect["actors"] = {**collect["actors"], "count": 1}
     steer = yaml.safe_load((REPO / "configs" / "steer-organism.yaml").read_text())
     steer.update(
-        roles=["control"], unit_modalities=["speech"], input_modalities=["text"], steps=[1],
-        languages=["deu"], set_sizes=[50], random_seeds=[0], n_inputs=8,
+        roles=["control"],
+        unit_modalities=["speech"],
+        input_modalities=["text"],
+        steps=[1],
+        languages=["deu"],
+        set_sizes=[50],
+        random_seeds=[0],
+        n_inputs=8,
         output=str(tmp_path / "steer"),
-    )  # fmt: skip
+    )
     steer["selectivity"]["path"] = str(tmp_path / "organism.zarr")
     steer["actors"] = {**steer["actors"], "count": 1}
     (tmp_path / "collect.yaml").write_text(yaml.safe_dump(collect))
@@ -96,10 +102,25 @@ def test_ray_job_submit_pipeline_end_to_end(shipped_organism, ray_head, tmp_path
     config = _small_pipeline(tmp_path)
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = submit_job(
-        [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
-         "--", sys.executable, "-m", "jobs.pipeline", str(config), "--no-progress"],
-        cwd=REPO, env=ray_head["env"], timeout=900,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            ray_head["dashboard"],
+            "--working-dir",
+            ".",
+            "--",
+            sys.executable,
+            "-m",
+            "jobs.pipeline",
+            str(config),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=ray_head["env"],
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
     assert "succeeded" in proc.stdout and "== done ==" in proc.stdout
     store = tmp_path / "organism.zarr"

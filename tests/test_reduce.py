@@ -67,9 +67,13 @@ def model_dir(tmp_path_factory):
     model = SeamlessM4Tv2Model(tiny_config(vocab_size=len(tok))).eval()
     codes = {t[2:-2]: tok.convert_tokens_to_ids(t) for t in language_tokens()}
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        max_new_tokens=8, text_decoder_lang_to_code_id=codes,
-    )  # fmt: skip
+        decoder_start_token_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        max_new_tokens=8,
+        text_decoder_lang_to_code_id=codes,
+    )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     SeamlessM4TFeatureExtractor().save_pretrained(out)
@@ -79,13 +83,23 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny.zarr"
-    return load_config({
-        "model": str(model_dir), "dtype": "float32", "languages": LANGS,
-        "tasks": ["x2en", "en2x"], "steps": [1, 3], "n_bins": 16, "pilot_size": 12,
-        "batch_size": 8, "max_new_tokens": 6, "shard_size": 6, "output": str(out),
-        "data": {"source": "organism", "split": "test", "examples_per_language": 12},
-        "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
-    })  # fmt: skip
+    return load_config(
+        {
+            "model": str(model_dir),
+            "dtype": "float32",
+            "languages": LANGS,
+            "tasks": ["x2en", "en2x"],
+            "steps": [1, 3],
+            "n_bins": 16,
+            "pilot_size": 12,
+            "batch_size": 8,
+            "max_new_tokens": 6,
+            "shard_size": 6,
+            "output": str(out),
+            "data": {"source": "organism", "split": "test", "examples_per_language": 12},
+            "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +141,17 @@ def _exact_ds(reference, view: xr.Dataset, pooling: str) -> xr.Dataset:
     for ti, task in enumerate(view["task"].values):
         for mi, mod in enumerate(view["modality"].values):
             for si, step in enumerate(view["step"].values):
-                vals = {lang: reference[(task, mod, lang)][(pooling, int(step))]
-                        for lang in LANGS if (task, mod, lang) in reference}  # fmt: skip
-                ex = {lang: ExactValues(torch.arange(v.shape[1]), torch.from_numpy(v), torch.tensor(0))
-                      for lang, v in vals.items()}  # fmt: skip
+                vals = {
+                    lang: reference[(task, mod, lang)][(pooling, int(step))]
+                    for lang in LANGS
+                    if (task, mod, lang) in reference
+                }
+                ex = {
+                    lang: ExactValues(
+                        torch.arange(v.shape[1]), torch.from_numpy(v), torch.tensor(0)
+                    )
+                    for lang, v in vals.items()
+                }
                 for lang, sel in exact_selectivity(ex).items():
                     ap[ti, mi, si, LANGS.index(lang)] = sel.ap.numpy()
     return view[["ap"]].copy(data={"ap": ap})
@@ -289,13 +310,22 @@ def test_cli_reduce_and_report(reduced, tmp_path):
 @pytest.fixture(scope="module")
 def organism_store(shipped_organism, ray_session, tmp_path_factory):
     """x2en at step 1 on the organism: 24 test sentences per language, collected and reduced."""
-    cfg = load_config({
-        "model": "organism", "dtype": "float32", "tasks": ["x2en"], "steps": [1],
-        "poolings": ["prefix_mean"], "n_bins": 256, "pilot_size": 60, "batch_size": 32,
-        "data": {"source": "organism", "split": "test", "examples_per_language": 24},
-        "shard_size": 24, "output": str(tmp_path_factory.mktemp("org") / "organism.zarr"),
-        "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
-    })  # fmt: skip
+    cfg = load_config(
+        {
+            "model": "organism",
+            "dtype": "float32",
+            "tasks": ["x2en"],
+            "steps": [1],
+            "poolings": ["prefix_mean"],
+            "n_bins": 256,
+            "pilot_size": 60,
+            "batch_size": 32,
+            "data": {"source": "organism", "split": "test", "examples_per_language": 24},
+            "shard_size": 24,
+            "output": str(tmp_path_factory.mktemp("org") / "organism.zarr"),
+            "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 0, "max_task_retries": 0},
+        }
+    )
     run_collect(cfg, progress=False, echo=lambda s: None)
     run_reduce(cfg.output, k=100, scopes=("all",), progress=False, echo=lambda s: None)
     return cfg
@@ -338,10 +368,12 @@ def test_organism_reduced_ap_and_sets_match_sklearn(organism_store, modality):
     x, y = torch.cat(values).double().numpy(), np.asarray(labels)
     assert x.shape == (120, sel.sizes["unit"])
     lo, hi, ap = (sel[v].transpose("language", "unit").values for v in ("ap_lo", "ap_hi", "ap"))
-    exact = np.stack([
-        [average_precision_score(y == k, x[:, u]) for u in range(x.shape[1])]
-        for k in range(len(langs))
-    ])  # fmt: skip
+    exact = np.stack(
+        [
+            [average_precision_score(y == k, x[:, u]) for u in range(x.shape[1])]
+            for k in range(len(langs))
+        ]
+    )
     assert ((lo - 1e-9 <= exact) & (exact <= hi + 1e-9)).all()
     err = np.abs(ap - exact)
     print(f"{modality}: |AP error| median {np.median(err):.2e}, max {err.max():.2e}")

@@ -174,10 +174,16 @@ def test_exact_ap_is_the_same_whatever_the_chunk(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(1)
     slot, ids = Slot(1, "prefix_mean"), np.array([0, 2, 3, 5, 7, 8, 9])
-    lab = {"task": np.array(["x2en"]), "modality": np.array(["text"]), "step": np.array([1]),
-           "language": np.array(["deu", "eng", "jpn"])}  # fmt: skip
-    values = {lang: rng.normal(size=(n, ids.size)).astype(np.float32)
-              for lang, n in (("deu", 9), ("eng", 11), ("jpn", 6))}  # fmt: skip
+    lab = {
+        "task": np.array(["x2en"]),
+        "modality": np.array(["text"]),
+        "step": np.array([1]),
+        "language": np.array(["deu", "eng", "jpn"]),
+    }
+    values = {
+        lang: rng.normal(size=(n, ids.size)).astype(np.float32)
+        for lang, n in (("deu", 9), ("eng", 11), ("jpn", 6))
+    }
     got = []
     for chunk in (1 << 30, 4 * 26 * 3):  # one chunk; 3 columns at a time
         store = str(tmp_path / f"c{chunk}.zarr")
@@ -197,20 +203,33 @@ def test_exact_ap_is_the_same_whatever_the_chunk(tmp_path, monkeypatch):
 def _steer_grid(store: Path, out: Path):
     from crossmodal.steer.grid import load_grid
 
-    return load_grid({
-        "model": "organism", "selectivity": {"path": str(store)}, "roles": ["control"],
-        "unit_modalities": ["text"], "steps": [1], "languages": ["deu"], "set_sizes": [2],
-        "random_seeds": [0], "n_inputs": 2, "lid": {"backends": ["organism"]},
-        "output": str(out), "input_modalities": ["text"],
-    })  # fmt: skip
+    return load_grid(
+        {
+            "model": "organism",
+            "selectivity": {"path": str(store)},
+            "roles": ["control"],
+            "unit_modalities": ["text"],
+            "steps": [1],
+            "languages": ["deu"],
+            "set_sizes": [2],
+            "random_seeds": [0],
+            "n_inputs": 2,
+            "lid": {"backends": ["organism"]},
+            "output": str(out),
+            "input_modalities": ["text"],
+        }
+    )
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("boundary", "missing"),
-    [("reduce.selectivity.created", "selectivity"), ("reduce.exact.marked", "sets"),
-     ("reduce.sets.csv_written", "sets")],
-)  # fmt: skip
+    [
+        ("reduce.selectivity.created", "selectivity"),
+        ("reduce.exact.marked", "sets"),
+        ("reduce.sets.csv_written", "sets"),
+    ],
+)
 def test_steer_refuses_a_half_reduced_store(collected, tmp_path, monkeypatch, boundary, missing):
     """Killed early the old steer crashed (KeyError: 'submodule'), killed later it forced 0
     units in every cell; now: one line naming the unfinished pass and the command."""
@@ -303,11 +322,24 @@ def test_a_healthy_reduce_on_ray_prints_no_error_line(collected, clean, tmp_path
     import sys
 
     store = _copy(collected, tmp_path / "s.zarr")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.reduce", str(store), "--k", str(K), "--scopes", "all",
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.reduce",
+        str(store),
+        "--k",
+        str(K),
+        "--scopes",
+        "all",
+        "--no-progress",
+    ]
     repo = Path(__file__).resolve().parent.parent
     run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
     output = run.stdout + run.stderr

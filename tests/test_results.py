@@ -30,12 +30,18 @@ SIZES = [6, 8, 4]
 
 def _coords() -> UnitCoords:
     sizes = np.asarray(SIZES, dtype=np.int64)
-    return UnitCoords({
-        "site_name": np.asarray(SITES), "site_path": np.asarray([s.replace("decoder", "text_decoder", 1) for s in SITES]),
-        "site_layer": np.asarray([0, 0, -1], np.int16), "site_submodule": np.asarray(["self_attn", "ffn", "final_norm"]),
-        "site_type": np.asarray(["Linear", "Linear", "LayerNorm"]), "site_positions": np.asarray(["decoder"] * 3),
-        "site_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), "site_size": sizes,
-    })  # fmt: skip
+    return UnitCoords(
+        {
+            "site_name": np.asarray(SITES),
+            "site_path": np.asarray([s.replace("decoder", "text_decoder", 1) for s in SITES]),
+            "site_layer": np.asarray([0, 0, -1], np.int16),
+            "site_submodule": np.asarray(["self_attn", "ffn", "final_norm"]),
+            "site_type": np.asarray(["Linear", "Linear", "LayerNorm"]),
+            "site_positions": np.asarray(["decoder"] * 3),
+            "site_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
+            "site_size": sizes,
+        }
+    )
 
 
 def _selectivity(seed: int) -> xr.Dataset:
@@ -46,12 +52,21 @@ def _selectivity(seed: int) -> xr.Dataset:
     ap[:, :, :, 0] = np.nan  # eng is no condition of x2en/en2x
     site = np.repeat(np.arange(3), SIZES)
     sub = np.asarray(["self_attn", "ffn", "other"])[site]
-    data = {name: (("task", "modality", "step", "language", "unit"), ap + off)
-            for name, off in (("ap", 0.0), ("ap_lo", -0.01), ("ap_hi", 0.01))}  # fmt: skip
-    coords = {"task": ["x2en", "en2x"], "modality": ["speech", "text"], "step": [1, 3],
-              "language": LANGS, "unit": np.arange(n), "layer": ("unit", np.where(site < 2, 0, -1)),
-              "submodule": ("unit", sub), "site": ("unit", np.asarray(SITES)[site]),
-              "feature": ("unit", np.arange(n) - np.repeat([0, 6, 14], SIZES))}  # fmt: skip
+    data = {
+        name: (("task", "modality", "step", "language", "unit"), ap + off)
+        for name, off in (("ap", 0.0), ("ap_lo", -0.01), ("ap_hi", 0.01))
+    }
+    coords = {
+        "task": ["x2en", "en2x"],
+        "modality": ["speech", "text"],
+        "step": [1, 3],
+        "language": LANGS,
+        "unit": np.arange(n),
+        "layer": ("unit", np.where(site < 2, 0, -1)),
+        "submodule": ("unit", sub),
+        "site": ("unit", np.asarray(SITES)[site]),
+        "feature": ("unit", np.arange(n) - np.repeat([0, 6, 14], SIZES)),
+    }
     return xr.Dataset(data, coords=coords)
 
 
@@ -59,19 +74,37 @@ def _selectivity(seed: int) -> xr.Dataset:
 def store(tmp_path_factory):
     """A store with units, a selectivity per pooling, sets, roles and overlap groups."""
     path = tmp_path_factory.mktemp("res") / "run.zarr"
-    dims = StoreDims(("x2en", "en2x"), ("speech", "text"), tuple(LANGS), (1, 3),
-                     ("prefix_mean", "last"), 8, ())  # fmt: skip
+    dims = StoreDims(
+        ("x2en", "en2x"), ("speech", "text"), tuple(LANGS), (1, 3), ("prefix_mean", "last"), 8, ()
+    )
     config = {"families": ["decoder"], "poolings": ["prefix_mean", "last"]}
-    create_store(path, dims=dims, units={"decoder": _coords()}, plan={"work_units": []},
-                 attrs={"config": config})  # fmt: skip
+    create_store(
+        path,
+        dims=dims,
+        units={"decoder": _coords()},
+        plan={"work_units": []},
+        attrs={"config": config},
+    )
     views = {"prefix_mean": _selectivity(0), "last": _selectivity(1)}
     write_dataset(path, "selectivity/decoder", views["prefix_mean"])
     write_dataset(path, "selectivity/decoder/last", views["last"])
-    per = {(p, s): select_sets(ds["ap"], k=3, group=s) for p, ds in views.items()
-           for s in ("all", "ffn")}  # fmt: skip
-    sets = xr.concat([xr.concat([per[(p, s)] for p in views], pd.Index(list(views), name="pooling"),
-                                combine_attrs="drop") for s in ("all", "ffn")],
-                     pd.Index(["all", "ffn"], name="scope"), combine_attrs="drop")  # fmt: skip
+    per = {
+        (p, s): select_sets(ds["ap"], k=3, group=s)
+        for p, ds in views.items()
+        for s in ("all", "ffn")
+    }
+    sets = xr.concat(
+        [
+            xr.concat(
+                [per[(p, s)] for p in views],
+                pd.Index(list(views), name="pooling"),
+                combine_attrs="drop",
+            )
+            for s in ("all", "ffn")
+        ],
+        pd.Index(["all", "ffn"], name="scope"),
+        combine_attrs="drop",
+    )
     write_dataset(path, "sets/decoder", sets.rename("units").assign_attrs(k=3, exact=True))
     ov = overlap(per[("prefix_mean", "all")], views["prefix_mean"])
     ov = ov.expand_dims(scope=["all"]).expand_dims(pooling=["prefix_mean"])
@@ -167,11 +200,17 @@ def test_reduce_refuses_bad_options_and_unfinished_stores(store, tmp_path):
     with pytest.raises(ValueError, match="must be one of \\[a collect store\\]"):
         run_reduce(tmp_path)
     path = tmp_path / "half.zarr"
-    dims = StoreDims(("x2en",), ("text",), ("eng", "deu"), (1,), ("last",), 8,
-                     (("x2en", "text", "deu", 0),))  # fmt: skip
+    dims = StoreDims(
+        ("x2en",), ("text",), ("eng", "deu"), (1,), ("last",), 8, (("x2en", "text", "deu", 0),)
+    )
     work = [{"index": 0, "task": "x2en", "modality": "text", "language": "deu", "ids": ["1"]}]
-    create_store(path, dims=dims, units={"decoder": _coords()}, plan={"work_units": work},
-                 attrs={"config": {}})  # fmt: skip
+    create_store(
+        path,
+        dims=dims,
+        units={"decoder": _coords()},
+        plan={"work_units": work},
+        attrs={"config": {}},
+    )
     with pytest.raises(
         ValueError, match="got 0 of 1 conditions merged .*`crossmodal collect CONFIG`"
     ):

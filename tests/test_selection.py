@@ -79,8 +79,12 @@ def test_scopes_parse_and_expand_per_layer() -> None:
         12,
     )
     assert expand_scopes(["all", "ffn@*", "ffn@1", "self_attn@0"], [0, 1, 2]) == [
-        "all", "ffn@0", "ffn@1", "ffn@2", "self_attn@0"
-    ]  # fmt: skip
+        "all",
+        "ffn@0",
+        "ffn@1",
+        "ffn@2",
+        "self_attn@0",
+    ]
     for bad in ("mlp", "ffn@", "ffn@x", "ffn@-1", "@3"):
         with pytest.raises(ValueError, match=f"scope must be one of .*, got '{bad}'"):
             expand_scopes([bad], [0, 1])

@@ -44,9 +44,11 @@ def _hist_ref(values: torch.Tensor, edges: torch.Tensor) -> np.ndarray:
     """Brute-force histogram: numpy searchsorted per unit, bins [underflow, ..., overflow]."""
     v, e = values.float().numpy(), edges.numpy()
     return np.stack(
-        [np.bincount(np.searchsorted(e[u], v[:, u], side="right"), minlength=e.shape[1] + 1)
-         for u in range(e.shape[0])]
-    )  # fmt: skip
+        [
+            np.bincount(np.searchsorted(e[u], v[:, u], side="right"), minlength=e.shape[1] + 1)
+            for u in range(e.shape[0])
+        ]
+    )
 
 
 def _stats(
@@ -194,8 +196,10 @@ def _reduce(parts: list[UnitStats], order: str) -> UnitStats:
         perm = np.random.default_rng(3).permutation(len(parts))
         return merge_all([parts[i] for i in perm])
     while len(parts) > 1:  # tree: pairwise, right to left
-        parts = [parts[i + 1].merge(parts[i]) if i + 1 < len(parts) else parts[i]
-                 for i in range(0, len(parts), 2)]  # fmt: skip
+        parts = [
+            parts[i + 1].merge(parts[i]) if i + 1 < len(parts) else parts[i]
+            for i in range(0, len(parts), 2)
+        ]
     return parts[0]
 
 
@@ -211,8 +215,10 @@ def test_merge_is_associative_and_commutative(merge_reference, split, order):
     v, e, ref = merge_reference
     bounds = np.cumsum([0, *SPLITS[split]])
     kernels = itertools.cycle(["numba", "torch"])  # parts from either kernel merge alike
-    parts = [_stats(v[a:b], e, batch=max(1, b - a), kernel=next(kernels))
-             for a, b in itertools.pairwise(bounds)]  # fmt: skip
+    parts = [
+        _stats(v[a:b], e, batch=max(1, b - a), kernel=next(kernels))
+        for a, b in itertools.pairwise(bounds)
+    ]
     got = _reduce(parts, order)
     assert int(got.count) == 300 and torch.equal(got.hist, ref.hist)
     assert torch.equal(got.min, ref.min) and torch.equal(got.max, ref.max)

@@ -32,11 +32,19 @@ def _write(ds: xr.Dataset, path: Path) -> Path:
 
 def _grid(path: Path, out: Path, **kw):
     raw = {
-        "model": "organism", "selectivity": {"path": str(path)}, "roles": ["control"],
-        "unit_modalities": ["speech"], "steps": [1], "languages": ["deu"], "set_sizes": [5],
-        "random_seeds": [0], "n_inputs": 2, "lid": {"backends": ["organism"]},
-        "output": str(out), "input_modalities": ["text"],
-    }  # fmt: skip
+        "model": "organism",
+        "selectivity": {"path": str(path)},
+        "roles": ["control"],
+        "unit_modalities": ["speech"],
+        "steps": [1],
+        "languages": ["deu"],
+        "set_sizes": [5],
+        "random_seeds": [0],
+        "n_inputs": 2,
+        "lid": {"backends": ["organism"]},
+        "output": str(out),
+        "input_modalities": ["text"],
+    }
     raw.update(kw)
     return load_grid(raw)
 
@@ -51,14 +59,20 @@ def store(tmp_path) -> Path:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"steps": [1, 2]}, "steering steps must be one of [1, 6, 11] (steps of selectivity "
-         "store '{path}'), got 2; drop it from the grid or collect and reduce it"),
-        ({"languages": ["deu", "spa"]}, "steering languages must be one of ['eng', 'deu', "
-         "'jpn'] (languages of selectivity store '{path}'), got 'spa'"),
+        (
+            {"steps": [1, 2]},
+            "steering steps must be one of [1, 6, 11] (steps of selectivity "
+            "store '{path}'), got 2; drop it from the grid or collect and reduce it",
+        ),
+        (
+            {"languages": ["deu", "spa"]},
+            "steering languages must be one of ['eng', 'deu', "
+            "'jpn'] (languages of selectivity store '{path}'), got 'spa'",
+        ),
         ({"roles": ["representation"]}, None),
         ({"forcing": ["on_p50", "off_mean"]}, None),
     ],
-)  # fmt: skip
+)
 def test_a_value_the_store_lacks_is_one_line_and_nothing_is_written(
     store, tmp_path, override, message
 ):
@@ -126,11 +140,15 @@ def test_a_non_utf8_transcript_is_never_a_steering_input_or_reference(tmp_path):
     lines = tsv.read_bytes().split(b"\n")
     lines = [ln.replace(b"Ein Stereo-Clip.", b"Ein Stereo\xff-Clip.") for ln in lines]
     tsv.write_bytes(b"\n".join(lines))
-    config = load_grid({
-        "selectivity": {"path": "unused"}, "languages": ["deu", "cmn"], "n_inputs": 3,
-        "data": {"source": "fleurs_raw", "path": str(fx.root), "split": "test", "seed": 1},
-        "input_modalities": ["text"],
-    })  # fmt: skip
+    config = load_grid(
+        {
+            "selectivity": {"path": "unused"},
+            "languages": ["deu", "cmn"],
+            "n_inputs": 3,
+            "data": {"source": "fleurs_raw", "path": str(fx.root), "split": "test", "seed": 1},
+            "input_modalities": ["text"],
+        }
+    )
     inputs, refs = input_records(config, speech=False)
     assert sorted(r.id for r in inputs) == ["1001", "1008"]  # 1003 dropped: no German text
     assert "1003" not in refs["deu"]

@@ -38,16 +38,18 @@ CELLS = [(step, pooling) for step in STEPS for pooling in POOLINGS]
 
 def _coords(sizes=(5, 7, 3)) -> UnitCoords:
     n = len(sizes)
-    return UnitCoords({
-        "site_name": np.asarray([f"decoder.layers.{i}.fc" for i in range(n)]),
-        "site_path": np.asarray([f"text_decoder.layers.{i}.fc" for i in range(n)]),
-        "site_layer": np.arange(n, dtype=np.int16),
-        "site_submodule": np.asarray(["ffn"] * n),
-        "site_type": np.asarray(["Linear"] * n),
-        "site_positions": np.asarray(["decoder"] * n),
-        "site_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
-        "site_size": np.asarray(sizes, dtype=np.int64),
-    })  # fmt: skip
+    return UnitCoords(
+        {
+            "site_name": np.asarray([f"decoder.layers.{i}.fc" for i in range(n)]),
+            "site_path": np.asarray([f"text_decoder.layers.{i}.fc" for i in range(n)]),
+            "site_layer": np.arange(n, dtype=np.int16),
+            "site_submodule": np.asarray(["ffn"] * n),
+            "site_type": np.asarray(["Linear"] * n),
+            "site_positions": np.asarray(["decoder"] * n),
+            "site_offset": np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
+            "site_size": np.asarray(sizes, dtype=np.int64),
+        }
+    )
 
 
 def _dims(parts=(("x2en", "speech", "deu", 0), ("x2en", "speech", "deu", 1))) -> StoreDims:

@@ -77,8 +77,12 @@ def test_large_totals_on_meta_device():
 def test_site_fields_and_names(index):
     fc1 = index.site("decoder.layers.1.ffn.fc1")
     assert (fc1.module_path, fc1.family, fc1.layer, fc1.submodule, fc1.n_features) == (
-        "text_decoder.layers.1.ffn.fc1", "decoder", 1, "ffn", 128,
-    )  # fmt: skip
+        "text_decoder.layers.1.ffn.fc1",
+        "decoder",
+        1,
+        "ffn",
+        128,
+    )
     assert index.site("decoder.layers.0.cross_attention.k_proj").positions == "encoder_output"
     assert index.site("decoder.layers.0.cross_attention.q_proj").positions == "decoder"
     assert index.site("decoder.layers.0.self_attn_layer_norm").submodule == "self_attn"
@@ -88,8 +92,9 @@ def test_site_fields_and_names(index):
     assert (act.family, act.module_type, act.n_features) == ("ffn_act", "ReLU", 128)
     glu = [s for s in index.sites if s.module_path.endswith("adapter.layers.0.activation")]
     assert [(s.name.split("@")[1], s.call, s.subsample) for s in glu] == [
-        ("residual_conv", 0, 1), ("self_attn_conv", 1, 1),
-    ]  # fmt: skip
+        ("residual_conv", 0, 1),
+        ("self_attn_conv", 1, 1),
+    ]
     assert index.site("speech_encoder.adapter.layers.0.residual_layer_norm").subsample == 0
     assert index.site("speech_encoder.inner_layer_norm").subsample == 1
     assert index.site("speech_encoder.encoder.layers.0.conv_module.glu").channels_first
@@ -100,8 +105,10 @@ def test_order_is_deterministic_and_contiguous(tiny_model, index):
     again = UnitIndex.from_model(tiny_model.model, ("encoder", "ffn_act", "decoder"))
     assert again == index
     assert resolve_families(["text_encoder", "decoder", "speech_encoder"]) == (
-        "decoder", "speech_encoder", "text_encoder",
-    )  # fmt: skip
+        "decoder",
+        "speech_encoder",
+        "text_encoder",
+    )
     offset = 0
     for site in index.sites:
         assert site.offset == offset

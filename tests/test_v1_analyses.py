@@ -83,9 +83,16 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _raw(model_dir: Path, out: Path, **kw) -> dict:
     return collect_config(
-        model_dir, out, modalities=["speech", "text"], tasks=["x2en"], languages=LANGS,
-        batch_size=2, pilot_size=4, data={"source": "organism", "examples_per_language": 4}, **kw,
-    )  # fmt: skip
+        model_dir,
+        out,
+        modalities=["speech", "text"],
+        tasks=["x2en"],
+        languages=LANGS,
+        batch_size=2,
+        pilot_size=4,
+        data={"source": "organism", "examples_per_language": 4},
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +121,18 @@ def reference(store):
     out: dict = {}
     for unit in work_units(root):
         c = unit.condition
-        by_id = {r.id: r for r in organism_corpus(cfg.data.split, [c.source], 4, cfg.seed,
-                                                  audio=c.modality == "speech")}  # fmt: skip
+        by_id = {
+            r.id: r
+            for r in organism_corpus(
+                cfg.data.split, [c.source], 4, cfg.seed, audio=c.modality == "speech"
+            )
+        }
         recs = [by_id[i] for i in unit.example_ids if i in by_id]
         for start in range(0, len(recs), cfg.batch_size):
-            res = cap.run(make_batch(recs[start : start + cfg.batch_size], c.modality, loaded),
-                          tgt_lang=c.target)  # fmt: skip
+            res = cap.run(
+                make_batch(recs[start : start + cfg.batch_size], c.modality, loaded),
+                tgt_lang=c.target,
+            )
             for key, v in res.values.items():
                 out.setdefault((c.modality, c.language), {}).setdefault(key, []).append(v)
     return {k: {q: torch.cat(v).numpy() for q, v in d.items()} for k, d in out.items()}, n_dec
@@ -135,8 +148,9 @@ def test_concentration_matches_numpy_gini_per_example(store, reference):
         for (mod, lang), by in ref.items():
             for step in (1, 3):
                 ffn = by[(pooling, step)][:, n_dec:]  # ffn_act follows decoder in the index
-                g = np.array([[np_gini(row[i * 128 : (i + 1) * 128]) for i in range(2)]
-                              for row in ffn]).reshape(-1, 2)  # fmt: skip
+                g = np.array(
+                    [[np_gini(row[i * 128 : (i + 1) * 128]) for i in range(2)] for row in ffn]
+                ).reshape(-1, 2)
                 got = ds.sel(task="x2en", modality=mod, language=lang, step=step)
                 assert got["count"].values.tolist() == [len(g)] * 2
                 if len(g):
@@ -147,7 +161,9 @@ def test_concentration_matches_numpy_gini_per_example(store, reference):
     raw = xr.open_zarr(store, group="concentration/ffn_act", consolidated=False)
     assert raw["m2"].dims == ("task", "modality", "language", "step", "pooling", "layer")
     assert list(raw["layer"].values) == [0, 1] and list(raw["pooling"].values) == [
-        "prefix_mean", "last"]  # fmt: skip
+        "prefix_mean",
+        "last",
+    ]
     parts = xr.open_zarr(store, group="concentration/ffn_act/parts", consolidated=False)
     assert parts["count"].dims == ("part", "step", "pooling", "layer")
     assert {"part_task", "part_language"} <= set(parts.coords)
@@ -221,7 +237,9 @@ def test_modality_ap_brackets_exact_and_counts(store, reference, tmp_path):
     root = zarr.open_group(str(old), mode="r+")
     root["edges/decoder/edges"][0, 1] = root["edges/decoder/edges"][0, 1] + 1.0
     assert modality_pass(root, str(old), "decoder", store_labels(root, "decoder"), 20) == {
-        "tasks": [], "note": "skipped: edges not shared by modalities"}  # fmt: skip
+        "tasks": [],
+        "note": "skipped: edges not shared by modalities",
+    }
 
 
 def test_report_shows_concentration_and_modality(store, tmp_path):
@@ -230,8 +248,14 @@ def test_report_shows_concentration_and_modality(store, tmp_path):
     if "modality" not in zroot:
         modality_pass(zroot, str(store), "decoder", store_labels(zroot, "decoder"), 20)
     conc = r.concentration()["mean"]
-    paths = write_report(synthetic_selectivity(seed=3), tmp_path, k=10, concentration=conc,
-                         modality=r.modality(), dpi=30)  # fmt: skip
+    paths = write_report(
+        synthetic_selectivity(seed=3),
+        tmp_path,
+        k=10,
+        concentration=conc,
+        modality=r.modality(),
+        dpi=30,
+    )
     assert tmp_path / "concentration.png" in paths
     text = (tmp_path / "summary.md").read_text()
     assert "## Activation concentration: speech vs text, Latin vs non-Latin script" in text

@@ -60,10 +60,15 @@ def _one(problems: list[str], text: str) -> str:
 
 def _cond(root: zarr.Group, key: str) -> tuple[int, int, int]:
     task, modality, language = key.split("/")
-    labels = {d: [str(v) for v in root[f"stats/decoder/{d}"][...]]
-              for d in ("task", "modality", "language")}  # fmt: skip
-    return (labels["task"].index(task), labels["modality"].index(modality),
-            labels["language"].index(language))  # fmt: skip
+    labels = {
+        d: [str(v) for v in root[f"stats/decoder/{d}"][...]]
+        for d in ("task", "modality", "language")
+    }
+    return (
+        labels["task"].index(task),
+        labels["modality"].index(modality),
+        labels["language"].index(language),
+    )
 
 
 def test_good_store_is_ok_on_the_command_line(good_store):
@@ -79,8 +84,10 @@ def test_good_store_is_ok_on_the_command_line(good_store):
 
 def test_store_whose_parts_were_deleted_after_merging_is_ok(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "lean.zarr"
-    local_collect(monkeypatch, collect_config(model_dir, out, keep_parts=False,
-                                              tasks=["x2en"], modalities=["text"]))  # fmt: skip
+    local_collect(
+        monkeypatch,
+        collect_config(model_dir, out, keep_parts=False, tasks=["x2en"], modalities=["text"]),
+    )
     assert not any((out / "parts/decoder/hist/c").iterdir())  # the shards are gone
     assert verify_store(out).ok
 
