@@ -143,7 +143,10 @@ class Collector:
         from crossmodal.model.inputs import make_batch
 
         for batch in _batches(records, self.config.batch_size):
-            yield self.capturer.run(make_batch(batch, modality, self.loaded), tgt_lang=target)
+            inputs = make_batch(
+                batch, modality, self.loaded, speech_last_frame=self.config.speech_last_frame
+            )
+            yield self.capturer.run(inputs, tgt_lang=target)
 
     def _families(self, modality: str) -> list[str]:
         return [f for f in self.config.families if applies(f, modality)]

@@ -91,6 +91,7 @@ class CollectConfig:
     shard_size: int
     keep_parts: bool
     actors: ActorsConfig
+    speech_last_frame: str = "drop"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain data (tuples become lists); round-trips through :func:`from_dict`."""
@@ -99,6 +100,8 @@ class CollectConfig:
     def hash(self) -> str:
         """sha256 of the fields that determine the store's numbers (not output, not actors)."""
         content = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED}
+        if content["speech_last_frame"] == "drop":  # the default: hashes made before it stay
+            del content["speech_last_frame"]
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -147,6 +150,7 @@ def from_dict(values: Mapping[str, Any]) -> CollectConfig:
         shard_size=int(v["shard_size"]),
         keep_parts=bool(v["keep_parts"]),
         actors=ActorsConfig(**v["actors"]),
+        speech_last_frame=v.get("speech_last_frame", "drop"),
     )
 
 

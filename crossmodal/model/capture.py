@@ -339,7 +339,9 @@ class Capturer:
         dec_sites = [s for s in self.index.sites if s.component == "text_decoder"]
         speech = batch.modality == "speech"
         guard = (
-            padding_guard(model, kwargs["attention_mask"]) if speech and self.pad_guard else None
+            padding_guard(model, kwargs["attention_mask"], batch.speech_frames)
+            if speech and self.pad_guard
+            else None
         )
         with torch.inference_mode(), guard or nullcontext():
             with attached(rec.hooks(self._modules, enc_sites)):

@@ -251,6 +251,7 @@ def generate_forced(
     *,
     max_new_tokens: int,
     rows: Sequence[int] | None = None,
+    speech_frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy text generation with one intervention (and target language) per row.
 
@@ -263,6 +264,8 @@ def generate_forced(
         rows: which input of ``batch`` each generated row reads (default: row i reads input
             i). With only decoder sites forced, each distinct input is encoded once and its
             encoder output shared by its rows (many grid cells x one input).
+        speech_frames: ``ModelBatch.speech_frames`` of a ``speech_last_frame="keep"`` batch
+            (each input's lone-run width, see :func:`crossmodal.model.inputs.padding_guard`).
 
     Returns:
         ``[rows, 2 + n_generated]`` sequences ``[</s>, lang_tag, tok1, ...]``, 0-padded
@@ -282,7 +285,7 @@ def generate_forced(
     guard = padding_guard if speech and batch.get("attention_mask") is not None else _no_guard
     with forcing(model, plan), torch.inference_mode():
         if _is_decoder_only(plan):
-            with guard(model, batch.get("attention_mask")):
+            with guard(model, batch.get("attention_mask"), speech_frames):
                 hidden, mask = encode(model, batch)
             dev = hidden.device
             take = take.to(dev)
@@ -293,12 +296,15 @@ def generate_forced(
             out = greedy_generate(model, {}, tgt_lang, max_new_tokens, encoder_outputs=shared)
         else:
             rows_batch = {k: v.index_select(0, take.to(v.device)) for k, v in batch.items()}
-            with guard(model, rows_batch.get("attention_mask")):
+            frames = None if speech_frames is None else speech_frames[take.cpu()]
+            with guard(model, rows_batch.get("attention_mask"), frames):
                 encoded = encode(model, rows_batch)
             out = greedy_generate(model, {}, tgt_lang, max_new_tokens, encoder_outputs=encoded)
     return out.sequences
 
 
 @contextmanager
-def _no_guard(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
+def _no_guard(
+    model: nn.Module, attention_mask: torch.Tensor | None, frames: torch.Tensor | None = None
+) -> Iterator[None]:
     yield

@@ -10,6 +10,14 @@ Padding: :class:`FrameMasks` gives masks of the real positions at every resoluti
 output can have (input tokens or frames, frames after each speech-adapter sub-sampling), and
 :func:`padding_guard` stops HF's speech adapter from reading padded frames, so that a padded
 batch gives each example the values it gets alone.
+
+The last speech frame (:data:`SPEECH_LAST_FRAME`): the feature extractor stacks pairs of
+filterbank frames; for an odd number of them the last stacked frame holds one real and one
+padded frame, and its attention mask marks it as padding. Run alone (batch 1) the model's
+adapter convolution still reads that frame. ``drop`` (the default) treats it as the padding
+the mask says it is, as a lone run of the row cut to its mask does; ``keep`` reproduces the
+model's own batch-1 run on the feature extractor's output (the reference study's runs) exactly
+(docs/method.md, "Differences from the reference implementation").
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
 from crossmodal.model.load import LoadedModel, feature_extractor
 
 MODALITIES = ("speech", "text")
+SPEECH_LAST_FRAME = ("drop", "keep")
+"""What the adapter reads of a half-padded last speech frame (module docstring)."""
+FBANK_WINDOW, FBANK_HOP = 400, 160
+"""SeamlessM4T feature extractor's filterbank window and hop in samples (16 kHz, no centring)."""
 _Hook = Callable[[nn.Module, tuple, Tensor], Tensor]
 _LANG_TOKEN = re.compile(r"^__([A-Za-z]{3}(?:_[A-Za-z]+)?)__$")
 
@@ -42,6 +54,9 @@ class ModelBatch:
         attention_mask: ``[batch, frame|token]``, 1 on real positions.
         ids: record ids, one per row.
         languages: record (source) languages, one per row.
+        speech_frames: speech only, with ``speech_last_frame="keep"``: per row the frames a
+            batch-1 run of the row has (its feature extractor output's width), which the
+            adapter convolution reads; ``None``: the mask's real frames (``drop``).
     """
 
     modality: str
@@ -49,6 +64,7 @@ class ModelBatch:
     attention_mask: Tensor
     ids: tuple[str, ...]
     languages: tuple[str, ...]
+    speech_frames: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -63,14 +79,18 @@ class ModelBatch:
         return {self.input_name: x, "attention_mask": self.attention_mask.to(device)}
 
     def row(self, i: int) -> ModelBatch:
-        """Example ``i`` alone, with its padding cut off (what a batch-size-1 run sees)."""
-        n = int(self.attention_mask[i].sum())
+        """Example ``i`` alone, with its padding cut off (what a batch-size-1 run sees): cut
+        to its real positions, or with ``speech_frames`` to the width the feature extractor
+        gives the row alone (its last frame then stays, marked as padding)."""
+        keep = self.speech_frames is not None
+        n = int(self.speech_frames[i] if keep else self.attention_mask[i].sum())
         return ModelBatch(
             self.modality,
             self.inputs[i : i + 1, :n],
             self.attention_mask[i : i + 1, :n],
             self.ids[i : i + 1],
             self.languages[i : i + 1],
+            self.speech_frames[i : i + 1] if keep else None,
         )
 
 
@@ -122,14 +142,44 @@ def _check_text_language(records: Sequence[Record], tokenizer: object) -> str:
     return code
 
 
-def make_batch(records: Sequence[Record], modality: str, loaded: LoadedModel) -> ModelBatch:
+def speech_frames(n_samples: Sequence[int], stride: int = 2) -> Tensor:
+    """Stacked feature frames the SeamlessM4T feature extractor gives each waveform ALONE.
+
+    ``1 + (n - 400) // 160`` filterbank frames (no centring), padded to a multiple of
+    ``stride`` and stacked by ``stride``: ``ceil(frames / stride)``. Its attention mask has
+    ``frames // stride`` ones, so for an odd frame count the last stacked frame is marked as
+    padding although half of it is real.
+    """
+    frames = [max(0, 1 + (int(n) - FBANK_WINDOW) // FBANK_HOP) for n in n_samples]
+    return torch.tensor([-(-f // stride) for f in frames], dtype=torch.long)
+
+
+def _check_last_frame(speech_last_frame: str) -> None:
+    if speech_last_frame not in SPEECH_LAST_FRAME:
+        raise ValueError(
+            f"speech_last_frame must be one of {list(SPEECH_LAST_FRAME)}, got {speech_last_frame!r}"
+        )
+
+
+def make_batch(
+    records: Sequence[Record],
+    modality: str,
+    loaded: LoadedModel,
+    *,
+    speech_last_frame: str = "drop",
+) -> ModelBatch:
     """Pad ``records`` into one batch for ``modality``, through ``loaded``'s processor.
+
+    ``speech_last_frame``: ``drop`` or ``keep`` the half-padded last speech frame (module
+    docstring); ``keep`` sets :attr:`ModelBatch.speech_frames`.
 
     Raises:
         ValueError: empty records, unknown modality, missing audio, a sampling rate other
-            than 16 kHz, mixed or unknown text languages, text without a processor.
+            than 16 kHz, mixed or unknown text languages, text without a processor, an
+            unknown ``speech_last_frame``.
     """
     _check_modality(modality)
+    _check_last_frame(speech_last_frame)
     if not records:
         raise ValueError("records must be one of [a non-empty sequence], got []")
     ids = tuple(r.id for r in records)
@@ -144,7 +194,14 @@ def make_batch(records: Sequence[Record], modality: str, loaded: LoadedModel) ->
             out = feature_extractor()(
                 waves, sampling_rate=TARGET_SAMPLING_RATE, return_tensors="pt", padding=True
             )
-        return ModelBatch("speech", out["input_features"], out["attention_mask"], ids, langs)
+        frames = None
+        if speech_last_frame == "keep":
+            extractor = loaded.processor.feature_extractor if loaded.processor else None
+            stride = (extractor or feature_extractor()).stride
+            frames = speech_frames([w.size for w in waves], stride)
+        return ModelBatch(
+            "speech", out["input_features"], out["attention_mask"], ids, langs, frames
+        )
     if loaded.processor is None:
         raise ValueError(
             f"processor must be one of [a SeamlessM4TProcessor], got None for {loaded.source!r}; "
@@ -200,18 +257,61 @@ def _conv_length(lengths: Tensor, conv: nn.Conv1d) -> Tensor:
     return torch.floor((lengths + 2 * p - k) / s) + 1
 
 
-def speech_lengths(model: nn.Module, attention_mask: Tensor) -> list[Tensor]:
-    """Real frames per row (on the host) after 0, 1, ... adapter sub-samplings.
+def speech_lengths(
+    model: nn.Module, attention_mask: Tensor, frames: Tensor | None = None
+) -> list[Tensor]:
+    """Frames per row (on the host) the adapter reads after 0, 1, ... sub-samplings.
 
     A row's frame count at each level is what the adapter's strided convolution gives on that
-    row alone. HF's ``_compute_sub_sample_lengths_from_attention_mask`` pads by ``kernel // 2``
-    where the convolution pads by ``stride // 2``: the same for the real model (kernel = stride
-    = 8), one frame too many when kernel > stride (e.g. an organism with kernel 4, stride 2).
+    row alone: from its real frames (the mask's ones), or from ``frames`` (the width of a lone
+    run that keeps its last, half-padded frame). HF's
+    ``_compute_sub_sample_lengths_from_attention_mask`` pads by ``kernel // 2`` where the
+    convolution pads by ``stride // 2``: the same for the real model (kernel = stride = 8),
+    one frame too many when kernel > stride (e.g. an organism with kernel 4, stride 2).
     """
-    lengths = [attention_mask.detach().cpu().sum(dim=1).double()]
+    start = attention_mask.detach().cpu().sum(dim=1) if frames is None else frames.cpu()
+    lengths = [start.double()]
     for layer in _adapter_layers(model):
         lengths.append(_conv_length(lengths[-1], layer.residual_conv))
     return lengths
+
+
+def hf_attention_lengths(model: nn.Module, attention_mask: Tensor, frames: Tensor) -> list[Tensor]:
+    """Per level, the real frames HF's masks give a lone run of width ``frames`` (host).
+
+    Every adapter layer and the model apply HF's formula once to the input mask (its real
+    frames), and ``_compute_new_attention_mask`` clips it to the layer's width: level 0 is
+    the mask's ones, level k >= 1 ``min(formula(ones), width_k)``.
+    """
+    ones = attention_mask.detach().cpu().sum(dim=1).double()
+    widths = speech_lengths(model, attention_mask, frames)
+    out = [ones]
+    for level, layer in enumerate(_adapter_layers(model), start=1):
+        conv = layer.residual_conv
+        k, s = conv.kernel_size[0], conv.stride[0]
+        formula = torch.floor((ones + 2 * (k // 2) - k) / s) + 1
+        out.append(torch.minimum(formula, widths[level]))
+    return out
+
+
+def last_frame_reaches_decoder(model: nn.Module, attention_mask: Tensor, frames: Tensor) -> Tensor:
+    """bool ``[row]``: does ``keep`` change what the decoder sees for this row?
+
+    Only when the row's last frame is half-padded (``frames`` > its mask's ones) AND the
+    adapter's last attended output frame covers it: output ``j`` of the first adapter
+    convolution reads input frames ``j*stride - padding .. + kernel - 1``, and only the
+    first :func:`hf_attention_lengths` outputs are attended. Otherwise the extra frame
+    feeds only masked positions. Models without an adapter: every half-padded row.
+    """
+    ones = attention_mask.detach().cpu().sum(dim=1)
+    half = frames.cpu() > ones
+    layers = _adapter_layers(model)
+    if not layers:
+        return half
+    conv = layers[0].residual_conv
+    (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+    attended = hf_attention_lengths(model, attention_mask, frames)[1].long()
+    return half & ((attended - 1) * s - p + k - 1 >= ones)
 
 
 class FrameMasks:
@@ -241,7 +341,9 @@ class FrameMasks:
 
 
 @contextmanager
-def padding_guard(model: nn.Module, attention_mask: Tensor) -> Iterator[None]:
+def padding_guard(
+    model: nn.Module, attention_mask: Tensor, frames: Tensor | None = None
+) -> Iterator[None]:
     """Make each example of a padded speech batch see what it sees alone, inside the block.
 
     Why: the adapter's strided convolutions (kernel 8, stride 8, padding 4 in the real model)
@@ -252,9 +354,17 @@ def padding_guard(model: nn.Module, attention_mask: Tensor) -> Iterator[None]:
     cross-attention masked with :func:`speech_lengths` (the frames a lone run has) instead of
     HF's formula (which differs when kernel != stride). Hooks and overrides are removed in
     ``finally``.
+
+    ``frames`` (:attr:`ModelBatch.speech_frames`, ``speech_last_frame="keep"``): each row
+    reads up to its lone run's width instead (its half-padded last frame included), and the
+    attention masks are HF's own for that lone run (:func:`hf_attention_lengths`), so a row
+    gets exactly what the model gives it alone on the feature extractor's output.
     """
     masks = FrameMasks(attention_mask.device)
-    masks.sources["speech"] = speech_lengths(model, attention_mask)
+    masks.sources["speech"] = speech_lengths(model, attention_mask, frames)
+    attend = masks.sources["speech"]
+    if frames is not None:
+        attend = hf_attention_lengths(model, attention_mask, frames)
 
     def guard(level: int) -> _Hook:
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -264,7 +374,7 @@ def padding_guard(model: nn.Module, attention_mask: Tensor) -> Iterator[None]:
         return hook
 
     def lengths_at(level: int) -> Callable[[Tensor], Tensor]:
-        on_device = masks.sources["speech"][level].to(attention_mask.device)
+        on_device = attend[level].to(attention_mask.device)
 
         def sub_sample_lengths(mask: Tensor) -> Tensor:
             if mask is attention_mask:

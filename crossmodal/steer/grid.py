@@ -85,6 +85,7 @@ class SteerConfig:
     output: str
     actors: ActorsConfig  # the collect config's: the same actor resources and retries
     allow_empty_sets: bool = False
+    speech_last_frame: str = "drop"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain data; :func:`load_grid` accepts it back."""
@@ -110,6 +111,8 @@ class SteerConfig:
             "data",
             "lid",
         )
+        if self.speech_last_frame != "drop":  # the default: ids made before it stay
+            keep += ("speech_last_frame",)
         text = json.dumps({k: d[k] for k in keep}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -203,6 +206,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         output=v["output"],
         actors=ActorsConfig(**v["actors"]),
         allow_empty_sets=v["allow_empty_sets"],
+        speech_last_frame=v["speech_last_frame"],
     )
 
 

@@ -161,7 +161,10 @@ class SteerWorker:
         from crossmodal.model.inputs import make_batch
 
         distinct = sorted({i for _, i in chunk})
-        batch = make_batch([self.inputs[i] for i in distinct], modality, self.loaded)
+        last = self.config.speech_last_frame
+        batch = make_batch(
+            [self.inputs[i] for i in distinct], modality, self.loaded, speech_last_frame=last
+        )
         where = {i: n for n, i in enumerate(distinct)}
         return generate_forced(
             self.loaded,
@@ -170,6 +173,7 @@ class SteerWorker:
             [interventions[c] for c, _ in chunk],
             max_new_tokens=self.config.max_new_tokens,
             rows=[where[i] for _, i in chunk],
+            speech_frames=batch.speech_frames,
         )
 
     def measure(
