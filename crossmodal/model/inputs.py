@@ -353,12 +353,9 @@ def padding_guard(
     convolution's own padding, and (2) has the adapter's self-attention and the decoder's
     cross-attention masked with :func:`speech_lengths` (the frames a lone run has) instead of
     HF's formula (which differs when kernel != stride). Hooks and overrides are removed in
-    ``finally``.
-
-    ``frames`` (:attr:`ModelBatch.speech_frames`, ``speech_last_frame="keep"``): each row
-    reads up to its lone run's width instead (its half-padded last frame included), and the
-    attention masks are HF's own for that lone run (:func:`hf_attention_lengths`), so a row
-    gets exactly what the model gives it alone on the feature extractor's output.
+    ``finally``. ``frames`` (:attr:`ModelBatch.speech_frames`, ``keep``): each row reads up to
+    its lone run's width (its half-padded last frame included) and is masked as HF masks that
+    lone run (:func:`hf_attention_lengths`): what the model gives it alone, exactly.
     """
     masks = FrameMasks(attention_mask.device)
     masks.sources["speech"] = speech_lengths(model, attention_mask, frames)

@@ -13,9 +13,9 @@ makes of it, as the reference's runs do. It checks :mod:`crossmodal.model.captur
 and is the baseline of the benchmark; nothing here is shared with the capture engine except
 the unit index (the address scheme).
 
-The reference code's input and example handling that crossmodal does NOT follow (docs/
-method.md, "Differences from the reference implementation"), each as an explicit function
-for :mod:`crossmodal.reduce.reference_diff` to measure:
+The reference code's input and example handling that crossmodal does NOT follow
+(docs/method.md, "Differences from the reference implementation"), each as an explicit
+function for :mod:`crossmodal.reduce.reference_diff` to measure:
 
 * :func:`reference_text_batch`: text tokenized with the tokenizer's default source-language
   tag (not the records' language) and padded to :data:`REFERENCE_TEXT_WIDTH` positions;
