@@ -7,7 +7,10 @@ use the :class:`UnitIndex` built here, so a unit has the same name everywhere.
 
 Families (docs/method.md, "Units"):
   * ``decoder``: every Linear and LayerNorm output of ``text_decoder`` (fc1 BEFORE the ReLU),
-    plus the final ``text_decoder.layer_norm``: the reference study's units.
+    plus the final ``text_decoder.layer_norm``: the reference study's decoder units (it keeps
+    modules whose class is named Linear, Conv1d, LayerNorm, Embedding or GLU; in
+    ``text_decoder`` only Linear and LayerNorm ones exist, its token embedding's class being
+    ``SeamlessM4Tv2ScaledWordEmbedding``).
   * ``ffn_act``: the output of ``text_decoder.layers[i].ffn.act`` (post-ReLU). Not
     ``layers[i].activation_fn``: that module exists but is never called
     (docs/platform.md, "transformers and SeamlessM4T v2").
