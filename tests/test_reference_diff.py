@@ -159,6 +159,7 @@ def test_length_filter_drops_exactly_the_examples_longer_than_the_hidden_size(
     ]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # one-frame inputs: variance of 1 frame
 def test_speech_frames_is_the_lone_feature_extractor_width(organism):
     fe = organism.processor.feature_extractor
     rng = np.random.default_rng(0)
