@@ -113,7 +113,9 @@ class LocalSession:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def actors(self, cls: type, *args: Any, spec: Any, count: int | None = None) -> LocalFleet:
+    def actors(
+        self, cls: type, *args: Any, spec: Any, count: int | None = None, **_: Any
+    ) -> LocalFleet:
         return LocalFleet(cls(*args))
 
 

@@ -269,7 +269,8 @@ def _collect(run: _Run, index: UnitIndex, address: str | None) -> dict[str, Any]
     if pilots or units:
         with RaySession(address) as session:
             spec = run.config.actors
-            with session.actors(Collector, run.config, str(run.store), spec=spec) as fleet:
+            args = (Collector, run.config, str(run.store))
+            with session.actors(*args, spec=spec, output=run.store) as fleet:
                 for summary in fleet.map(pilots):
                     for modality in summary["modalities"]:
                         store.mark_edges(summary["task"], modality, summary)

@@ -26,6 +26,13 @@ output; delete that directory to arm the same fault again. Events are counted pe
 (a restarted actor counts from 0). Ray actors get both variables through the drivers'
 ``runtime_env`` (:data:`ENV_VARS`); under ``ray job submit`` pass them with
 ``--runtime-env-json '{"env_vars": {"CROSSMODAL_FAULT": "..."}}'``.
+
+One more switch makes a Ray node that does not share the driver's filesystem, on one
+machine: start that node with ``CROSSMODAL_FAULT_NODE_ROOT=DIR`` in its environment
+(``CROSSMODAL_FAULT_NODE_ROOT=/tmp/elsewhere ray start --address=...``) and its processes
+look up the shared-output check's file under ``DIR`` instead of ``/``
+(:func:`node_view`, :mod:`crossmodal.fleet.shared`). It is never forwarded to actors: it
+must hold on one node only.
 """
 
 from __future__ import annotations
@@ -215,3 +222,16 @@ def _claim(marker: Path, fault: Fault) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {time.time():.3f} {fault.spec}\n")
     return True
+
+
+NODE_ROOT_ENV = "CROSSMODAL_FAULT_NODE_ROOT"
+"""Set in one Ray node's environment: that node sees the filesystem rooted at this directory
+(for the shared-output check only; see the module docstring). Not in :data:`ENV_VARS`."""
+
+
+def node_view(path: str | Path, environ: Mapping[str, str] | None = None) -> Path:
+    """``path`` as this node sees it: under ``$CROSSMODAL_FAULT_NODE_ROOT`` when that is set
+    (a node without the driver's volume), else unchanged."""
+    environ = os.environ if environ is None else environ
+    root, p = environ.get(NODE_ROOT_ENV), Path(path)
+    return Path(root, *p.parts[1:]) if root and p.is_absolute() else p

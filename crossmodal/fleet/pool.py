@@ -3,7 +3,8 @@
 A stage's workers are callable classes (load once in ``__init__``, one job per call), so
 they run without Ray in tests; :class:`ActorFleet` wraps them in Ray actors with the stage's
 resources and restart policy, hands out jobs as actors free up, yields results in completion
-order, and kills its actors on exit. Resume is the caller's: it passes only pending jobs and
+order, and kills its actors on exit. Actors are spread over the cluster's nodes (Ray's
+``SPREAD`` strategy), so losing a node loses few of them; Ray restarts those elsewhere. Resume is the caller's: it passes only pending jobs and
 records each result before asking for the next (the driver fault point ticks after that).
 
 The fleet knows which job each actor runs, so a failure names it: a job whose actor died
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +52,19 @@ def describe_job(job: Any) -> str:
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         return " + ".join(names[:3]) + more
     return one_line(repr(job), 200)
+
+
+UNREACHABLE_S = 120
+"""How long a job waits for Ray to restart the actor of a lost node before it fails."""
+
+
+class _Unreachable(Exception):
+    """Ray could not reach a job's actor (``ActorUnavailableError``: its node is lost or
+    restarting); the job is submitted again (:meth:`ActorFleet._again`)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _warn(line: str) -> None:
@@ -102,6 +117,7 @@ class ActorFleet:
             num_cpus=spec.num_cpus,
             max_restarts=spec.max_restarts,
             max_task_retries=spec.max_task_retries,
+            scheduling_strategy="SPREAD",  # over nodes: a lost node takes few actors with it
         )(replica)
         self._ray, self.spec, self.name = ray, spec, cls.__name__
         self.echo = echo or _warn
@@ -110,6 +126,8 @@ class ActorFleet:
         ]
         self.restarts = [0] * len(self.actors)
         """Restarts seen per actor (a job that finished on a restarted actor)."""
+        self._unreachable = [0] * len(self.actors)
+        """Seconds each actor's current job has waited for its lost node (:meth:`_again`)."""
 
     def map(self, jobs: Iterable[Any], *, fault: FaultPoint | None = None) -> Iterator[Any]:
         """Each job's result, in completion order; ``fault`` ticks once per result, after the
@@ -133,7 +151,12 @@ class ActorFleet:
         while running:
             [ref], _ = self._ray.wait(list(running), num_returns=1)
             i, job = running.pop(ref)
-            result = self._result(ref, i, job)
+            try:
+                result = self._result(ref, i, job)
+            except _Unreachable as gone:  # its node is lost: the same job again, same actor
+                running[self._again(gone, i, job)] = (i, job)
+                continue
+            self._unreachable[i] = 0
             idle.append(i)
             hand_out()  # before the caller handles the result: the actor stays busy
             yield result
@@ -142,10 +165,12 @@ class ActorFleet:
 
     def _result(self, ref: Any, i: int, job: Any) -> Any:
         """The result of ``job`` on actor ``i``; a failure as described in :meth:`map`."""
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         try:
             restarted, result = self._ray.get(ref)
+        except ActorUnavailableError as err:
+            raise _Unreachable(err) from err
         except RayActorError as err:
             raise self._died(err, i, job) from err
         except RayTaskError as err:
@@ -155,6 +180,21 @@ class ActorFleet:
             self.restarts[i] += 1
             self.echo(self._restart_line(i, job))
         return result
+
+    def _again(self, gone: _Unreachable, i: int, job: Any) -> Any:
+        """Submit ``job`` to actor ``i`` again after its node became unreachable.
+
+        Until Ray's health check declares the node dead (seconds), calls to the actor fail
+        at once as "unavailable" (Ray spends ``max_task_retries`` on them); after that Ray
+        restarts the actor on another node and a call waits for it. So the job is resubmitted
+        once a second; a job whose actor stays unreachable for :data:`UNREACHABLE_S` fails
+        like a dead actor. Jobs are idempotent (each rewrites only what it owns).
+        """
+        self._unreachable[i] += 1
+        if self._unreachable[i] > UNREACHABLE_S:
+            raise self._died(gone.cause, i, job) from gone.cause
+        time.sleep(1.0)
+        return self.actors[i].__call__.remote(job)
 
     def _attempts(self, i: int) -> int:
         """How often a job that killed actor ``i`` ran: once, plus Ray's retries, each on a

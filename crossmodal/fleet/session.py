@@ -122,8 +122,17 @@ class RaySession:
         spec: Any,
         count: int | None = None,
         echo: Callable[[str], None] | None = None,
+        output: Any = None,
     ) -> Any:
-        """An :class:`~crossmodal.fleet.pool.ActorFleet` of ``cls(*args)`` replicas."""
-        from crossmodal.fleet.pool import ActorFleet
+        """An :class:`~crossmodal.fleet.pool.ActorFleet` of ``cls(*args)`` replicas.
 
-        return ActorFleet(self.connect(), cls, args, spec, count=count, echo=echo)
+        ``output``: where the actors write; a local path must be seen by every node
+        (checked first on a cluster of several, :mod:`crossmodal.fleet.shared`).
+        """
+        from crossmodal.fleet.pool import ActorFleet
+        from crossmodal.fleet.shared import check_output_shared
+
+        ray = self.connect()
+        if output is not None:
+            check_output_shared(ray, output)
+        return ActorFleet(ray, cls, args, spec, count=count, echo=echo)

@@ -163,7 +163,7 @@ def _run_tasks(
     with (
         RaySession(address) as session,
         bar,
-        session.actors(SteerWorker, config, spec=config.actors) as fleet,
+        session.actors(SteerWorker, config, spec=config.actors, output=config.output) as fleet,
     ):
         for result in fleet.map(pending, fault=fault):
             fault.reached("steer.task.landed")
