@@ -186,7 +186,8 @@ def collect(
     default="all,attention,ffn",
     show_default=True,
     help="Comma-separated unit groups each ranking runs over: all, attention, self_attn, "
-    "cross_attn, ffn; GROUP@LAYER ranks one layer's units, GROUP@* each layer's.",
+    "cross_attn, ffn, dynamic (all but the step-invariant units); GROUP@LAYER ranks one "
+    "layer's units, GROUP@* each layer's.",
 )
 @click.option(
     "--widen",
@@ -194,7 +195,13 @@ def collect(
     show_default=True,
     help="Margin added to every AP interval before planning the exact pass.",
 )
-@click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-sets next to it).")
+@click.option(
+    "--csv",
+    "csv",
+    is_flag=True,
+    help="Also write one CSV per set (the reference study's expertise-file columns).",
+)
+@click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-csv next to it).")
 @address_option
 @click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
 @no_progress_option("bars")
@@ -203,12 +210,16 @@ def reduce(
     k: int,
     scopes: str,
     widen: float,
+    csv: bool,
     csv_dir: str | None,
     address: str | None,
     num_cpus: float,
     no_progress: bool,
 ) -> None:
     """Reduce a collect STORE: selectivity, exact top/bottom-k sets, roles, overlap (resumable).
+
+    The sets are also one Parquet table per family, STORE-sets/FAMILY.parquet next to the
+    store (one row per member, exact AP included); --csv adds the reference's CSV files.
 
     \b
     Example:
@@ -221,6 +232,7 @@ def reduce(
         k=k,
         scopes=[s.strip() for s in scopes.split(",") if s.strip()],
         widen=widen,
+        csv=csv,
         csv_dir=csv_dir,
         address=address,
         num_cpus=num_cpus,
