@@ -275,8 +275,25 @@ def steer(
 @click.option("--out", default=None, help="Output directory (default: STORE-report next to it).")
 @click.option("--family", default="decoder", show_default=True, help="Unit family to report.")
 @click.option("--pooling", default=None, help="Pooling (default: prefix_mean if collected).")
-@click.option("--scope", default="all", show_default=True, help="Set scope: all/attention/ffn.")
-@click.option("--no-figures", is_flag=True, help="Write summary.md only (no PNGs).")
+@click.option(
+    "--scope", default="all", show_default=True, help="Set scope: all/attention/ffn/dynamic."
+)
+@click.option("--no-figures", is_flag=True, help="Write summary.md only (no figures).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "pdf", "svg"]),
+    default="png",
+    show_default=True,
+    help="Figure file format (pdf and svg are vector graphics).",
+)
+@click.option(
+    "--dpi",
+    type=click.IntRange(min=1),
+    default=150,
+    show_default=True,
+    help="Resolution of raster figures (PNG) and of images inside PDF/SVG.",
+)
 def report(
     store: str,
     out: str | None,
@@ -284,17 +301,28 @@ def report(
     pooling: str | None,
     scope: str,
     no_figures: bool,
+    fmt: str,
+    dpi: int,
 ) -> None:
     """Figures and a Markdown summary of a reduced STORE, plus its steering runs' figures.
+
+    summary.md links every figure and each steering run's summary.
 
     \b
     Example:
       crossmodal report results/organism.zarr --out results/organism-report
+      crossmodal report results/organism.zarr --format pdf --out results/organism-report-pdf
     """
     from crossmodal.store import results
 
     paths = results.open(store).report(
-        out, family=family, pooling=pooling, scope=scope, figures=not no_figures
+        out,
+        family=family,
+        pooling=pooling,
+        scope=scope,
+        figures=not no_figures,
+        fmt=fmt,
+        dpi=dpi,
     )
     click.echo(f"wrote {len(paths)} files to {paths[0].parent if paths else out}")
 

@@ -250,6 +250,8 @@ def unit_coords(n_units: int, n_layers: int = 4, id_offset: int = 0) -> dict:
         "submodule": ("unit", sub.astype(str)),
         "site": ("unit", site),
         "feature": ("unit", np.arange(n_units) % 5),
+        # half the cross-attention units stand for k/v projections of the encoder output
+        "step_invariant": ("unit", (sub == "cross_attn") & (np.arange(n_units) % 2 == 0)),
     }
 
 

@@ -51,8 +51,9 @@ def sets_table(
     exact_ids = pd.Index(np.asarray(exact_ap["unit"].values, dtype=np.int64))
     for pooling, ds in views.items():
         index = pd.Index(np.asarray(ds["unit"].values, dtype=np.int64))
-        coords = {c: np.asarray(ds[c].values) for c in UNIT_COORDS}
+        coords = {c: _plain(ds[c].values) for c in UNIT_COORDS}
         block = sets.sel(pooling=pooling).transpose(*COND, "scope", "kind", "rank")
+        scopes, kinds = _plain(block["scope"].values), _plain(block["kind"].values)
         for at in itertools.product(*(block[d].values for d in COND)):
             cond = dict(zip(COND, at, strict=True))
             ids = np.asarray(block.sel(cond).values)
@@ -65,8 +66,8 @@ def sets_table(
                 "family": family,
                 **{k: v for k, v in cond.items()},
                 "pooling": pooling,
-                "scope": block["scope"].values[scope_i].astype(str),
-                "kind": block["kind"].values[kind_i].astype(str),
+                "scope": scopes[scope_i],
+                "kind": kinds[kind_i],
                 "k": int(sets.attrs["k"]),
                 "rank": rank.astype(np.int64),
                 "unit": units.astype(np.int64),
@@ -87,6 +88,15 @@ def sets_table(
             f"{int(first['unit'])} of {dict(first[list(SET_KEYS)])!r}; re-run the exact pass"
         )
     return _typed(table).sort_values([*SET_KEYS, "rank"], ignore_index=True)
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    """Labels as numpy can index and pandas can hold: strings (numpy StringDType from the
+    store included) as an object array of ``str``, anything else unchanged."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUT":
+        return np.asarray([str(v) for v in values], dtype=object)
+    return values
 
 
 def _empty_table() -> pd.DataFrame:

@@ -270,12 +270,21 @@ class Results:
         pooling: str | None = None,
         scope: str = "all",
         figures: bool = True,
+        fmt: str = "png",
+        dpi: int = 150,
     ) -> list[Path]:
         """``crossmodal report``: :func:`crossmodal.report.store_report.write_store_report`."""
         from crossmodal.report.store_report import write_store_report
 
         return write_store_report(
-            self, out, family=family, pooling=pooling, scope=scope, figures=figures
+            self,
+            out,
+            family=family,
+            pooling=pooling,
+            scope=scope,
+            figures=figures,
+            fmt=fmt,
+            dpi=dpi,
         )
 
 
