@@ -195,12 +195,7 @@ def collect(
     show_default=True,
     help="Margin added to every AP interval before planning the exact pass.",
 )
-@click.option(
-    "--csv",
-    "csv",
-    is_flag=True,
-    help="Also write one CSV per set (the reference study's expertise-file columns).",
-)
+@click.option("--csv", is_flag=True, help="Also write one CSV per set (reference columns).")
 @click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-csv next to it).")
 @address_option
 @click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
