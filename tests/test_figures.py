@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import synthetic_concentration as concentration
 from helpers import synthetic_selectivity
 from matplotlib.figure import Figure
 from scipy.stats import norm
@@ -23,18 +24,6 @@ from crossmodal.report.selection import build_figures, write_report
 from crossmodal.report.steering import share_table, steering_panels
 
 LANGS = ["deu", "jpn"]
-
-
-def concentration(ds):
-    import xarray as xr
-
-    rng = np.random.default_rng(0)
-    return xr.DataArray(
-        rng.random((3, 2, 3, 3, 5)),
-        dims=("task", "modality", "step", "language", "layer"),
-        coords={k: ds[k].values for k in ("task", "modality", "step", "language")}
-        | {"layer": [-1, 0, 1, 2, 3]},
-    )
 
 
 def assert_paper_ready(fig: Figure, name: str) -> None:

@@ -169,9 +169,7 @@ def test_steering_tables_are_typed_and_carry_provenance(tables, tmp_path) -> Non
         assert prov["code_version"] and "store_digest" in prov and prov["written"]
     assert results.field("target_hit").type == pa.bool_()
     out = Path(config.output)
-    assert read_provenance(out / "summary.parquet") == json.loads(
-        summary.metadata[PROVENANCE_KEY]
-    )
+    assert read_provenance(out / "summary.parquet") == json.loads(summary.metadata[PROVENANCE_KEY])
     frame = pd.read_parquet(out / "results.parquet")
     assert str(frame["step"].dtype) == "Int64" and str(frame["target_hit"].dtype) == "boolean"
     baseline = frame[frame["kind"] == "baseline"]

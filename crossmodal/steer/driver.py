@@ -277,7 +277,7 @@ def _grid_json(config: SteerConfig, cells: Sequence[Cell]) -> str:
 
 STEERING_ATTR = "steering"
 """The store's root attribute listing its steering runs: ``{"runs": {output: {"summary",
-"results", "finished"}}}`` (absolute paths)."""
+"results", "finished"}}}`` (paths relative to the folder that holds the store)."""
 
 
 def link_run(config: SteerConfig, out: Path, echo: Callable[[str], None] = print) -> bool:
@@ -291,13 +291,14 @@ def link_run(config: SteerConfig, out: Path, echo: Callable[[str], None] = print
     root = zarr.open_group(str(source), mode="r+")
     if "layout_version" not in root.attrs:
         return False
-    run = out.resolve()
+    # relative to the store's folder: a store moved together with its runs keeps its links
+    run = Path(os.path.relpath(out.resolve(), source.resolve().parent))
     with OutputLock(source, "steer", echo=echo):  # the store's one writer while linking
         links = dict(root.attrs.get(STEERING_ATTR) or {})
         runs = dict(links.get("runs") or {})
-        runs[str(run)] = {
-            "summary": str(run / "summary.parquet"),
-            "results": str(run / "results.parquet"),
+        runs[run.as_posix()] = {
+            "summary": (run / "summary.parquet").as_posix(),
+            "results": (run / "results.parquet").as_posix(),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         root.attrs[STEERING_ATTR] = {**links, "runs": runs}

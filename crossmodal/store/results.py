@@ -237,7 +237,8 @@ class Results:
         """The steer output directories that read this store, as the steer driver linked them
         in the root attribute ``steering`` (existing ones, in the order they were linked)."""
         runs = (self.attrs.get("steering") or {}).get("runs") or {}
-        return [Path(run) for run in runs if Path(run).is_dir()]
+        paths = [self.path.parent / run for run in runs]  # relative to the store's folder
+        return [p for p in paths if p.is_dir()]
 
     def steering(self, run: str | Path | None = None, table: str = "summary") -> pd.DataFrame:
         """A steer run's ``summary`` (per cell) or ``results`` (per cell and input) table.
