@@ -171,3 +171,33 @@ def test_store_report_links_steering_runs(tmp_path) -> None:
         assert f"]({p.relative_to(out).as_posix()})" in summary, p
     assert "](steering/steer/steering.md)" in summary
     assert Path(out / "steering" / "steer" / "steering.md").is_file()
+
+
+def test_concentration_lines_have_a_confidence_band() -> None:
+    """Given std and count, each mean-Gini line gets a 95% band whose half-width is
+    1.96 * sqrt(sum over languages of std^2 / count) / n_languages."""
+    import xarray as xr
+
+    from crossmodal.report.selection import gini_band
+
+    ds = synthetic_selectivity(seed=11)
+    mean = concentration(ds)
+    rng = np.random.default_rng(1)
+    gini = xr.Dataset(
+        {
+            "mean": mean,
+            "std": mean.copy(data=rng.random(mean.shape) / 5),
+            "count": mean.copy(data=rng.integers(2, 40, mean.shape).astype(float)),
+        }
+    )
+    avg, half = gini_band(gini)
+    at = {"task": "x2en", "modality": "text", "step": 6, "layer": 2}
+    sub = gini.sel(at)
+    want = norm.ppf(0.975) * np.sqrt((sub["std"] ** 2 / sub["count"]).sum()) / 3
+    assert float(half.sel(at)) == pytest.approx(float(want))
+    assert float(avg.sel(at)) == pytest.approx(float(sub["mean"].mean()))
+    fig = build_figures(ds, k=10, concentration=gini)["concentration"]
+    assert_paper_ready(fig, "concentration")
+    ax = fig.axes[0]
+    assert len(ax.collections) == len(ax.get_lines())  # one band per line
+    assert all("95% CI" in t.get_text() for t in ax.get_legend().get_texts())

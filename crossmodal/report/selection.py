@@ -19,7 +19,8 @@ Files written into ``out_dir`` (``<name>.<fmt>``, :data:`FORMATS`):
   * ``diagonal_vs_step.png``: same-language overlap against step, representation (x2en)
     vs control (en2x), with the random expectation and the off-diagonal mean;
   * ``concentration.png`` when a Gini summary is given (mean Gini per layer, one line per
-    modality and step); ``summary.md`` then also compares speech vs text and Latin vs
+    modality and step, with a 95% confidence band when std and count come with it);
+    ``summary.md`` then also compares speech vs text and Latin vs
     non-Latin script languages (:data:`NON_LATIN`; for en2x the script is the output's);
   * ``summary.md``: the numbers behind every figure, as Markdown tables (with how many
     members of each set are step-invariant units), plus the v1 modality-selective unit
@@ -79,7 +80,8 @@ def write_report(
         sets: sets to report (e.g. from ``finalize_selection``); default: ``select_sets``
             on ``selectivity_ds["ap"]``.
         concentration: optional mean Gini per condition, dims ``(task, modality, step,
-            language, layer)`` (``Results.concentration()["mean"]``).
+            language, layer)``: ``Results.concentration()["mean"]``, or the whole Dataset
+            (``mean``, ``std``, ``count``), which adds a 95% confidence band to the figure.
         modality: optional v1 modality-selective units (``Results.modality()``): counts of
             the speech-/text-selective k-sets per submodule and site kind.
         skipped: the examples collect skipped, ``{reason: [language/split/id, ...]}``
@@ -89,12 +91,13 @@ def write_report(
         figures: False writes ``summary.md`` only (rendering ~14 figures takes seconds).
     """
     check_format(fmt, dpi)
+    conc_ds, concentration = _gini_parts(concentration)
     out = Path(out_dir)
     data = _report_data(selectivity_ds, k, sets)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     if figures:
-        figs = _figures(*data, concentration)
+        figs = _figures(*data, conc_ds if conc_ds is not None else concentration)
         paths = [_save(fig, out / f"{name}.{fmt}", dpi) for name, fig in figs.items()]
     md = _summary(selectivity_ds, *data, concentration)
     md += _extra_sections(concentration, modality, skipped)
@@ -138,10 +141,20 @@ def build_figures(
     *,
     k: int = 1000,
     sets: xr.DataArray | None = None,
-    concentration: xr.DataArray | None = None,
+    concentration: xr.DataArray | xr.Dataset | None = None,
 ) -> dict[str, Figure]:
     """Every selection figure by file stem, unsaved (what :func:`write_report` writes)."""
     return _figures(*_report_data(selectivity_ds, k, sets), concentration)
+
+
+def _gini_parts(
+    concentration: xr.DataArray | xr.Dataset | None,
+) -> tuple[xr.Dataset | None, xr.DataArray | None]:
+    """(the Dataset when given one, the mean Gini): the figure's band needs std and count,
+    the tables only the mean."""
+    if isinstance(concentration, xr.Dataset):
+        return concentration, concentration["mean"]
+    return None, concentration
 
 
 def figure_links(paths: Sequence[Path], root: Path, title: str = "Figures") -> str:
@@ -339,20 +352,43 @@ def _diagonal_vs_step(ov: xr.Dataset, k: int) -> Figure:
     return fig
 
 
-def _concentration(gini_mean: xr.DataArray) -> Figure:
-    tasks = gini_mean["task"].values
+def gini_band(gini: xr.Dataset, level: float = 0.95) -> tuple[xr.DataArray, xr.DataArray]:
+    """Mean over languages of the per-language mean Gini, and the half-width of its
+    ``level`` normal confidence interval: the languages' examples are independent, so the
+    variance of the average is ``sum(std**2 / count) / n_languages**2``."""
+    from scipy.stats import norm
+
+    has = np.isfinite(gini["mean"]) & (gini["count"] > 1)
+    n_lang = has.sum("language")
+    avg = gini["mean"].where(has).mean("language", skipna=True)
+    var = (gini["std"] ** 2 / gini["count"]).where(has).sum("language") / n_lang**2
+    return avg, float(norm.ppf(0.5 + level / 2)) * np.sqrt(var)
+
+
+def _concentration(gini: xr.DataArray | xr.Dataset) -> Figure:
+    """Mean Gini per layer, one line per modality and step; with std and count, a 95%
+    confidence band around each line."""
+    tasks = gini["task"].values
     fig = Figure(figsize=(4.5 * len(tasks), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    avg = gini_mean.mean("language", skipna=True)
+    if isinstance(gini, xr.Dataset):
+        avg, half = gini_band(gini)
+    else:
+        avg, half = gini.mean("language", skipna=True), None
+    band = " (band: 95% CI)" if half is not None else ""
     for ax, task in zip(axes, tasks, strict=True):
         for mod in avg["modality"].values:
             for step in avg["step"].values:
-                ax.plot(
-                    avg["layer"].values,
-                    avg.sel(task=task, modality=mod, step=step).values,
-                    marker=".",
-                    label=f"{mod} step {step}",
+                at = {"task": task, "modality": mod, "step": step}
+                y = avg.sel(at).values
+                (line,) = ax.plot(
+                    avg["layer"].values, y, marker=".", label=f"{mod} step {step}{band}"
                 )
+                if half is not None:
+                    h = half.sel(at).values
+                    ax.fill_between(
+                        avg["layer"].values, y - h, y + h, color=line.get_color(), alpha=0.15
+                    )
         ax.set_title(f"{task}: Gini of |activation|")
         ax.set_xlabel("layer")
         ax.set_ylabel("mean Gini")

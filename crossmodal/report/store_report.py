@@ -52,7 +52,7 @@ def write_store_report(
     ds = res.selectivity(family, pooling)
     conc = mod = None
     with contextlib.suppress(ValueError):  # stores collected before these analyses
-        conc = res.concentration(pooling)["mean"]
+        conc = res.concentration(pooling)  # mean, std, count: the figure's band
     with contextlib.suppress(ValueError):
         mod = res.modality(family, pooling)
     import zarr
