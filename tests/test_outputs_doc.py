@@ -167,6 +167,7 @@ def test_steering_tables_are_typed_and_carry_provenance(tables, tmp_path) -> Non
         assert prov["config"] == config.to_dict()
         assert prov["store"] == str(Path(config.selectivity.path).resolve())
         assert prov["code_version"] and "store_digest" in prov and prov["written"]
+        assert prov["code_commit"] is None or len(prov["code_commit"]) == 40
     assert results.field("target_hit").type == pa.bool_()
     out = Path(config.output)
     assert read_provenance(out / "summary.parquet") == json.loads(summary.metadata[PROVENANCE_KEY])

@@ -64,7 +64,7 @@ def sets_table(
             pos = index.get_indexer(units)
             row = {
                 "family": family,
-                **{k: v for k, v in cond.items()},
+                **cond,
                 "pooling": pooling,
                 "scope": scopes[scope_i],
                 "kind": kinds[kind_i],

@@ -69,7 +69,7 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
 
 PROVENANCE_KEY = b"crossmodal"
 """The Parquet file-metadata key of a steering table's provenance (JSON: ``config``,
-``code_version``, ``store``, ``store_digest``, ``written``)."""
+``code_version``, ``code_commit``, ``store``, ``store_digest``, ``written``)."""
 _ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
 _PANDAS = {"int64": "Int64", "bool": "boolean", "float64": "float64", "string": "object"}
 
@@ -78,11 +78,12 @@ def declared_types(table: str) -> list[tuple[re.Pattern, str]]:
     """(column-name pattern, base type) of each column ``table`` declares in
     ``outputs.schema.json`` (a placeholder matches any name part)."""
     from crossmodal.schemas import load_schema
+    from crossmodal.schemas.outputs import PLACEHOLDERS
 
     out = []
     for c in load_schema("outputs")["x-tables"][table]["columns"]:
         pattern = re.escape(c["name"])
-        for placeholder in ("<backend>", "<lang>", "<script>"):
+        for placeholder in PLACEHOLDERS:
             pattern = pattern.replace(re.escape(placeholder), ".+")
         out.append((re.compile(pattern), c["type"].split(",")[0].strip()))
     return out
@@ -117,17 +118,38 @@ def typed_table(frame: pd.DataFrame, table: str, provenance: Mapping[str, Any]) 
 
 
 def provenance(config: SteerConfig, digest: str) -> dict[str, Any]:
-    """What made a steering table: the config, the code version, the source and its digest."""
-    from importlib.metadata import version
+    """What made a steering table: the config, the code version (and git commit when the
+    code runs from a checkout), the source and its digest."""
+    from crossmodal import __version__
 
     source = Path(str(config.selectivity.path))
     return {
         "config": config.to_dict(),
-        "code_version": version("crossmodal"),
+        "code_version": __version__,
+        "code_commit": _git_commit(),
         "store": str(source.resolve()),
         "store_digest": digest,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout the package runs from; None outside one (a Ray job's copy
+    of the working directory, an installed wheel)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:

@@ -147,8 +147,10 @@ class Results:
         """The selected sets as one long table (``<store>-sets/<family>.parquet``; every
         family when None): one row per member with its unit coordinates, histogram AP and
         bounds and exact AP (docs/outputs.md, ``reduce/sets.parquet``)."""
-        folder = self.path.parent / f"{self.path.stem}-sets"
-        path = folder if family is None else folder / f"{family}.parquet"
+        from crossmodal.reduce.sets import sets_table_path
+
+        folder = sets_table_path(self.path, "-").parent
+        path = folder if family is None else sets_table_path(self.path, family)
         if not path.exists() or (family is None and not any(folder.glob("*.parquet"))):
             raise ValueError(
                 f"sets table must be one of [present], got none at {str(path)!r}; run "
