@@ -354,6 +354,7 @@ def test_a_healthy_reduce_on_ray_prints_no_error_line(collected, clean, tmp_path
         str(K),
         "--scopes",
         "all",
+        "--csv",
         "--no-progress",
     ]
     repo = Path(__file__).resolve().parent.parent
