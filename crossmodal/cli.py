@@ -186,7 +186,8 @@ def collect(
     default="all,attention,ffn",
     show_default=True,
     help="Comma-separated unit groups each ranking runs over: all, attention, self_attn, "
-    "cross_attn, ffn; GROUP@LAYER ranks one layer's units, GROUP@* each layer's.",
+    "cross_attn, ffn, dynamic (all but the step-invariant units); GROUP@LAYER ranks one "
+    "layer's units, GROUP@* each layer's.",
 )
 @click.option(
     "--widen",
@@ -194,7 +195,8 @@ def collect(
     show_default=True,
     help="Margin added to every AP interval before planning the exact pass.",
 )
-@click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-sets next to it).")
+@click.option("--csv", is_flag=True, help="Also write one CSV per set (reference columns).")
+@click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-csv next to it).")
 @address_option
 @click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
 @no_progress_option("bars")
@@ -203,12 +205,16 @@ def reduce(
     k: int,
     scopes: str,
     widen: float,
+    csv: bool,
     csv_dir: str | None,
     address: str | None,
     num_cpus: float,
     no_progress: bool,
 ) -> None:
     """Reduce a collect STORE: selectivity, exact top/bottom-k sets, roles, overlap (resumable).
+
+    The sets are also one Parquet table per family, STORE-sets/FAMILY.parquet next to the
+    store (one row per member, exact AP included); --csv adds the reference's CSV files.
 
     \b
     Example:
@@ -221,6 +227,7 @@ def reduce(
         k=k,
         scopes=[s.strip() for s in scopes.split(",") if s.strip()],
         widen=widen,
+        csv=csv,
         csv_dir=csv_dir,
         address=address,
         num_cpus=num_cpus,
@@ -263,8 +270,25 @@ def steer(
 @click.option("--out", default=None, help="Output directory (default: STORE-report next to it).")
 @click.option("--family", default="decoder", show_default=True, help="Unit family to report.")
 @click.option("--pooling", default=None, help="Pooling (default: prefix_mean if collected).")
-@click.option("--scope", default="all", show_default=True, help="Set scope: all/attention/ffn.")
-@click.option("--no-figures", is_flag=True, help="Write summary.md only (no PNGs).")
+@click.option(
+    "--scope", default="all", show_default=True, help="Set scope: all/attention/ffn/dynamic."
+)
+@click.option("--no-figures", is_flag=True, help="Write summary.md only (no figures).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "pdf", "svg"]),
+    default="png",
+    show_default=True,
+    help="Figure file format (pdf and svg are vector graphics).",
+)
+@click.option(
+    "--dpi",
+    type=click.IntRange(min=1),
+    default=150,
+    show_default=True,
+    help="Resolution of raster figures (PNG) and of images inside PDF/SVG.",
+)
 def report(
     store: str,
     out: str | None,
@@ -272,17 +296,28 @@ def report(
     pooling: str | None,
     scope: str,
     no_figures: bool,
+    fmt: str,
+    dpi: int,
 ) -> None:
     """Figures and a Markdown summary of a reduced STORE, plus its steering runs' figures.
+
+    summary.md links every figure and each steering run's summary.
 
     \b
     Example:
       crossmodal report results/organism.zarr --out results/organism-report
+      crossmodal report results/organism.zarr --format pdf --out results/organism-report-pdf
     """
     from crossmodal.store import results
 
     paths = results.open(store).report(
-        out, family=family, pooling=pooling, scope=scope, figures=not no_figures
+        out,
+        family=family,
+        pooling=pooling,
+        scope=scope,
+        figures=not no_figures,
+        fmt=fmt,
+        dpi=dpi,
     )
     click.echo(f"wrote {len(paths)} files to {paths[0].parent if paths else out}")
 

@@ -31,6 +31,9 @@ class PipelineConfig:
     k: int
     scopes: tuple[str, ...]
     report_out: Path | None
+    csv: bool = False
+    report_format: str = "png"
+    report_dpi: int = 150
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -73,6 +76,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         k=int(raw["reduce"]["k"]),
         scopes=tuple(raw["reduce"]["scopes"]),
         report_out=Path(out) if out else None,
+        csv=bool(raw["reduce"]["csv"]),
+        report_format=raw["report"]["format"],
+        report_dpi=int(raw["report"]["dpi"]),
     )
 
 
@@ -98,7 +104,7 @@ def run_pipeline(
     collected = run_collect(config.collect, source=str(config.collect_path), **stage)
     store = Path(collected["store"])
     echo("== reduce ==")
-    run_reduce(store, k=config.k, scopes=config.scopes, **stage)
+    run_reduce(store, k=config.k, scopes=config.scopes, csv=config.csv, **stage)
     steer_out = None
     if config.steer is not None:
         echo("== steer ==")
@@ -107,7 +113,7 @@ def run_pipeline(
         steer_out = Path(grid.output).resolve()
     echo("== report ==")
     res = results.open(store)
-    paths = res.report(config.report_out)
+    paths = res.report(config.report_out, fmt=config.report_format, dpi=config.report_dpi)
     report_dir = paths[0].parent if paths else config.report_out
     return {
         "store": str(store),

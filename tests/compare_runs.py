@@ -126,7 +126,7 @@ def main(before: str, after: str) -> int:
     roots = [str(a.parent), str(b.parent), str(a), str(b)]
     roots.sort(key=len, reverse=True)
     problems = compare_store(a / "organism.zarr", b / "organism.zarr", roots)
-    problems += compare_files(a / "organism-sets", b / "organism-sets", "*.csv", roots)
+    problems += compare_files(a / "organism-sets", b / "organism-sets", "*.parquet", roots)
     problems += compare_files(a / "steer-organism", b / "steer-organism", "*ts.parquet", roots)
     problems += compare_files(a / "steer-organism", b / "steer-organism", "summary.parquet", roots)
     problems += compare_files(a / "organism-report", b / "organism-report", "*.md", roots)

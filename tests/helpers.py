@@ -252,6 +252,8 @@ def unit_coords(n_units: int, n_layers: int = 4, id_offset: int = 0) -> dict:
         "submodule": ("unit", sub.astype(str)),
         "site": ("unit", site),
         "feature": ("unit", np.arange(n_units) % 5),
+        # half the cross-attention units stand for k/v projections of the encoder output
+        "step_invariant": ("unit", (sub == "cross_attn") & (np.arange(n_units) % 2 == 0)),
     }
 
 
@@ -274,6 +276,17 @@ def synthetic_selectivity(seed: int = 0, n_units: int = 124, slack: float = 0.01
     coords = {"task": tasks, "modality": modalities, "step": steps, "language": langs}
     coords |= unit_coords(n_units)
     return xr.Dataset({k: (dims, v) for k, v in data.items()}, coords=coords)
+
+
+def synthetic_concentration(ds: xr.Dataset) -> xr.DataArray:
+    """Mean Gini per condition and layer (-1..3) over ``ds``'s conditions (random values)."""
+    rng = np.random.default_rng(0)
+    return xr.DataArray(
+        rng.random((3, 2, 3, 3, 5)),
+        dims=("task", "modality", "step", "language", "layer"),
+        coords={k: ds[k].values for k in ("task", "modality", "step", "language")}
+        | {"layer": [-1, 0, 1, 2, 3]},
+    )
 
 
 # ------------------------------------------------------------ store comparison

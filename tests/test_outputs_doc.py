@@ -148,3 +148,31 @@ def test_declared_placeholders_are_the_only_ones() -> None:
         for p in re.findall(r"<\w+>", c["name"])
     }
     assert used == set(outputs["x-placeholders"])
+
+
+def test_steering_tables_are_typed_and_carry_provenance(tables, tmp_path) -> None:
+    """Integers stay integers (nullable where a baseline has none), booleans booleans, and
+    the file metadata says which config, code and store made the table."""
+    import json
+
+    import pandas as pd
+
+    from crossmodal.steer.driver import PROVENANCE_KEY, read_provenance
+
+    config, _, results, summary = tables
+    for schema in (results, summary):
+        for name in ("step", "k", "seed", "n_units", "n_forced"):
+            assert schema.field(name).type == pa.int64(), name
+        prov = json.loads(schema.metadata[PROVENANCE_KEY])
+        assert prov["config"] == config.to_dict()
+        assert prov["store"] == str(Path(config.selectivity.path).resolve())
+        assert prov["code_version"] and "store_digest" in prov and prov["written"]
+        assert prov["code_commit"] is None or len(prov["code_commit"]) == 40
+    assert results.field("target_hit").type == pa.bool_()
+    out = Path(config.output)
+    assert read_provenance(out / "summary.parquet") == json.loads(summary.metadata[PROVENANCE_KEY])
+    frame = pd.read_parquet(out / "results.parquet")
+    assert str(frame["step"].dtype) == "Int64" and str(frame["target_hit"].dtype) == "boolean"
+    baseline = frame[frame["kind"] == "baseline"]
+    assert baseline["step"].isna().all() and baseline["target_hit"].isna().all()
+    assert frame.loc[frame["kind"] == "selected", "step"].tolist() == [1, 1]

@@ -31,6 +31,7 @@ from crossmodal.fleet.session import RAY_ENV
 from crossmodal.reduce.driver import run_reduce
 from crossmodal.reduce.exact import ExactWorker, Slot, work_units
 from crossmodal.reduce.selection import CSV_COLUMNS, parse_scope, scope_mask, select_sets
+from crossmodal.reduce.sets import SET_KEYS
 from crossmodal.stats.finalize import exact_selectivity
 from crossmodal.stats.running import ExactValues
 from crossmodal.store import results
@@ -105,7 +106,9 @@ def config(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reduced(ray_session, config):
     run_collect(config, progress=False, echo=lambda s: None)
-    first = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
+    first = run_reduce(
+        config.output, k=K, scopes=SCOPES, csv=True, progress=False, echo=lambda s: None
+    )
     return config, first
 
 
@@ -252,7 +255,7 @@ def test_roles_overlap_and_csv(reduced):
     assert r.overlap(kind="spearman")["spearman_by_submodule"].sizes["submodule"] == 4
     assert "layer" in r.overlap(kind="sets_by_layer").dims
     csv = pd.read_csv(
-        config.output.replace(".zarr", "-sets")
+        config.output.replace(".zarr", "-csv")
         + "/decoder/prefix_mean/ffn@1/x2en_speech_step1_deu_top.csv"
     )
     assert list(csv.columns) == list(CSV_COLUMNS)
@@ -267,6 +270,56 @@ def test_roles_overlap_and_csv(reduced):
         task="x2en", step=1, kind="top", text_language="deu", speech_language="deu"
     )
     assert float(cell["expected"]) == pytest.approx(min(K, n_ffn1) ** 2 / n_ffn1)
+
+
+def test_sets_table_has_exact_ap_for_every_member(reduced, reference):
+    """The long table: every member of every set, exact AP present and equal to sklearn's on
+    the captured values, in exact-AP order, the step-invariant units flagged."""
+    config, first = reduced
+    r = results.open(config.output)
+    table = r.sets_table("decoder")
+    assert first["sets_tables"] == [config.output.replace(".zarr", "-sets/decoder.parquet")]
+    sets = r.sets(scope=None, pooling=None)
+    assert len(table) == sum(
+        int((r.sets(pooling=p, scope=None).values >= 0).sum()) for p in config.poolings
+    )
+    assert table["exact_ap"].notna().all() and sets.size
+    units = r.units()
+    flags = units.loc[table["unit"], "step_invariant"].to_numpy()
+    np.testing.assert_array_equal(table["step_invariant"].to_numpy(), flags)
+    sides = table[table["kind"] != "both"]
+    for (*_, kind), g in sides.groupby([*SET_KEYS]):
+        diffs = np.diff(g.sort_values("rank")["exact_ap"].to_numpy())
+        assert (diffs <= 0).all() if kind == "top" else (diffs >= 0).all()
+    sample = table.sample(40, random_state=0)
+    for _, row in sample.iterrows():
+        by_lang = {
+            lang: reference[(row["task"], row["modality"], lang)][(row["pooling"], row["step"])]
+            for lang in LANGS
+            if (row["task"], row["modality"], lang) in reference
+        }
+        y = np.concatenate([np.full(len(v), g == row["language"]) for g, v in by_lang.items()])
+        x = np.concatenate([v[:, row["unit"]] for v in by_lang.values()])
+        assert row["exact_ap"] == pytest.approx(average_precision_score(y, x), abs=1e-12)
+
+
+def test_rerun_with_another_k_and_scope_leaves_nothing_stale(reduced, tmp_path):
+    """On a copy: k and scopes change, so the table is replaced whole and the CSVs of the
+    earlier sets (this run writes none) are gone."""
+    import shutil
+
+    config, _ = reduced
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(config.output, copy)
+    shutil.copytree(config.output.replace(".zarr", "-csv"), tmp_path / "copy-csv")
+    assert any((tmp_path / "copy-csv" / "decoder").rglob("*.csv"))
+    out = run_reduce(copy, k=5, scopes=("dynamic",), progress=False, echo=lambda s: None)
+    assert "sets/decoder" in out["ran"]
+    table = results.open(copy).sets_table()
+    assert set(table["scope"]) == {"dynamic"} and set(table["k"]) == {5}
+    assert not table["step_invariant"].any() and table["exact_ap"].notna().all()
+    assert not (tmp_path / "copy-csv" / "decoder").exists()
+    assert results.open(copy).units()["step_invariant"].any()  # there were some to leave out
 
 
 def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -53,7 +54,13 @@ def _reduce(store: Path, mp: pytest.MonkeyPatch, **kw: Any) -> dict:
 
     mp.setattr(driver, "RaySession", LocalSession)
     return driver.run_reduce(
-        store, k=K, scopes=SCOPES, progress=False, echo=kw.pop("echo", lambda _: None), **kw
+        store,
+        k=K,
+        scopes=SCOPES,
+        csv=True,
+        progress=False,
+        echo=kw.pop("echo", lambda _: None),
+        **kw,
     )
 
 
@@ -85,8 +92,13 @@ def _log(store: Path) -> dict:
 
 
 def _csvs(store: Path) -> dict[str, bytes]:
-    folder = store.parent / f"{store.stem}-sets"
+    folder = store.parent / f"{store.stem}-csv"
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.csv"))}
+
+
+def _tables(store: Path) -> dict[str, pd.DataFrame]:
+    folder = store.parent / f"{store.stem}-sets"
+    return {p.name: pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -98,7 +110,11 @@ def _assert_same(a: Path, b: Path) -> None:
         else:
             assert np.array_equal(np.asarray(x[path], object), np.asarray(y[path], object)), path
     assert _log(a) == _log(b)
-    assert _csvs(a) == _csvs(b)
+    assert _csvs(a) == _csvs(b) and _csvs(a)
+    ta, tb = _tables(a), _tables(b)
+    assert sorted(ta) == sorted(tb) and ta
+    for name, table in ta.items():
+        pd.testing.assert_frame_equal(table, tb[name])
 
 
 @pytest.mark.integration
@@ -338,6 +354,7 @@ def test_a_healthy_reduce_on_ray_prints_no_error_line(collected, clean, tmp_path
         str(K),
         "--scopes",
         "all",
+        "--csv",
         "--no-progress",
     ]
     repo = Path(__file__).resolve().parent.parent

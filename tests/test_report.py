@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import xarray as xr
+from helpers import synthetic_concentration as concentration
 from helpers import synthetic_selectivity
 from matplotlib.image import imread
 from scipy.stats import spearmanr
@@ -29,16 +29,6 @@ def md_section(text: str, heading: str) -> dict[str, list[str]]:
     assert table, f"no table after {heading!r}"
     header, body = table[0], table[2:]
     return {"__header__": header[1:], **{r[0]: r[1:] for r in body}}
-
-
-def concentration(ds: xr.Dataset) -> xr.DataArray:
-    rng = np.random.default_rng(0)
-    return xr.DataArray(
-        rng.random((3, 2, 3, 3, 5)),
-        dims=("task", "modality", "step", "language", "layer"),
-        coords={k: ds[k].values for k in ("task", "modality", "step", "language")}
-        | {"layer": [-1, 0, 1, 2, 3]},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ job uses, so these tests also pin the layout: dimension names, non-index coordin
 variable-length strings (read back as numpy StringDType, which results turns into '<U'
 label axes and object site names, because numpy cannot ``.astype(str)`` StringDType).
 Edge cases: a non-default pooling in a subgroup, a scope absent from the sets, a missing
-group, steering runs that read another store, two steering runs (ambiguous default).
+group, steering runs linked from the store's attrs (an unlinked sibling is not one), two steering
+runs (ambiguous default).
 """
 
 from __future__ import annotations
@@ -163,14 +164,25 @@ def test_units_table(store):
 
 
 def test_steering_runs(store, tmp_path):
+    """Runs come from the store's ``steering`` attr, which the steer driver writes
+    (:func:`link_run`); a sibling folder that reads the store but was never linked is not one."""
+    from crossmodal.steer.driver import link_run
+    from crossmodal.steer.grid import load_grid
+
     path = store[0]
     r = results.open(path)
-    runs = []
-    for name, source in (("steer-a", str(path)), ("steer-b", "elsewhere/other.zarr")):
-        run = path.parent / name
+    runs = [path.parent / name for name in ("steer-a", "steer-b", "steer-unlinked")]
+    for run in runs:
         run.mkdir(exist_ok=True)
-        (run / "grid.json").write_text(json.dumps({"config": {"selectivity": {"path": source}}}))
-        runs.append(run)
+        (run / "grid.json").write_text(json.dumps({"config": {"selectivity": {"path": str(path)}}}))
+    assert r.steering_runs() == []
+
+    def link(run, source=path):
+        config = load_grid({"selectivity": {"path": str(source)}, "output": str(run)})
+        return link_run(config, run, echo=lambda _: None)
+
+    assert link(runs[0]) and r.steering_runs() == [runs[0]]
+    assert not link(runs[1], tmp_path / "other.nc")  # not a collect store: nothing to link
     assert r.steering_runs() == [runs[0]]
     with pytest.raises(ValueError, match="must hold summary.parquet"):
         r.steering()
@@ -179,7 +191,8 @@ def test_steering_runs(store, tmp_path):
     pd.testing.assert_frame_equal(r.steering(), frame)
     with pytest.raises(ValueError, match="table must be one of"):
         r.steering(table="cells")
-    (runs[1] / "grid.json").write_text(json.dumps({"config": {"selectivity": {"path": str(path)}}}))
+    assert link(runs[1]) and link(runs[0])  # linking again keeps one entry per run
+    assert r.steering_runs() == runs[:2]
     with pytest.raises(ValueError, match="run must be one of"):
         r.steering()  # two runs read this store: name one
     pd.testing.assert_frame_equal(r.steering(runs[0]), frame)

@@ -270,3 +270,66 @@ def test_roles_relabel_tasks() -> None:
     assert table.query("role == 'control' and language == 'eng'").empty
     with pytest.raises(ValueError, match="task must be one of"):
         roles(sets.sel(task=["x2en"]))
+
+
+def test_dynamic_scope_leaves_step_invariant_units_out() -> None:
+    ds = synthetic_selectivity(seed=4)
+    invariant = ds["step_invariant"].values
+    assert invariant.any()
+    sets = select_sets(ds["ap"], k=20, group="dynamic")
+    vec = ds["ap"].sel(task="x2en", modality="text", step=1, language="deu").values
+    expect = brute_top(np.where(invariant, np.nan, vec), ds["unit"].values, 20)
+    got = set_ids(sets, task="x2en", modality="text", step=1, language="deu", kind="top")
+    assert got.tolist() == expect
+    assert scope_mask(ds, "dynamic").sum() == (~invariant).sum()
+    with pytest.raises(ValueError, match="step_invariant unit coordinate"):
+        scope_mask(ds.drop_vars("step_invariant"), "dynamic")
+
+
+def test_sets_table_is_long_exact_and_ordered(tmp_path) -> None:
+    """The long-format table: one row per member, every member with its exact AP (equal to
+    sklearn's on the raw values), ranked by exact AP, replaced whole when written again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crossmodal.reduce.sets import final_sets, sets_table, write_sets_table
+    from crossmodal.schemas.outputs import declared_columns
+
+    ds, exact, k = _exact_case(1)
+    scopes = ["all", "dynamic"]
+    plans = {("last", s): plan_exact(ds, k=k, group=s) for s in scopes}
+    members = [exact_units(p, members=("candidate", "certain")) for p in plans.values()]
+    wanted = np.unique(np.concatenate([m[("x2en", "speech")] for m in members]))
+    pos = pd.Index(ds["unit"].values).get_indexer(wanted)
+    conds = {c: ds[c].values for c in ("task", "modality", "step", "language")}
+    exact_ap = xr.DataArray(
+        exact[:, pos].reshape(1, 1, 1, 1, 2, -1),
+        dims=("pooling", "task", "modality", "step", "language", "unit"),
+        coords={"pooling": ["last"], **conds, "unit": wanted},
+    )
+    sets = final_sets(plans, exact_ap, ["last"], scopes).assign_attrs(k=k)
+    table = sets_table({"last": ds}, sets, exact_ap, "decoder")
+    assert list(table.columns) == declared_columns("reduce/sets.parquet")
+    assert len(table) == int((sets.values >= 0).sum()) and table["exact_ap"].notna().all()
+    upos = pd.Index(ds["unit"].values).get_indexer(table["unit"])
+    lang = (table["language"] == "fra").to_numpy().astype(int)
+    np.testing.assert_array_equal(table["exact_ap"].to_numpy(), exact[lang, upos])
+    assert (table["ap_lo"] <= table["exact_ap"]).all() and (
+        table["exact_ap"] <= table["ap_hi"]
+    ).all()
+    for (scope, _, kind), g in table.groupby(["scope", "language", "kind"]):
+        assert g["rank"].tolist() == list(range(len(g)))
+        if kind != "both":
+            diffs = np.diff(g["exact_ap"].to_numpy())
+            assert (diffs <= 0).all() if kind == "top" else (diffs >= 0).all()
+        if scope == "dynamic":
+            assert not g["step_invariant"].any()
+    inv = ds["step_invariant"].values[upos]
+    np.testing.assert_array_equal(table["step_invariant"].to_numpy(), inv)
+    path = write_sets_table(table, tmp_path / "decoder.parquet", {"crossmodal.sets": "{}"})
+    schema = pq.read_schema(path)
+    assert schema.field("unit").type == pa.int64() and schema.field("step").type == pa.int32()
+    assert schema.field("step_invariant").type == pa.bool_()
+    assert schema.metadata[b"crossmodal.sets"] == b"{}"
+    write_sets_table(table[table["scope"] == "dynamic"], path, {})
+    assert set(pd.read_parquet(path)["scope"]) == {"dynamic"}  # replaced, nothing stale

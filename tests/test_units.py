@@ -213,3 +213,46 @@ def test_errors_are_one_line(index, tiny_model):
         index.address(index.n_units)
     with pytest.raises(ValueError, match="level must be one of"):
         index.table("layer")
+
+
+def test_step_invariant_units_by_brute_force(tiny_model, index):
+    """Brute force: the decoder run, without cache, on two prefixes of one generation (the
+    states of steps 1 and 3). Every site labelled ``step_invariant`` outputs exactly the same
+    tensor at both steps; every other decoder site's output at the step's position changes."""
+    model = tiny_model.model
+    modules = dict(model.named_modules())
+    decoder = [s for s in index.sites if s.family == "decoder"]
+    outs: dict[str, list[torch.Tensor]] = {}
+
+    def hook(path):
+        def fn(module, args, out):
+            outs.setdefault(path, []).append(out.detach().clone())
+
+        return fn
+
+    prefix = torch.tensor([[3, 122, 9, 17]])
+    with torch.inference_mode():
+        hidden = model.text_encoder(input_ids=torch.tensor([[5, 6, 7, 3]])).last_hidden_state
+        with attached((modules[s.module_path], hook(s.module_path)) for s in decoder):
+            for step in (1, 3):
+                model.text_decoder(
+                    input_ids=prefix[:, : step + 1], encoder_hidden_states=hidden, use_cache=False
+                )
+    invariant = {s.name for s in decoder if s.step_invariant}
+    assert invariant == {
+        f"decoder.layers.{i}.cross_attention.{p}_proj"
+        for i in range(len(model.text_decoder.layers))
+        for p in ("k", "v")
+    }
+    for s in decoder:
+        first, later = outs[s.module_path]
+        if s.step_invariant:
+            assert torch.equal(first, later), s.name
+        else:
+            assert not torch.allclose(first[:, -1], later[:, -1]), s.name
+    table = index.table("unit")
+    in_decoder = table.loc[table["family"] == "decoder", "step_invariant"]
+    assert in_decoder.sum() == sum(s.n_features for s in decoder if s.step_invariant)
+    encoders = table["family"].isin(["speech_encoder", "text_encoder"])
+    assert table.loc[encoders, "step_invariant"].all()  # pooled over input positions
+    assert not table.loc[table["family"] == "ffn_act", "step_invariant"].any()

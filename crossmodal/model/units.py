@@ -91,6 +91,13 @@ class Site:
     def units(self) -> range:
         return range(self.offset, self.offset + self.n_features)
 
+    @property
+    def step_invariant(self) -> bool:
+        """Whether the site's value cannot depend on the decoding step: it is computed from
+        the encoder output alone (cross-attention ``k_proj``/``v_proj``) or is an encoder
+        site, so every step sees the same value (docs/method.md, "Units")."""
+        return self.positions != "decoder"
+
 
 def resolve_families(families: str | Iterable[str]) -> tuple[str, ...]:
     """Expand aliases and put families in the canonical order (same set -> same index).
@@ -357,11 +364,13 @@ class UnitIndex:
         return s.offset + feature
 
     def table(self, level: str = "site") -> pd.DataFrame:
-        """One row per site, or per unit (``level="unit"``: ``unit``, ``feature`` columns added)."""
+        """One row per site, or per unit (``level="unit"``: ``unit``, ``feature`` columns
+        added); ``step_invariant`` marks the sites whose value no decoding step changes."""
         import pandas as pd
 
         sites = pd.DataFrame(self.to_records())
         sites["layer"] = sites["layer"].astype("Int64")
+        sites["step_invariant"] = [s.step_invariant for s in self.sites]
         if level == "site":
             return sites
         if level != "unit":

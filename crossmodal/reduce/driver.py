@@ -7,8 +7,10 @@ Passes, each recorded in the root attribute ``reduce`` when done and skipped on 
 2. ``exact`` (:mod:`crossmodal.reduce.exact`): exact AP of the units the AP intervals leave
    undecided; recorded per (task, modality) pair, so an interrupted pass redoes only the
    open pairs.
-3. ``sets`` (:mod:`crossmodal.reduce.sets`): the exact sets, CSVs, roles and overlap. Redone
-   (with pass 2) when k, scopes or widen change.
+3. ``sets`` (:mod:`crossmodal.reduce.sets`): the exact sets, their Parquet table
+   (``<store>-sets/<family>.parquet``), the optional CSVs, roles and overlap. Redone (with
+   pass 2) when k, scopes or widen change; the table and the family's CSV folder are then
+   replaced whole.
 4. ``modality`` (:mod:`crossmodal.reduce.modality`): v1 modality-selective units of the
    decoder families. Redone when k changes.
 
@@ -26,6 +28,7 @@ pass: collect merges it per condition into ``concentration/<family>``;
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -52,7 +55,15 @@ from crossmodal.reduce.modality import FAMILIES as MODALITY_FAMILIES
 from crossmodal.reduce.modality import modality_pass
 from crossmodal.reduce.selection import GROUPS, check_k, expand_scopes, parse_scope
 from crossmodal.reduce.selectivity import selectivity_digest, selectivity_pass
-from crossmodal.reduce.sets import final_sets, write_analyses, write_csvs
+from crossmodal.reduce.sets import (
+    clear_csvs,
+    final_sets,
+    sets_table,
+    sets_table_path,
+    write_analyses,
+    write_csvs,
+    write_sets_table,
+)
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
 from crossmodal.store.lock import OutputLock
@@ -178,6 +189,7 @@ def run_reduce(
     k: int = 1000,
     scopes: Sequence[str] = ("all", "attention", "ffn"),
     widen: float = 1e-6,
+    csv: bool = False,
     csv_dir: str | Path | None = None,
     address: str | None = None,
     num_cpus: float = 0.25,
@@ -192,12 +204,15 @@ def run_reduce(
             optionally per layer: ``ffn@3``, or ``all@*`` for one scope per layer.
         widen: margin added to every AP interval before planning the exact pass (covers
             float differences between the collect run and the exact re-run).
-        csv_dir: default ``<store parent>/<store name>-sets``.
+        csv: also write one CSV per set (the reference study's expertise files).
+        csv_dir: where the CSVs go; default ``<store parent>/<store name>-csv``. A re-run
+            of the sets pass empties the family's folder there first.
         address: Ray address (``auto``: a running head); None: in-process or job cluster.
         num_cpus: Ray CPUs per selectivity task (fractional: many tasks per core).
 
     Returns:
-        ``{"store", "ran": [passes run], "skipped": [...], "exact_units", "csv", "seconds"}``.
+        ``{"store", "ran": [passes run], "skipped": [...], "exact_units", "sets_tables",
+        "csv", "seconds"}``.
     """
     start, path = time.time(), str(Path(store).resolve())
     check_k(k)
@@ -213,14 +228,15 @@ def run_reduce(
         with RaySession(address) as session:
             job.selectivity(session)
             job.exact(session)
-        csv_root = Path(csv_dir) if csv_dir else Path(path).parent / f"{Path(path).stem}-sets"
-        job.sets(csv_root)
+        csv_root = Path(csv_dir) if csv_dir else Path(path).parent / f"{Path(path).stem}-csv"
+        job.sets(csv_root, csv)
         job.modality()
     out = job.out
     out["seconds"] = time.time() - start
+    csvs = f"; {out['csv']} CSVs in {csv_root}" if csv else ""
     echo(
         f"reduced {path}: ran {', '.join(out['ran']) or 'nothing'}; exact pass re-ran "
-        f"{out['exact_units']} work units; {out['csv']} CSVs in {csv_root}; "
+        f"{out['exact_units']} work units; sets in {sets_table_path(path, '*').parent}{csvs}; "
         f"{out['seconds']:.1f} s"
     )
     return out
@@ -255,6 +271,7 @@ class ReduceJob:
             "ran": [],
             "skipped": [],
             "exact_units": 0,
+            "sets_tables": [],
             "csv": 0,
         }
         self.views: dict[str, dict[str, xr.Dataset]] = {}
@@ -382,7 +399,7 @@ class ReduceJob:
         for f in pending:  # every pair is written and marked: the spilled values can go
             drop_spill(self.path, f)
 
-    def sets(self, csv_root: Path) -> None:
+    def sets(self, csv_root: Path, csv: bool) -> None:
         """Pass 3 for the families whose sets are not done with these parameters."""
         res = Results(Path(self.path))
         for f in self.pending:
@@ -391,7 +408,13 @@ class ReduceJob:
             sets = sets.rename("units").assign_attrs(**self.params, exact=True)
             write_dataset(self.path, sets_group(f), sets)
             self.fault.reached("reduce.sets.written")
-            self.out["csv"] += write_csvs(self.views[f], sets, csv_root / f)
+            table = sets_table(self.views[f], sets, exact_ap, f)
+            meta = {"crossmodal.sets": json.dumps({"store": self.path, **self.params})}
+            path = write_sets_table(table, sets_table_path(self.path, f), meta)
+            self.out["sets_tables"].append(str(path))
+            clear_csvs(csv_root / f)
+            if csv:
+                self.out["csv"] += write_csvs(self.views[f], sets, csv_root / f)
             self.fault.reached("reduce.sets.csv_written")
             write_analyses(self.path, f, self.views[f], sets, self.k)
             self.fault.reached("reduce.sets.analyses_written")

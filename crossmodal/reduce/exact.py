@@ -128,7 +128,8 @@ def exact_plan(
     views: Mapping[str, xr.Dataset], k: int, scopes: Sequence[str], widen: float
 ) -> ExactPlan:
     """Plan every (pooling, scope) of one family (``views``: its selectivity per pooling);
-    a unit is re-collected only where it is a candidate."""
+    a unit is re-collected only where it is a candidate or surely in a set (so every set
+    member gets an exact AP)."""
     plans = {}
     for pooling, ds in views.items():
         for scope in scopes:
@@ -136,7 +137,8 @@ def exact_plan(
             plans[(pooling, scope)] = plan_exact(ds, k=k, group=group, layer=layer, widen=widen)
     union: dict[str, dict[Slot, list[np.ndarray]]] = {}
     for (pooling, _), plan in plans.items():
-        for (task, modality, step), ids in exact_units(plan, ("task", "modality", "step")).items():
+        members = exact_units(plan, ("task", "modality", "step"), ("candidate", "certain"))
+        for (task, modality, step), ids in members.items():
             if ids.size:
                 slots = union.setdefault(condition_key(task, modality), {})
                 slots.setdefault(Slot(int(step), pooling), []).append(ids)

@@ -4,7 +4,8 @@ Collect labels its statistics ``[task, modality, language, step, pooling, unit]`
 writes per-condition results ``[task, modality, step, language, unit]`` (:data:`COND` then
 ``unit``) and gives every unit the coordinates of :data:`UNIT_COORDS`, read from the unit
 table (``units/<family>``): its layer, its submodule group (``self_attn``, ``cross_attn``,
-``ffn`` or ``other``; docs/method.md, "Units"), its site address and its feature.
+``ffn`` or ``other``; docs/method.md, "Units"), its site address, its feature, and whether
+its value is step-invariant (computed from the encoder output alone).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from crossmodal.store.names import stats_group, units_group
 
 COND = ("task", "modality", "step", "language")
 """The condition axes of every reduce result, in order (``unit`` follows)."""
-UNIT_COORDS = ("layer", "submodule", "site", "feature")
-"""The coordinates of the ``unit`` axis."""
+UNIT_COORDS = ("layer", "submodule", "site", "feature", "step_invariant")
+"""The coordinates of the ``unit`` axis (``step_invariant``: the unit's value cannot depend on
+the decoding step, :attr:`crossmodal.model.units.Site.step_invariant`)."""
 SUBMODULES = ("self_attn", "cross_attn", "ffn")
 """The submodules selection ranks by; every other site's submodule is ``other``."""
 
@@ -38,4 +40,5 @@ def store_labels(root: zarr.Group, family: str) -> dict[str, np.ndarray]:
         "submodule": np.where(np.isin(sub, SUBMODULES), sub, "other"),
         "site": unicode(ug["site_name"][...])[site],
         "feature": ug["unit_feature"][...],
+        "step_invariant": unicode(ug["site_positions"][...])[site] != "decoder",
     }

@@ -20,9 +20,10 @@ Exact selection (docs/method.md, "Selectivity"): histogram AP only brackets the 
 which lies in ``[ap_lo, ap_hi]``, so the sets histogram AP ranks need not be the sets exact
 AP ranks. :func:`plan_exact` splits each condition's units into certainly in the top-k,
 certainly out, and *candidates* (in the top-k for some values inside the intervals, out for
-others). The reduce job measures exact AP for the candidates only (its exact pass); :func:`finalize_selection` then returns the
-sets exact AP would select. Membership is exact; within a set, units are ordered by exact AP
-where it was measured and by histogram ``ap`` otherwise.
+others). The reduce job measures exact AP for the candidates and the certain members (its
+exact pass); :func:`finalize_selection` then returns the sets exact AP would select.
+Membership is exact; within a set, units are ordered by exact AP where it was measured (every
+member, in the reduce job) and by histogram ``ap`` otherwise.
 """
 
 from __future__ import annotations
@@ -44,9 +45,15 @@ GROUPS = {
     "self_attn": ("self_attn",),
     "cross_attn": ("cross_attn",),
     "ffn": ("ffn",),
+    "dynamic": None,
 }
-"""Submodule groups a ranking can run over. A scope is a group, optionally restricted to one
-layer: ``ffn@3`` ranks layer 3's FFN units only (``group@*``: one scope per layer)."""
+"""Unit groups a ranking can run over: submodule groups, and ``dynamic`` (every unit whose
+value can depend on the decoding step: all but the ``step_invariant`` ones, the
+cross-attention k/v projections of the encoder output; docs/method.md, "Units"). A scope is a
+group, optionally restricted to one layer: ``ffn@3`` ranks layer 3's FFN units only
+(``group@*``: one scope per layer)."""
+STEP_DEPENDENT = "dynamic"
+"""The group that leaves the step-invariant units out."""
 
 
 def parse_scope(scope: str) -> tuple[str, int | None]:
@@ -96,10 +103,17 @@ def unit_ids(obj: xr.Dataset | xr.DataArray) -> np.ndarray:
 def scope_mask(
     obj: xr.Dataset | xr.DataArray, group: str = "all", layer: int | None = None
 ) -> np.ndarray:
-    """Bool ``[unit]``: units of a submodule group (all / attention / ffn) and optional layer."""
+    """Bool ``[unit]``: units of a group (:data:`GROUPS`) and optional layer."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {list(GROUPS)}, got {group!r}; pick a group")
     mask = np.ones(obj.sizes[UNIT], dtype=bool)
+    if group == STEP_DEPENDENT:
+        if "step_invariant" not in obj.coords:
+            raise ValueError(
+                f"scope {group!r} must be one of [scopes of data with a step_invariant unit "
+                "coordinate], got none; reduce the store again with this version"
+            )
+        mask &= ~np.asarray(obj["step_invariant"].values, dtype=bool)
     if GROUPS[group] is not None:
         mask &= np.isin(np.asarray(obj["submodule"].values).astype(str), GROUPS[group])
     if layer is not None:
@@ -308,12 +322,16 @@ def plan_exact(
 
 
 def exact_units(
-    plan: xr.Dataset, by: Sequence[str] = ("task", "modality")
+    plan: xr.Dataset,
+    by: Sequence[str] = ("task", "modality"),
+    members: Sequence[str] = ("candidate",),
 ) -> dict[tuple, np.ndarray]:
-    """Sorted candidate unit ids to re-collect in exact mode, per value of the ``by`` dims.
+    """Sorted unit ids to re-collect in exact mode, per value of the ``by`` dims.
 
     One exact pass per (task, modality) yields every step and language at once, so the
-    default unions candidates over steps, languages and sides.
+    default unions candidates over steps, languages and sides. ``members``: the plan's id
+    variables to include; ``("candidate", "certain")`` also re-measures the units surely in
+    a set, so every member of the final sets has an exact AP (what the reduce job does).
     """
     cand = plan["candidate"]
     missing = [d for d in by if d not in cand.dims]
@@ -321,7 +339,7 @@ def exact_units(
         raise ValueError(f"by must be one of {list(cand.dims)}, got {missing!r}; pick plan dims")
     out: dict[tuple, np.ndarray] = {}
     for cond in iter_conditions(cand, list(by)):
-        vals = np.asarray(cand.isel(cond).values).ravel()
+        vals = np.concatenate([np.asarray(plan[m].isel(cond).values).ravel() for m in members])
         key = tuple(cand[d].values[i].item() for d, i in cond.items())
         out[key] = np.unique(vals[vals >= 0])
     return out
@@ -350,19 +368,18 @@ def finalize_selection(plan: xr.Dataset, exact_ap: xr.DataArray) -> xr.DataArray
     rows: list[np.ndarray] = []
     for cond in iter_conditions(plan["certain"], dims):
         labels = {d: plan[d].values[i] for d, i in cond.items() if d in plan.coords}
-        exact_row = None  # loaded only for conditions with candidates
+        exact_row = None  # loaded once per condition with members
         sides = []
         for side, sign in enumerate((1.0, -1.0)):
             cert, cert_v = _valid(plan, {**cond, "side": side}, "certain", "certain_ap")
             cand, lo, hi = _valid(
                 plan, {**cond, "side": side}, "candidate", "candidate_lo", "candidate_hi"
             )
-            val = np.zeros(0)
-            if cand.size:
-                if exact_row is None:
-                    exact_row = np.asarray(exact_ap.sel(labels).transpose(..., UNIT).values, float)
-                pos = lookup.get_indexer(cand)
-                val = np.where(pos >= 0, exact_row[pos], np.nan)
+            if exact_row is None and (cand.size or cert.size):
+                exact_row = _exact_row(exact_ap, labels, required=bool(cand.size))
+            val = _lookup(exact_row, lookup, cand)
+            known = _lookup(exact_row, lookup, cert)  # exact where measured: orders the set
+            cert_v = np.where(np.isfinite(known), known, cert_v)
             _check_exact(val, lo - widen, hi + widen, cand, labels)
             chosen = _top_k(sign * val, cand, k - cert.size) if k > cert.size else np.arange(0)
             members = np.concatenate([cert, cand[chosen]])
@@ -374,6 +391,25 @@ def finalize_selection(plan: xr.Dataset, exact_ap: xr.DataArray) -> xr.DataArray
     )
     out.attrs.update({n: plan.attrs[n] for n in ("k", "group", "layer")})
     return out.rename("units")
+
+
+def _exact_row(exact_ap: xr.DataArray, labels: dict, required: bool) -> np.ndarray | None:
+    """One condition's exact AP over its units; None when absent and not ``required``
+    (a condition without candidates whose members were not re-measured)."""
+    try:
+        return np.asarray(exact_ap.sel(labels).transpose(..., UNIT).values, float)
+    except KeyError:
+        if required:
+            raise
+        return None
+
+
+def _lookup(row: np.ndarray | None, index: pd.Index, ids: np.ndarray) -> np.ndarray:
+    """The values of ``row`` (over ``index``'s unit ids) at ``ids``; NaN where absent."""
+    if row is None or not ids.size:
+        return np.full(ids.size, np.nan)
+    pos = index.get_indexer(ids)
+    return np.where(pos >= 0, row[np.maximum(pos, 0)], np.nan)
 
 
 def _valid(plan: xr.Dataset, at: dict, ids: str, *names: str) -> tuple[np.ndarray, ...]:

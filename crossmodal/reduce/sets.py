@@ -1,15 +1,21 @@
-"""Reduce pass 3: the exact selected sets, their CSVs, roles and cross-modal overlap.
+"""Reduce pass 3: the exact selected sets, their table and CSVs, roles and cross-modal overlap.
 
 :func:`crossmodal.reduce.selection.finalize_selection` turns each (pooling, scope) plan and
-the exact AP of its candidates into the sets exact AP selects -> ``sets/<family>``; one CSV
-per set with the reference's expertise columns; ``roles/<family>`` (when both x2en and en2x
-were collected); ``overlap/<family>/{sets, sets_by_layer, spearman}`` (when some task has
-both modalities). The driver redoes the pass when k, the scopes or widen change.
+the exact AP of its members into the sets exact AP selects -> ``sets/<family>``; the same
+sets as one long-format table (:func:`sets_table`, one row per member with its unit
+coordinates, histogram AP and bounds and exact AP), written whole as
+``<store>-sets/<family>.parquet`` (:func:`write_sets_table`); optionally one CSV per set
+with the reference's expertise columns (:func:`write_csvs`); ``roles/<family>`` (when both
+x2en and en2x were collected); ``overlap/<family>/{sets, sets_by_layer, spearman}`` (when
+some task has both modalities). The driver redoes the pass when k, the scopes or widen
+change, and then replaces the family's table and CSV folder whole: nothing stale remains.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +31,122 @@ from crossmodal.store.datasets import write_dataset
 from crossmodal.store.names import overlap_group, roles_group
 
 _CSV_STATS = ["ap", "on_p50", "on_p90", "off_mean"]
+SET_KEYS = ("task", "modality", "step", "pooling", "scope", "language", "kind")
+"""The columns naming one set in :func:`sets_table`, in sort order (``rank`` follows)."""
+_BOUNDS = ("ap", "ap_lo", "ap_hi")
+
+
+def sets_table(
+    views: Mapping[str, xr.Dataset], sets: xr.DataArray, exact_ap: xr.DataArray, family: str
+) -> pd.DataFrame:
+    """Every member of every set, one row each (columns: outputs.schema.json,
+    ``reduce/sets.parquet``), ordered by set then rank (exact-AP order within a side).
+
+    Memory: the members, plus one condition's AP vectors at a time.
+
+    Raises:
+        ValueError: a member without a finite exact AP (the exact pass did not measure it).
+    """
+    frames = []
+    exact_ids = pd.Index(np.asarray(exact_ap["unit"].values, dtype=np.int64))
+    for pooling, ds in views.items():
+        index = pd.Index(np.asarray(ds["unit"].values, dtype=np.int64))
+        coords = {c: _plain(ds[c].values) for c in UNIT_COORDS}
+        block = sets.sel(pooling=pooling).transpose(*COND, "scope", "kind", "rank")
+        scopes, kinds = _plain(block["scope"].values), _plain(block["kind"].values)
+        for at in itertools.product(*(block[d].values for d in COND)):
+            cond = dict(zip(COND, at, strict=True))
+            ids = np.asarray(block.sel(cond).values)
+            scope_i, kind_i, rank = np.nonzero(ids >= 0)
+            if not rank.size:
+                continue
+            units = ids[scope_i, kind_i, rank]
+            pos = index.get_indexer(units)
+            row = {
+                "family": family,
+                **cond,
+                "pooling": pooling,
+                "scope": scopes[scope_i],
+                "kind": kinds[kind_i],
+                "k": int(sets.attrs["k"]),
+                "rank": rank.astype(np.int64),
+                "unit": units.astype(np.int64),
+                **{c: v[pos] for c, v in coords.items()},
+            }
+            for name in _BOUNDS:
+                row[name] = np.asarray(ds[name].sel(cond).values, dtype=np.float64)[pos]
+            exact = np.asarray(exact_ap.sel(pooling=pooling, **cond).values, dtype=np.float64)
+            epos = exact_ids.get_indexer(units)
+            row["exact_ap"] = np.where(epos >= 0, exact[np.maximum(epos, 0)], np.nan)
+            frames.append(pd.DataFrame(row))
+    table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+    missing = table["exact_ap"].isna()
+    if missing.any():
+        first = table.loc[missing].iloc[0]
+        raise ValueError(
+            f"exact_ap must be one of [finite for every set member], got NaN for unit "
+            f"{int(first['unit'])} of {dict(first[list(SET_KEYS)])!r}; re-run the exact pass"
+        )
+    return _typed(table).sort_values([*SET_KEYS, "rank"], ignore_index=True)
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    """Labels as numpy can index and pandas can hold: strings (numpy StringDType from the
+    store included) as an object array of ``str``, anything else unchanged."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUT":
+        return np.asarray([str(v) for v in values], dtype=object)
+    return values
+
+
+def _empty_table() -> pd.DataFrame:
+    cols = ["family", *SET_KEYS, "k", "rank", "unit", *UNIT_COORDS, *_BOUNDS, "exact_ap"]
+    return pd.DataFrame({c: [] for c in cols})
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """The declared column types: strings, int64/int32 ids and positions, bool, float64."""
+    types = {"step": "int32", "k": "int64", "rank": "int64", "unit": "int64"}
+    types.update(layer="int32", feature="int32", step_invariant="bool")
+    strings = ["family", "task", "modality", "pooling", "scope", "language", "kind"]
+    types.update({c: "object" for c in [*strings, "submodule", "site"]})
+    types.update({c: "float64" for c in [*_BOUNDS, "exact_ap"]})
+    out = table.astype(types)
+    for c in [*strings, "submodule", "site"]:
+        out[c] = out[c].astype(str)
+    order = ["family", *SET_KEYS, "k", "rank", "unit", *UNIT_COORDS, *_BOUNDS, "exact_ap"]
+    return out[order]
+
+
+def sets_table_path(store: str | Path, family: str) -> Path:
+    """``<store parent>/<store name>-sets/<family>.parquet``: one family's part of the sets
+    dataset (read the folder with ``pd.read_parquet`` for every family)."""
+    store = Path(store)
+    return store.parent / f"{store.stem}-sets" / f"{family}.parquet"
+
+
+def write_sets_table(table: pd.DataFrame, path: Path, metadata: Mapping[str, str]) -> Path:
+    """Write ``table`` to ``path`` whole (temporary name, then rename): a re-run replaces it.
+    ``metadata``: extra key/values of the Parquet file metadata (k, scopes, store)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = {
+        **(arrow.schema.metadata or {}),
+        **{k.encode(): v.encode() for k, v in metadata.items()},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(arrow.replace_schema_metadata(meta), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def clear_csvs(dest: Path) -> None:
+    """Remove a family's CSV folder: the sets pass rewrites it whole (or not at all)."""
+    if dest.is_dir():
+        shutil.rmtree(dest)
 
 
 def final_sets(

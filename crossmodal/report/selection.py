@@ -1,4 +1,4 @@
-"""Figures (PNG) and a Markdown summary of selection, overlap and Spearman results.
+"""Figures (PNG, PDF or SVG) and a Markdown summary of selection, overlap and Spearman results.
 
 Input: the selectivity dataset of :mod:`crossmodal.reduce.selection` (in memory or opened lazily
 from the store). Overlap and Spearman are computed for every task that has both a text and
@@ -6,7 +6,11 @@ a speech modality with data (x2en, en2x; not asr). Matplotlib is used through
 ``matplotlib.figure.Figure`` (Agg rendering for ``savefig``), never ``pyplot``, so no global
 backend or figure registry is touched.
 
-Files written into ``out_dir``:
+Figures are built for a paper: a heatmap drops the rows and columns with no value (en2x has
+no English set), step and layer axes have integer ticks, every panel with lines has its own
+legend. :func:`build_figures` returns them unsaved (the tests inspect their Axes).
+
+Files written into ``out_dir`` (``<name>.<fmt>``, :data:`FORMATS`):
   * ``overlap_<task>_<kind>.png``: text-by-speech intersection heatmaps, one panel per step;
   * ``spearman_<task>.png``: AP Spearman heatmaps (all units), one panel per step;
   * ``spearman_<task>_components.png``: mean same-language Spearman per layer and per
@@ -15,10 +19,12 @@ Files written into ``out_dir``:
   * ``diagonal_vs_step.png``: same-language overlap against step, representation (x2en)
     vs control (en2x), with the random expectation and the off-diagonal mean;
   * ``concentration.png`` when a Gini summary is given (mean Gini per layer, one line per
-    modality and step); ``summary.md`` then also compares speech vs text and Latin vs
+    modality and step, with a 95% confidence band when std and count come with it);
+    ``summary.md`` then also compares speech vs text and Latin vs
     non-Latin script languages (:data:`NON_LATIN`; for en2x the script is the output's);
-  * ``summary.md``: the numbers behind every figure, as Markdown tables, plus the v1
-    modality-selective unit counts per submodule and site kind when given.
+  * ``summary.md``: the numbers behind every figure, as Markdown tables (with how many
+    members of each set are step-invariant units), plus the v1 modality-selective unit
+    counts per submodule and site kind when given, and a link to every figure.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 
 from crossmodal.reduce.overlap import COL, ROW, SPEECH, TEXT, count_by, overlap, spearman_matrix
 from crossmodal.reduce.roles import ROLE_TASKS
 from crossmodal.reduce.selection import KINDS, scope_of, select_sets
+
+FORMATS = ("png", "pdf", "svg")
+"""Figure file formats ``crossmodal report --format`` accepts."""
 
 NON_LATIN = ("jpn", "cmn")
 """Languages of the reference set not written in Latin script (docs/method.md, "v1 analyses":
@@ -58,6 +68,7 @@ def write_report(
     modality: xr.Dataset | None = None,
     skipped: Mapping[str, Sequence[str]] | None = None,
     dpi: int = 100,
+    fmt: str = "png",
     figures: bool = True,
 ) -> list[Path]:
     """Write every figure and ``summary.md``; returns the paths written.
@@ -69,40 +80,91 @@ def write_report(
         sets: sets to report (e.g. from ``finalize_selection``); default: ``select_sets``
             on ``selectivity_ds["ap"]``.
         concentration: optional mean Gini per condition, dims ``(task, modality, step,
-            language, layer)`` (``Results.concentration()["mean"]``).
+            language, layer)``: ``Results.concentration()["mean"]``, or the whole Dataset
+            (``mean``, ``std``, ``count``), which adds a 95% confidence band to the figure.
         modality: optional v1 modality-selective units (``Results.modality()``): counts of
             the speech-/text-selective k-sets per submodule and site kind.
         skipped: the examples collect skipped, ``{reason: [language/split/id, ...]}``
             (:func:`crossmodal.store.collect_store.skipped_examples`); a section when any.
-        dpi: PNG resolution.
+        dpi: resolution of raster output (PNG; embedded images of PDF/SVG).
+        fmt: figure file format, one of :data:`FORMATS`.
         figures: False writes ``summary.md`` only (rendering ~14 figures takes seconds).
     """
-    tasks = paired_tasks(selectivity_ds)
+    check_format(fmt, dpi)
+    conc_ds, concentration = _gini_parts(concentration)
+    out = Path(out_dir)
+    data = _report_data(selectivity_ds, k, sets)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if figures:
+        figs = _figures(*data, conc_ds if conc_ds is not None else concentration)
+        paths = [_save(fig, out / f"{name}.{fmt}", dpi) for name, fig in figs.items()]
+    md = _summary(selectivity_ds, *data, concentration)
+    md += _extra_sections(concentration, modality, skipped)
+    summary = out / "summary.md"
+    summary.write_text(md + "\n" + figure_links(paths, out))
+    return [*paths, summary]
+
+
+def check_format(fmt: str, dpi: int) -> None:
+    """Refuse a format outside :data:`FORMATS` or a dpi below 1, in one line."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}; e.g. pdf")
+    if not isinstance(dpi, int) or dpi < 1:
+        raise ValueError(f"dpi must be one of [int >= 1], got {dpi!r}; e.g. 300")
+
+
+def _report_data(ds: xr.Dataset, k: int, sets: xr.DataArray | None) -> tuple:
+    """(tasks, k, sets, overlap, Spearman, by layer, by submodule, layer counts): what
+    the figures and the summary show."""
+    tasks = paired_tasks(ds)
     if not tasks:
         raise ValueError(
             f"task must be one of [tasks with text and speech data], got none in "
-            f"{selectivity_ds['task'].values.tolist()!r}; reduce x2en or en2x for both modalities"
+            f"{ds['task'].values.tolist()!r}; reduce x2en or en2x for both modalities"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sets = select_sets(selectivity_ds["ap"], k=k) if sets is None else sets
+    sets = select_sets(ds["ap"], k=k) if sets is None else sets
     k = scope_of(sets)[0]
-    ov = overlap(sets.sel(task=tasks), selectivity_ds)
-    ap = selectivity_ds["ap"].sel(task=tasks)
+    ov = overlap(sets.sel(task=tasks), ds)
+    ap = ds["ap"].sel(task=tasks)
     rho = spearman_matrix(ap)
     rho_layer = _diagonal(spearman_matrix(ap, by="layer"))
     rho_sub = _diagonal(spearman_matrix(ap, by="submodule"))
     present = (sets.sel(task=tasks) >= 0).any("rank")  # en2x/eng has no set: not a zero
-    counts = count_by(sets.sel(task=tasks), selectivity_ds, "layer").where(present)
+    counts = count_by(sets.sel(task=tasks), ds, "layer").where(present)
     counts = counts.mean("language", skipna=True)
-    paths = []
-    if figures:
-        figs = _figures(tasks, k, ov, rho, rho_layer, rho_sub, counts, concentration)
-        paths = [_save(fig, out / f"{name}.png", dpi) for name, fig in figs.items()]
-    md = _summary(selectivity_ds, tasks, k, sets, ov, rho, rho_sub, counts, concentration)
-    summary = out / "summary.md"
-    summary.write_text(md + _extra_sections(concentration, modality, skipped))
-    return [*paths, summary]
+    return tasks, k, sets, ov, rho, rho_layer, rho_sub, counts
+
+
+def build_figures(
+    selectivity_ds: xr.Dataset,
+    *,
+    k: int = 1000,
+    sets: xr.DataArray | None = None,
+    concentration: xr.DataArray | xr.Dataset | None = None,
+) -> dict[str, Figure]:
+    """Every selection figure by file stem, unsaved (what :func:`write_report` writes)."""
+    return _figures(*_report_data(selectivity_ds, k, sets), concentration)
+
+
+def _gini_parts(
+    concentration: xr.DataArray | xr.Dataset | None,
+) -> tuple[xr.Dataset | None, xr.DataArray | None]:
+    """(the Dataset when given one, the mean Gini): the figure's band needs std and count,
+    the tables only the mean."""
+    if isinstance(concentration, xr.Dataset):
+        return concentration, concentration["mean"]
+    return None, concentration
+
+
+def figure_links(paths: Sequence[Path], root: Path, title: str = "Figures") -> str:
+    """A Markdown section linking every figure in ``paths`` (relative to ``root``)."""
+    figs = [p for p in paths if p.suffix.lstrip(".") in FORMATS]
+    if not figs:
+        return ""
+    lines = [f"## {title}", ""]
+    lines += [f"- [{p.stem}]({p.relative_to(root).as_posix()})" for p in figs]
+    return "\n".join([*lines, ""])
 
 
 def _extra_sections(
@@ -119,6 +181,7 @@ def _extra_sections(
 def _figures(
     tasks: Sequence[str],
     k: int,
+    sets: xr.DataArray | None,
     ov: xr.Dataset,
     rho: xr.DataArray,
     rho_layer: xr.DataArray,
@@ -161,19 +224,35 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
     return path
 
 
+def nonempty(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the rows and of the columns of ``m`` holding some finite value."""
+    finite = np.isfinite(m)
+    return np.flatnonzero(finite.any(axis=1)), np.flatnonzero(finite.any(axis=0))
+
+
+def integer_ticks(axis: Axis, values: Sequence) -> None:
+    """Ticks at exactly the (integer) ``values``, labelled as integers."""
+    ticks = sorted({int(v) for v in values})
+    axis.set_ticks(ticks, [str(t) for t in ticks])
+
+
 def _heatmaps(da: xr.DataArray, title: str, fmt: str, vlim: tuple | None = None) -> Figure:
-    """One heatmap per step of ``da [step, text_language, speech_language]``."""
+    """One heatmap per step of ``da [step, text_language, speech_language]``; rows and
+    columns without any value (a condition that does not exist) are left out."""
     steps = da["step"].values
     fig = Figure(figsize=(3.6 * len(steps) + 0.8, 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(steps)))
     finite = da.values[np.isfinite(da.values)]
     lo, hi = vlim or ((finite.min(), finite.max()) if finite.size else (0.0, 1.0))
+    im = None
     for ax, step in zip(axes, steps, strict=True):
-        m = da.sel(step=step).transpose(ROW, COL).values
+        full = da.sel(step=step).transpose(ROW, COL)
+        rows, cols = nonempty(full.values)
+        m = full.values[np.ix_(rows, cols)]
         im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=lo, vmax=hi)
         ax.set_title(f"step {step}")
-        ax.set_xticks(range(m.shape[1]), da[COL].values, rotation=45)
-        ax.set_yticks(range(m.shape[0]), da[ROW].values)
+        ax.set_xticks(range(m.shape[1]), full[COL].values[cols], rotation=45)
+        ax.set_yticks(range(m.shape[0]), full[ROW].values[rows])
         ax.set_xlabel("speech")
         ax.set_ylabel("text")
         for (i, j), v in np.ndenumerate(m):
@@ -188,15 +267,18 @@ def _heatmaps(da: xr.DataArray, title: str, fmt: str, vlim: tuple | None = None)
 def _components(by_layer: xr.DataArray, by_sub: xr.DataArray, task: str) -> Figure:
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
+    im = None
     for ax, da, dim in ((axes[0], by_layer, "layer"), (axes[1], by_sub, "submodule")):
-        m = da.transpose(dim, "step").values
+        full = da.transpose(dim, "step")
+        rows, cols = nonempty(full.values)
+        m = full.values[np.ix_(rows, cols)]
         im = ax.imshow(np.ma.masked_invalid(m), cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
-        ax.set_yticks(range(m.shape[0]), da[dim].values)
-        ax.set_xticks(range(m.shape[1]), da["step"].values)
+        ax.set_yticks(range(m.shape[0]), [str(v) for v in full[dim].values[rows]])
+        ax.set_xticks(range(m.shape[1]), [str(int(v)) for v in full["step"].values[cols]])
         ax.set_xlabel("step")
         ax.set_ylabel(dim)
         ax.set_title(f"{task}: same-language Spearman by {dim}")
-    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="Spearman rho")
     return fig
 
 
@@ -218,7 +300,8 @@ def _layer_counts(counts: xr.DataArray, task: str, k: int) -> Figure:
             ax.set_title(f"{task} {mod} {kind}-{k}")
             ax.set_xlabel("layer (-1: outside layers)")
             ax.set_ylabel("selected units (mean over languages)")
-    axes[0, 0].legend(fontsize=7)
+            integer_ticks(ax.xaxis, layers)
+            ax.legend(fontsize=7)
     return fig
 
 
@@ -264,29 +347,53 @@ def _diagonal_vs_step(ov: xr.Dataset, k: int) -> Figure:
         ax.set_title(f"{kind}-{k}: text/speech overlap")
         ax.set_xlabel("step")
         ax.set_ylabel("shared units")
-        ax.set_xticks(steps)
-    axes[0].legend(fontsize=7)
+        integer_ticks(ax.xaxis, ov["step"].values)
+        ax.legend(fontsize=7)
     return fig
 
 
-def _concentration(gini_mean: xr.DataArray) -> Figure:
-    tasks = gini_mean["task"].values
+def gini_band(gini: xr.Dataset, level: float = 0.95) -> tuple[xr.DataArray, xr.DataArray]:
+    """Mean over languages of the per-language mean Gini, and the half-width of its
+    ``level`` normal confidence interval: the languages' examples are independent, so the
+    variance of the average is ``sum(std**2 / count) / n_languages**2``."""
+    from scipy.stats import norm
+
+    has = np.isfinite(gini["mean"]) & (gini["count"] > 1)
+    n_lang = has.sum("language")
+    avg = gini["mean"].where(has).mean("language", skipna=True)
+    var = (gini["std"] ** 2 / gini["count"]).where(has).sum("language") / n_lang**2
+    return avg, float(norm.ppf(0.5 + level / 2)) * np.sqrt(var)
+
+
+def _concentration(gini: xr.DataArray | xr.Dataset) -> Figure:
+    """Mean Gini per layer, one line per modality and step; with std and count, a 95%
+    confidence band around each line."""
+    tasks = gini["task"].values
     fig = Figure(figsize=(4.5 * len(tasks), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    avg = gini_mean.mean("language", skipna=True)
+    if isinstance(gini, xr.Dataset):
+        avg, half = gini_band(gini)
+    else:
+        avg, half = gini.mean("language", skipna=True), None
+    band = " (band: 95% CI)" if half is not None else ""
     for ax, task in zip(axes, tasks, strict=True):
         for mod in avg["modality"].values:
             for step in avg["step"].values:
-                ax.plot(
-                    avg["layer"].values,
-                    avg.sel(task=task, modality=mod, step=step).values,
-                    marker=".",
-                    label=f"{mod} step {step}",
+                at = {"task": task, "modality": mod, "step": step}
+                y = avg.sel(at).values
+                (line,) = ax.plot(
+                    avg["layer"].values, y, marker=".", label=f"{mod} step {step}{band}"
                 )
+                if half is not None:
+                    h = half.sel(at).values
+                    ax.fill_between(
+                        avg["layer"].values, y - h, y + h, color=line.get_color(), alpha=0.15
+                    )
         ax.set_title(f"{task}: Gini of |activation|")
         ax.set_xlabel("layer")
         ax.set_ylabel("mean Gini")
-    axes[0].legend(fontsize=7)
+        integer_ticks(ax.xaxis, avg["layer"].values)
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -324,6 +431,7 @@ def _summary(
     sets: xr.DataArray,
     ov: xr.Dataset,
     rho: xr.DataArray,
+    rho_layer: xr.DataArray,
     rho_sub: xr.DataArray,
     counts: xr.DataArray,
     concentration: xr.DataArray | None,
@@ -343,6 +451,7 @@ def _summary(
         "",
     ]
     lines += _diagonal_md(tasks, ov)
+    lines += _step_invariant_md(ds, sets)
     lines += _overlap_md(tasks, ov)
     lines += _spearman_md(tasks, rho, rho_sub)
     lines += _layer_counts_md(tasks, counts)
@@ -372,6 +481,35 @@ def _diagonal_md(tasks: Sequence[str], ov: xr.Dataset) -> list[str]:
         "## Same-language overlap against chance",
         "",
         md_table(table, ["{:.2f}"] * 3 + ["{:.2e}"]),
+        "",
+    ]
+
+
+def _step_invariant_md(ds: xr.Dataset, sets: xr.DataArray) -> list[str]:
+    """Members of each set that are step-invariant units (docs/method.md, "Units"), mean
+    over the languages with a set, against the set size."""
+    if "step_invariant" not in ds.coords:
+        return []
+    present = (sets >= 0).any("rank")
+    size = (sets >= 0).sum("rank").where(present)
+    flagged = count_by(sets, ds, "step_invariant")
+    invariant = np.asarray(flagged["step_invariant"].values, dtype=bool)
+    n = flagged.isel(step_invariant=invariant).sum("step_invariant")  # 0 without any
+    frame = (
+        xr.Dataset({"step-invariant": n.where(present), "set size": size})
+        .mean("language", skipna=True)
+        .to_dataframe()
+        .dropna()
+    )
+    frame = frame[["step-invariant", "set size"]]
+    frame.index = [" ".join(map(str, i)) for i in frame.index]
+    return [
+        "## Step-invariant units in the sets",
+        "",
+        "Members of each set whose value cannot depend on the decoding step (cross-attention "
+        "k/v of the encoder output), mean over languages; the `dynamic` scope leaves them out.",
+        "",
+        md_table(frame, "{:.1f}", "task modality step kind"),
         "",
     ]
 

@@ -2,10 +2,12 @@
 
 The figure behind the steering finding (docs/method.md, finding 3): the share of outputs
 whose top language is the forced language L, against the identification step, per role
-(rows) and unit-source modality (columns), one colour per language. Solid: the selected
-set; dashed with a band: the random-unit controls of the same size (mean and min-max over
-seeds); dotted: the unforced baseline's share of L. One PNG per (input modality, set kind,
-scope, k, forcing).
+(rows) and unit-source modality (columns), one colour per language. Solid with error bars:
+the selected set, with the 95% Wilson score interval of the share (a binomial proportion
+over the cell's inputs, :func:`scipy.stats.binomtest`); dashed with a band: the random-unit
+controls of the same size (mean and min-max over seeds); dotted: the unforced baseline's
+share of L. Every panel has its legend; steps are integer ticks. One figure per (input
+modality, set kind, scope, k, forcing), in the format asked for (PNG, PDF or SVG).
 """
 
 from __future__ import annotations
@@ -15,15 +17,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy.stats import binomtest
 
 ROLES = ("representation", "control")
 MODALITIES = ("speech", "text")
 _PANEL = ("input_modality", "set_kind", "scope", "k", "forcing")
+CONFIDENCE = 0.95
+"""Confidence level of the selected share's interval."""
+
+
+def share_interval(share: float, n: int, level: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a share of ``n`` outputs (NaN without outputs)."""
+    if not n or not np.isfinite(share):
+        return (np.nan, np.nan)
+    ci = binomtest(int(round(share * n)), int(n)).proportion_ci(level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def load_run(output: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -75,10 +88,14 @@ def share_table(summary: pd.DataFrame, backend: str) -> pd.DataFrame:
             else np.nan
         )
         keys = (*_PANEL, "role", "unit_modality", "step", "language")
+        lo_ci, hi_ci = share_interval(float(sel[share]), int(sel["n_inputs"]))
         rows.append(
             {
                 **{k: sel[k] for k in keys},
+                "n_inputs": int(sel["n_inputs"]),
                 "selected": sel[share],
+                "selected_lo": lo_ci,
+                "selected_hi": hi_ci,
                 "random_mean": mean,
                 "random_min": lo,
                 "random_max": hi,
@@ -88,29 +105,80 @@ def share_table(summary: pd.DataFrame, backend: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _panel(ax: plt.Axes, table: pd.DataFrame, languages: Sequence[str]) -> None:
-    colours = plt.get_cmap("tab10")
+def _panel(ax: Axes, table: pd.DataFrame, languages: Sequence[str]) -> None:
+    """One role x unit-modality panel, with its own legend (languages, then line styles)."""
+    colours = matplotlib.colormaps["tab10"]
+    handles = []
     for i, lang in enumerate(languages):
         t = table[table["language"] == lang].sort_values("step")
         if t.empty:
             continue
         c = colours(i % 10)
-        ax.plot(t["step"], t["selected"], "-o", color=c, label=lang)
-        ax.plot(t["step"], t["random_mean"], "--", color=c, alpha=0.8)
-        ax.fill_between(t["step"], t["random_min"], t["random_max"], color=c, alpha=0.12)
+        steps = t["step"].to_numpy(dtype=int)
+        sel = t["selected"].to_numpy(dtype=float)
+        err = np.abs(np.vstack([sel - t["selected_lo"], t["selected_hi"] - sel]).astype(float))
+        ax.errorbar(steps, sel, yerr=err, fmt="-o", color=c, capsize=3)
+        ax.plot(steps, t["random_mean"], "--", color=c, alpha=0.8)
+        ax.fill_between(steps, t["random_min"], t["random_max"], color=c, alpha=0.12)
         ax.axhline(float(t["baseline"].mean()), color=c, linestyle=":", linewidth=1)
+        handles.append(Line2D([], [], color=c, marker="o", label=lang))
+    grey = "0.3"
+    handles += [
+        Line2D([], [], color=grey, marker="o", label=f"selected ({CONFIDENCE:.0%} Wilson CI)"),
+        Line2D([], [], color=grey, ls="--", label="random: mean, band min-max"),
+        Line2D([], [], color=grey, ls=":", label="unforced baseline"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xticks(sorted(set(table["step"].astype(int))))
+    steps = sorted({int(x) for x in table["step"]})
+    ax.set_xticks(steps, [str(x) for x in steps])
     ax.set_xlabel("identification step")
 
 
-def steering_figures(output: str | Path, figures: str | Path | None = None) -> list[Path]:
+def steering_panels(
+    table: pd.DataFrame, backend: str, languages: Sequence[str]
+) -> dict[str, Figure]:
+    """One Figure per (input modality, set kind, scope, k, forcing), by file stem (through
+    ``matplotlib.figure.Figure``, never pyplot: no global figure registry)."""
+    figs = {}
+    for key, panel in table.groupby(list(_PANEL), sort=True):
+        roles = [r for r in ROLES if r in set(panel["role"])]
+        mods = [m for m in MODALITIES if m in set(panel["unit_modality"])]
+        size = (4.4 * len(mods), 3.4 * len(roles) + 0.6)
+        fig = Figure(figsize=size, layout="constrained")
+        axes = fig.subplots(len(roles), len(mods), squeeze=False, sharey=True)
+        for r, role in enumerate(roles):
+            for m, mod in enumerate(mods):
+                ax = axes[r][m]
+                rows = panel[(panel["role"] == role) & (panel["unit_modality"] == mod)]
+                _panel(ax, rows, languages)
+                ax.set_title(f"{role} units from {mod}")
+                if m == 0:
+                    ax.set_ylabel(f"share of outputs in L ({backend})")
+        inp, kind, scope, k, forcing = key
+        k = int(k)
+        fig.suptitle(f"{inp} input, {kind}-{k} {scope} units forced to {forcing}")
+        figs[f"steer_{inp}_{kind}{k}_{scope}_{forcing}"] = fig
+    return figs
+
+
+def steering_figures(
+    output: str | Path,
+    figures: str | Path | None = None,
+    *,
+    fmt: str = "png",
+    dpi: int = 110,
+) -> list[Path]:
     """Write the target-share figures and ``steering.md``; returns the files written.
 
     Args:
         output: the steer output directory (``summary.parquet``, ``grid.json``).
         figures: where to write (default: ``<output>/figures``).
+        fmt: figure format (png, pdf or svg); dpi: raster resolution.
     """
+    from crossmodal.report.selection import check_format, figure_links
+
+    check_format(fmt, dpi)
     summary, grid = load_run(output)
     cfg = grid["config"]
     backend, languages = cfg["lid"]["backends"][0], cfg["languages"]
@@ -118,39 +186,12 @@ def steering_figures(output: str | Path, figures: str | Path | None = None) -> l
     dest = Path(figures) if figures is not None else Path(output) / "figures"
     dest.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for key, panel in table.groupby(list(_PANEL), sort=True):
-        roles = [r for r in ROLES if r in set(panel["role"])]
-        mods = [m for m in MODALITIES if m in set(panel["unit_modality"])]
-        size = (4 * len(mods), 3.2 * len(roles))
-        fig, axes = plt.subplots(len(roles), len(mods), figsize=size, squeeze=False, sharey=True)
-        for r, role in enumerate(roles):
-            for m, mod in enumerate(mods):
-                ax = axes[r][m]
-                _panel(
-                    ax, panel[(panel["role"] == role) & (panel["unit_modality"] == mod)], languages
-                )
-                ax.set_title(f"{role} units from {mod}")
-                if m == 0:
-                    ax.set_ylabel(f"share of outputs in L ({backend})")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(
-            handles,
-            labels,
-            loc="lower center",
-            ncol=len(labels) or 1,
-            fontsize=8,
-            title="L (solid: selected set, dashed + band: random controls, dotted: baseline)",
-        )
-        inp, kind, scope, k, forcing = key
-        k = int(k)
-        fig.suptitle(f"{inp} input, {kind}-{k} {scope} units forced to {forcing}")
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
-        path = dest / f"steer_{inp}_{kind}{k}_{scope}_{forcing}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+    for name, fig in steering_panels(table, backend, languages).items():
+        path = dest / f"{name}.{fmt}"
+        fig.savefig(path, dpi=dpi)
         written.append(path)
     md = dest / "steering.md"
-    md.write_text(_markdown(table, backend))
+    md.write_text(_markdown(table, backend) + "\n" + figure_links(written, dest))
     return [*written, md]
 
 

@@ -4,8 +4,10 @@
 reads the store through :class:`~crossmodal.store.results.Results`, writes the selection half
 with :func:`crossmodal.report.selection.write_report` (exact sets, overlap, Spearman, and the
 v1 concentration and modality tables when the store has them), and the steering figures of
-every finished run of :meth:`~crossmodal.store.results.Results.steering_runs` under
-``steering/<run>`` with :func:`crossmodal.report.steering.steering_figures`.
+every finished run of :meth:`~crossmodal.store.results.Results.steering_runs` (the runs the
+steer driver linked from the store's attrs) under ``steering/<run>`` with
+:func:`crossmodal.report.steering.steering_figures`; ``summary.md`` then links each run's
+``steering.md`` and figures.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def write_store_report(
     pooling: str | None = None,
     scope: str = "all",
     figures: bool = True,
+    fmt: str = "png",
+    dpi: int = 150,
 ) -> list[Path]:
     """Write the report of a store; returns the files written.
 
@@ -34,6 +38,7 @@ def write_store_report(
         out: the report directory (default: ``<store>-report`` next to the store).
         family, pooling, scope: which units' sets to report (default pooling: the store's).
         figures: False writes the Markdown summaries only.
+        fmt: figure format (png, pdf or svg); dpi: raster resolution.
     """
     from crossmodal.report.selection import write_report
     from crossmodal.report.steering import steering_figures
@@ -47,7 +52,7 @@ def write_store_report(
     ds = res.selectivity(family, pooling)
     conc = mod = None
     with contextlib.suppress(ValueError):  # stores collected before these analyses
-        conc = res.concentration(pooling)["mean"]
+        conc = res.concentration(pooling)  # mean, std, count: the figure's band
     with contextlib.suppress(ValueError):
         mod = res.modality(family, pooling)
     import zarr
@@ -56,9 +61,32 @@ def write_store_report(
 
     skipped = skipped_examples(zarr.open_group(str(res.path), mode="r"))
     paths = write_report(
-        ds, dest, sets=sets, figures=figures, concentration=conc, modality=mod, skipped=skipped
+        ds,
+        dest,
+        sets=sets,
+        figures=figures,
+        concentration=conc,
+        modality=mod,
+        skipped=skipped,
+        fmt=fmt,
+        dpi=dpi,
     )
+    steering: list[Path] = []
     for run in res.steering_runs():
         if (run / "summary.parquet").is_file():
-            paths += steering_figures(run, dest / "steering" / run.name)
-    return paths
+            steering += steering_figures(run, dest / "steering" / run.name, fmt=fmt, dpi=dpi)
+    if steering:
+        with (dest / "summary.md").open("a") as md:
+            md.write("\n" + _steering_links(steering, dest))
+    return [*paths, *steering]
+
+
+def _steering_links(paths: list[Path], root: Path) -> str:
+    """The summary's steering section: each run's ``steering.md`` and its figures."""
+    from crossmodal.report.selection import figure_links
+
+    lines = ["## Steering", ""]
+    for md in (p for p in paths if p.name == "steering.md"):
+        rel = md.relative_to(root).as_posix()
+        lines.append(f"- run `{md.parent.name}`: [steering summary]({rel})")
+    return "\n".join([*lines, "", figure_links(paths, root, "Steering figures")])

@@ -9,6 +9,14 @@ Before anything is written the grid is checked against its selectivity store
 or language the store lacks, and (unless ``allow_empty_sets``) a cell that would force no
 unit are each refused with one line. Cell ids hash the selectivity's content digest.
 
+The two tables carry the declared column types (``crossmodal/schemas/outputs.schema.json``:
+integers as int64, nullable where a cell kind has no value, booleans as booleans) and the
+run's provenance in the Parquet file metadata (:data:`PROVENANCE_KEY`: the config, the code
+version, the source store and its content digest). When the source is a collect store, the
+driver links the run from the store's root attribute ``steering`` (:func:`link_run`; the
+driver is the only writer of the store's metadata, under the store's lock), which
+:meth:`crossmodal.store.results.Results.steering_runs` reads.
+
 Resume and exactly-once: a cell is done when a part file holds it. A worker killed mid-task
 leaves no part and its task is run again; a task retried after its part landed rewrites the
 same file with the same rows. :func:`consolidate` keeps one row per (cell, input) from the
@@ -21,12 +29,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from crossmodal.fleet import FaultPoint, RaySession, progress
 from crossmodal.steer.grid import Cell, SteerConfig, expand, tasks
@@ -42,6 +54,7 @@ BOUNDARIES = (
     "steer.task.landed",
     "steer.results.written",
     "steer.summary.written",
+    "steer.store.linked",
 )
 """The steer driver's write boundaries (``CROSSMODAL_FAULT="driver:at=<boundary>"``); the
 workers' part files are atomic (:mod:`crossmodal.steer.parts`)."""
@@ -54,11 +67,111 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
+PROVENANCE_KEY = b"crossmodal"
+"""The Parquet file-metadata key of a steering table's provenance (JSON: ``config``,
+``code_version``, ``code_commit``, ``store``, ``store_digest``, ``written``)."""
+_ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
+_PANDAS = {"int64": "Int64", "bool": "boolean", "float64": "float64", "string": "object"}
+
+
+def declared_types(table: str) -> list[tuple[re.Pattern, str]]:
+    """(column-name pattern, base type) of each column ``table`` declares in
+    ``outputs.schema.json`` (a placeholder matches any name part)."""
+    from crossmodal.schemas import load_schema
+    from crossmodal.schemas.outputs import PLACEHOLDERS
+
+    out = []
+    for c in load_schema("outputs")["x-tables"][table]["columns"]:
+        pattern = re.escape(c["name"])
+        for placeholder in PLACEHOLDERS:
+            pattern = pattern.replace(re.escape(placeholder), ".+")
+        out.append((re.compile(pattern), c["type"].split(",")[0].strip()))
+    return out
+
+
+def typed_table(frame: pd.DataFrame, table: str, provenance: Mapping[str, Any]) -> pa.Table:
+    """``frame`` as Arrow with the declared types (integers nullable, booleans as booleans)
+    and ``provenance`` in the file metadata.
+
+    Raises:
+        ValueError: a column ``table`` does not declare.
+    """
+    kinds = declared_types(table)
+    fields, columns = [], {}
+    for name in frame.columns:
+        kind = next((k for pattern, k in kinds if pattern.fullmatch(name)), None)
+        if kind is None:
+            raise ValueError(
+                f"column must be one of the columns outputs.schema.json declares for {table}, "
+                f"got {name!r}; declare it in crossmodal/schemas/outputs.schema.json"
+            )
+        col = frame[name]
+        if kind == "string":
+            col = col.astype(object).where(col.notna(), None)
+        columns[name] = col.astype(_PANDAS[kind])
+        fields.append(pa.field(name, _ARROW[kind]))
+    arrow = pa.Table.from_pandas(
+        pd.DataFrame(columns), schema=pa.schema(fields), preserve_index=False
+    )
+    meta = {**(arrow.schema.metadata or {}), PROVENANCE_KEY: json.dumps(provenance).encode()}
+    return arrow.replace_schema_metadata(meta)
+
+
+def provenance(config: SteerConfig, digest: str) -> dict[str, Any]:
+    """What made a steering table: the config, the code version (and git commit when the
+    code runs from a checkout), the source and its digest."""
+    from crossmodal import __version__
+
+    source = Path(str(config.selectivity.path))
+    return {
+        "config": config.to_dict(),
+        "code_version": __version__,
+        "code_commit": _git_commit(),
+        "store": str(source.resolve()),
+        "store_digest": digest,
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout the package runs from; None outside one (a Ray job's copy
+    of the working directory, an installed wheel)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance a steering table carries in its Parquet file metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    if PROVENANCE_KEY not in meta:
+        raise ValueError(
+            f"path must be one of [a steering table written by this version], got {str(path)!r} "
+            "without provenance; run `crossmodal steer CONFIG` again"
+        )
+    return json.loads(meta[PROVENANCE_KEY])
+
+
 def consolidate(
-    config: SteerConfig, cells: Sequence[Cell], fault: FaultPoint | None = None
+    config: SteerConfig,
+    cells: Sequence[Cell],
+    fault: FaultPoint | None = None,
+    digest: str = "",
 ) -> tuple[Path, Path]:
     """``results.parquet`` (one row per cell and input, this grid only) and ``summary.parquet``
-    (each written whole, then renamed)."""
+    (each written whole, then renamed), typed and with provenance (``digest``: the source's
+    content digest)."""
     from crossmodal.steer.metrics import summarize
 
     out = Path(config.output)
@@ -74,7 +187,9 @@ def consolidate(
     )
     frame = frame.reset_index(drop=True)
     results, summary = out / "results.parquet", out / "summary.parquet"
-    _replace(results, lambda p: frame.to_parquet(p, index=False))
+    prov = provenance(config, digest)
+    typed = typed_table(frame, "steer/results.parquet", prov)
+    _replace(results, lambda p: pq.write_table(typed, p))
     if fault is not None:
         fault.reached("steer.results.written")
     table = summarize(
@@ -84,7 +199,8 @@ def consolidate(
         languages=config.measured_languages,
         output_language=config.output_language,
     )
-    _replace(summary, lambda p: table.to_parquet(p, index=False))
+    cell_table = typed_table(table, "steer/summary.parquet", prov)
+    _replace(summary, lambda p: pq.write_table(cell_table, p))
     if fault is not None:
         fault.reached("steer.summary.written")
     return results, summary
@@ -138,7 +254,9 @@ def _steer(
         summary["ran"] = _run_tasks(
             config, pending, len(cells), len(done), address, show_progress, fault
         )
-    results, cell_summary = consolidate(config, cells, fault)
+    results, cell_summary = consolidate(config, cells, fault, digest)
+    link_run(config, out, echo)
+    fault.reached("steer.store.linked")
     summary.update(results=str(results), summary=str(cell_summary), seconds=time.time() - start)
     echo(
         f"steered {summary['ran']} cells ({summary['resumed']} already done) into {out} "
@@ -177,3 +295,33 @@ def _grid_json(config: SteerConfig, cells: Sequence[Cell]) -> str:
     return json.dumps(
         {"config": config.to_dict(), "cells": [dict(c.to_dict(), id=c.id) for c in cells]}, indent=1
     )
+
+
+STEERING_ATTR = "steering"
+"""The store's root attribute listing its steering runs: ``{"runs": {output: {"summary",
+"results", "finished"}}}`` (paths relative to the folder that holds the store)."""
+
+
+def link_run(config: SteerConfig, out: Path, echo: Callable[[str], None] = print) -> bool:
+    """Record the finished run in its source store's root attrs (a collect store only;
+    others have no attrs to link from); whether it did. Re-running rewrites the same entry."""
+    import zarr
+
+    source = Path(str(config.selectivity.path))
+    if not (source.is_dir() and (source / "zarr.json").is_file()):
+        return False
+    root = zarr.open_group(str(source), mode="r+")
+    if "layout_version" not in root.attrs:
+        return False
+    # relative to the store's folder: a store moved together with its runs keeps its links
+    run = Path(os.path.relpath(out.resolve(), source.resolve().parent))
+    with OutputLock(source, "steer", echo=echo):  # the store's one writer while linking
+        links = dict(root.attrs.get(STEERING_ATTR) or {})
+        runs = dict(links.get("runs") or {})
+        runs[run.as_posix()] = {
+            "summary": (run / "summary.parquet").as_posix(),
+            "results": (run / "results.parquet").as_posix(),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        root.attrs[STEERING_ATTR] = {**links, "runs": runs}
+    return True

@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +143,21 @@ class Results:
         ds = self._open(sets_group(family), "sets")
         return _scoped(ds["units"].sel(pooling=self._pooling(pooling)), scope, ds.attrs["k"])
 
+    def sets_table(self, family: str | None = None) -> pd.DataFrame:
+        """The selected sets as one long table (``<store>-sets/<family>.parquet``; every
+        family when None): one row per member with its unit coordinates, histogram AP and
+        bounds and exact AP (docs/outputs.md, ``reduce/sets.parquet``)."""
+        from crossmodal.reduce.sets import sets_table_path
+
+        folder = sets_table_path(self.path, "-").parent
+        path = folder if family is None else sets_table_path(self.path, family)
+        if not path.exists() or (family is None and not any(folder.glob("*.parquet"))):
+            raise ValueError(
+                f"sets table must be one of [present], got none at {str(path)!r}; run "
+                f"`crossmodal reduce {self.path}`"
+            )
+        return pd.read_parquet(path)
+
     def roles(
         self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
     ) -> xr.DataArray:
@@ -205,7 +219,7 @@ class Results:
 
     def units(self, family: str = "decoder") -> pd.DataFrame:
         """The unit table, indexed by unit id: site (address), path, layer, submodule, type,
-        positions, feature."""
+        positions, feature, step_invariant (the value cannot depend on the decoding step)."""
         u = self._open(units_group(family), "units").load()
         site = u["unit_site"].values
         cols = {
@@ -218,23 +232,21 @@ class Results:
             "feature": u["unit_feature"].values,
         }
         frame = pd.DataFrame({k: np.asarray(v) for k, v in cols.items()}, index=u["unit"].values)
+        frame["step_invariant"] = frame["positions"] != "decoder"  # Site.step_invariant
         return frame.rename_axis("unit")
 
     def steering_runs(self) -> list[Path]:
-        """Steer output directories next to the store whose grid reads this store."""
-        runs = []
-        for grid in sorted(self.path.resolve().parent.glob("*/grid.json")):
-            source = json.loads(grid.read_text())["config"].get("selectivity", {}).get("path")
-            if source and (
-                Path(source).resolve() == self.path.resolve() or Path(source).name == self.path.name
-            ):
-                runs.append(grid.parent)
-        return runs
+        """The steer output directories that read this store, as the steer driver linked them
+        in the root attribute ``steering`` (existing ones, in the order they were linked)."""
+        runs = (self.attrs.get("steering") or {}).get("runs") or {}
+        paths = [self.path.parent / run for run in runs]  # relative to the store's folder
+        return [p for p in paths if p.is_dir()]
 
     def steering(self, run: str | Path | None = None, table: str = "summary") -> pd.DataFrame:
         """A steer run's ``summary`` (per cell) or ``results`` (per cell and input) table.
 
-        ``run``: the steer output directory; default: the only run of :meth:`steering_runs`.
+        ``run``: the steer output directory; default: the only run of :meth:`steering_runs`
+        (linked from the store's attrs by the steer driver).
         """
         if table not in ("summary", "results"):
             raise ValueError(f"table must be one of ['summary', 'results'], got {table!r}")
@@ -261,12 +273,21 @@ class Results:
         pooling: str | None = None,
         scope: str = "all",
         figures: bool = True,
+        fmt: str = "png",
+        dpi: int = 150,
     ) -> list[Path]:
         """``crossmodal report``: :func:`crossmodal.report.store_report.write_store_report`."""
         from crossmodal.report.store_report import write_store_report
 
         return write_store_report(
-            self, out, family=family, pooling=pooling, scope=scope, figures=figures
+            self,
+            out,
+            family=family,
+            pooling=pooling,
+            scope=scope,
+            figures=figures,
+            fmt=fmt,
+            dpi=dpi,
         )
 
 
