@@ -26,6 +26,7 @@ pass: collect merges it per condition into ``concentration/<family>``;
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -37,8 +38,11 @@ import zarr
 
 from crossmodal.collect.config import CollectConfig, from_dict
 from crossmodal.fleet import FaultPoint, RaySession
+from crossmodal.reduce.ap_accuracy import EVERY_UNIT_BYTES, every_unit_bytes, fits_every_unit
 from crossmodal.reduce.exact import (
+    MEMBERS,
     Candidates,
+    ExactPart,
     ExactPlan,
     create_exact,
     drop_spill,
@@ -47,12 +51,15 @@ from crossmodal.reduce.exact import (
     same_candidates,
     write_exact,
 )
+from crossmodal.reduce.exemplars import PairExemplars, write_pair
+from crossmodal.reduce.fidelity import exact_views, write_fidelity
 from crossmodal.reduce.labels import store_labels
 from crossmodal.reduce.modality import FAMILIES as MODALITY_FAMILIES
 from crossmodal.reduce.modality import modality_pass
 from crossmodal.reduce.selection import GROUPS, check_k, expand_scopes, parse_scope
 from crossmodal.reduce.selectivity import selectivity_digest, selectivity_pass
 from crossmodal.reduce.sets import final_sets, write_analyses, write_csvs
+from crossmodal.reduce.stability import example_halves
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
 from crossmodal.store.lock import OutputLock
@@ -183,6 +190,7 @@ def run_reduce(
     num_cpus: float = 0.25,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    every_unit_budget: int = EVERY_UNIT_BYTES,
 ) -> dict[str, Any]:
     """Reduce a finished collect store in place (resumable; see the module docstring).
 
@@ -195,6 +203,9 @@ def run_reduce(
         csv_dir: default ``<store parent>/<store name>-sets``.
         address: Ray address (``auto``: a running head); None: in-process or job cluster.
         num_cpus: Ray CPUs per selectivity task (fractional: many tasks per core).
+        every_unit_budget: bytes the exact pass may spill to re-collect EVERY unit (exact AP
+            of all units for the Spearman analyses, set stability); a plan needing more (or
+            more than half the free disk) re-collects the undecided units only (0: never).
 
     Returns:
         ``{"store", "ran": [passes run], "skipped": [...], "exact_units", "csv", "seconds"}``.
@@ -210,6 +221,7 @@ def run_reduce(
     root = open_reducible(path)
     with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
+        job.decide_every_unit(every_unit_budget)
         with RaySession(address) as session:
             job.selectivity(session)
             job.exact(session)
@@ -260,6 +272,19 @@ class ReduceJob:
         self.views: dict[str, dict[str, xr.Dataset]] = {}
         self.pending: list[str] = []
         self.plans: dict[str, ExactPlan] = {}
+        self.every_unit = False
+        self.exemplars: dict[str, PairExemplars] = {}
+
+    def decide_every_unit(self, budget: int) -> None:
+        """Re-collect every unit in the exact pass when its spill fits ``budget`` and half
+        the free disk (docs/method.md, "Accuracy of all-unit AP"); part of the parameters."""
+        units = sum(len(self.labels[f]["unit"]) for f in self.families)
+        plan = self.root[PLAN].attrs["work_units"]
+        examples = sum(len(w["ids"]) for w in plan)
+        slots = len(self.config.steps) * len(self.config.poolings)
+        need = every_unit_bytes(examples, units, slots)
+        self.every_unit = fits_every_unit(need, shutil.disk_usage(self.path).free, budget)
+        self.params["every_unit"] = self.every_unit
 
     def _expand(self, scopes: Sequence[str]) -> list[str]:
         """``group@*`` -> one scope per layer; every per-layer scope names a layer."""
@@ -337,13 +362,23 @@ class ReduceJob:
         """Pass 2 for the families whose sets are not done with these parameters."""
         pending, params = self.pending, self.params
         self.plans = {
-            f: exact_plan(self.views[f], self.k, self.scopes, self.widen) for f in pending
+            f: exact_plan(self.views[f], self.k, self.scopes, self.widen, self.every_unit)
+            for f in pending
         }
         for f in pending:  # new k/scopes/widen (or first run): other candidates, measure anew
-            cands = self.plans[f].candidates
+            cands, members = self.plans[f].candidates, self.plans[f].members
             recorded = self.log.get("exact", f, "params") == params
-            if not recorded or not same_candidates(self.path, f, cands):
-                create_exact(self.path, f, cands, self.labels[f], self.config.poolings)
+            same = same_candidates(self.path, f, cands)
+            if not (recorded and same and same_candidates(self.path, f, members, MEMBERS)):
+                create_exact(
+                    self.path,
+                    f,
+                    cands,
+                    self.labels[f],
+                    self.config.poolings,
+                    members,
+                    self.every_unit,
+                )
                 self.fault.reached("reduce.exact.created")
                 self.log.save("exact", f, value={"params": params, "done": []})
         done = set.intersection(
@@ -355,10 +390,15 @@ class ReduceJob:
             for f in pending
         }
 
+        halves = example_halves(self.root, self.config.seed) if self.every_unit else {}
+
         def write(key: str) -> None:
             for f, by in cands.items():
                 if key in by:
-                    write_exact(self.path, f, key, by[key], unions[f], self.labels[f])
+                    write_exact(
+                        self.path, f, key, by[key], unions[f], self.labels[f], halves.get(key)
+                    )
+                write_pair(self.path, f, key, self.exemplars.pop(key, PairExemplars()))
             self.fault.reached("reduce.exact.written")
 
         def mark(key: str) -> None:
@@ -378,22 +418,32 @@ class ReduceJob:
             done,
             self.progress,
             self.fault,
+            {f: self.plans[f].members for f in pending},
+            self._received,
         )
         for f in pending:  # every pair is written and marked: the spilled values can go
             drop_spill(self.path, f)
+
+    def _received(self, part: ExactPart) -> None:
+        """Merge a work unit's exemplars into its pair's (written with the pair)."""
+        pair = self.exemplars.setdefault(part.key, PairExemplars())
+        pair.add(part.part, part.language, part.extremes, part.examples)
 
     def sets(self, csv_root: Path) -> None:
         """Pass 3 for the families whose sets are not done with these parameters."""
         res = Results(Path(self.path))
         for f in self.pending:
-            exact_ap = res.exact(f)["ap"].load()
+            exact = res.exact(f)
+            exact_ap = exact["ap"].load()
             sets = final_sets(self.plans[f].plans, exact_ap, self.config.poolings, self.scopes)
             sets = sets.rename("units").assign_attrs(**self.params, exact=True)
             write_dataset(self.path, sets_group(f), sets)
             self.fault.reached("reduce.sets.written")
-            self.out["csv"] += write_csvs(self.views[f], sets, csv_root / f)
+            views = exact_views(self.views[f], exact, self.every_unit)
+            self.out["csv"] += write_csvs(views, sets, csv_root / f)
             self.fault.reached("reduce.sets.csv_written")
-            write_analyses(self.path, f, self.views[f], sets, self.k)
+            write_analyses(self.path, f, views, sets, self.k)
+            write_fidelity(self.path, f, views, sets, exact, self.scopes, self.k, self.every_unit)
             self.fault.reached("reduce.sets.analyses_written")
             self.log.save("sets", f, value=self.params)
             self.fault.reached("reduce.sets.recorded")
