@@ -360,27 +360,13 @@ class ReduceJob:
 
     def exact(self, session: RaySession) -> None:
         """Pass 2 for the families whose sets are not done with these parameters."""
-        pending, params = self.pending, self.params
+        pending = self.pending
         self.plans = {
             f: exact_plan(self.views[f], self.k, self.scopes, self.widen, self.every_unit)
             for f in pending
         }
-        for f in pending:  # new k/scopes/widen (or first run): other candidates, measure anew
-            cands, members = self.plans[f].candidates, self.plans[f].members
-            recorded = self.log.get("exact", f, "params") == params
-            same = same_candidates(self.path, f, cands)
-            if not (recorded and same and same_candidates(self.path, f, members, MEMBERS)):
-                create_exact(
-                    self.path,
-                    f,
-                    cands,
-                    self.labels[f],
-                    self.config.poolings,
-                    members,
-                    self.every_unit,
-                )
-                self.fault.reached("reduce.exact.created")
-                self.log.save("exact", f, value={"params": params, "done": []})
+        for f in pending:
+            self._create_exact(f)
         done = set.intersection(
             *[set(self.log.get("exact", f, "done")) for f in pending] or [set()]
         )
@@ -393,12 +379,13 @@ class ReduceJob:
         halves = example_halves(self.root, self.config.seed) if self.every_unit else {}
 
         def write(key: str) -> None:
+            pair = self.exemplars.pop(key, PairExemplars())
             for f, by in cands.items():
                 if key in by:
                     write_exact(
                         self.path, f, key, by[key], unions[f], self.labels[f], halves.get(key)
                     )
-                write_pair(self.path, f, key, self.exemplars.pop(key, PairExemplars()))
+                write_pair(self.path, f, key, pair)
             self.fault.reached("reduce.exact.written")
 
         def mark(key: str) -> None:
@@ -423,6 +410,26 @@ class ReduceJob:
         )
         for f in pending:  # every pair is written and marked: the spilled values can go
             drop_spill(self.path, f)
+
+    def _create_exact(self, family: str) -> None:
+        """A new exact group for ``family`` unless the store records this pass with these
+        parameters, candidates and members (new k/scopes/widen, or a first run: measure
+        anew)."""
+        plan, params = self.plans[family], self.params
+        recorded = self.log.get("exact", family, "params") == params
+        if (
+            recorded
+            and same_candidates(self.path, family, plan.candidates)
+            and same_candidates(self.path, family, plan.members, MEMBERS)
+        ):
+            return
+        poolings = self.config.poolings
+        lab = self.labels[family]
+        create_exact(
+            self.path, family, plan.candidates, lab, poolings, plan.members, self.every_unit
+        )
+        self.fault.reached("reduce.exact.created")
+        self.log.save("exact", family, value={"params": params, "done": []})
 
     def _received(self, part: ExactPart) -> None:
         """Merge a work unit's exemplars into its pair's (written with the pair)."""

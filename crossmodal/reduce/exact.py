@@ -386,7 +386,9 @@ def _selectivity(
         if rows is not None:
             values = values[rows[lang]]
         ex[lang] = ExactValues(
-            torch.as_tensor(ids[cols]), torch.from_numpy(values), torch.tensor(0)
+            torch.as_tensor(ids[cols]),
+            torch.from_numpy(np.require(values, requirements="W")),
+            torch.tensor(0),
         )
     ex = {lang: e for lang, e in ex.items() if e.n}
     return exact_selectivity(ex) if len(ex) >= 2 else {}

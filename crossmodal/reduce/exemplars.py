@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from crossmodal.store.datasets import read_dataset, write_dataset
+from crossmodal.store.datasets import put_array, unicode, write_dataset
 from crossmodal.store.names import exact_group, exemplars_group
 
 N_EXEMPLARS = 5
@@ -34,7 +34,9 @@ ROW_BITS = 20
 TEXTS = ("example_id", "language", "input", "output")
 """What is kept of each exemplar besides its value."""
 PAIRS = "exemplars"
-"""Subgroup of ``exact/<family>``: one group per finished (task, modality, step, pooling)."""
+"""Subgroup of ``exact/<family>``: the arrays of every finished (task, modality, step,
+pooling), prefixed ``<task>.<modality>.<step>.<pooling>.``."""
+DIMS = ("side", "rank", "unit")
 
 
 def _keep(values: np.ndarray, refs: np.ndarray, n: int, sign: float) -> tuple[np.ndarray, ...]:
@@ -74,17 +76,18 @@ class Extremes:
         self._fold(values, refs)
 
     def merge(self, other: Extremes) -> None:
-        """Fold another's extremes of the same units (references already global)."""
+        """Fold another's extremes of the same units (references already global): the top-n
+        of the union is the top-n of both tops, likewise the bottom."""
         if not np.array_equal(self.units, other.units):
             raise ValueError("units must be one of [identical], got different member units")
-        self._fold(other.top, other.top_ref)
-        self._fold(other.bottom, other.bottom_ref)
+        self._fold(other.top, other.top_ref, ("top",))
+        self._fold(other.bottom, other.bottom_ref, ("bottom",))
 
-    def _fold(self, values: np.ndarray, refs: np.ndarray) -> None:
-        for side, sign in (("top", 1.0), ("bottom", -1.0)):
+    def _fold(self, values: np.ndarray, refs: np.ndarray, sides: Sequence[str] = SIDES) -> None:
+        for side in sides:
             v = np.concatenate([getattr(self, side), values])
             r = np.concatenate([getattr(self, f"{side}_ref"), refs])
-            kept, kept_ref = _keep(v, r, self.n, sign)
+            kept, kept_ref = _keep(v, r, self.n, 1.0 if side == "top" else -1.0)
             setattr(self, side, kept)
             setattr(self, f"{side}_ref", kept_ref)
 
@@ -135,36 +138,48 @@ def _pair_name(key: str, step: int, pooling: str) -> str:
 
 
 def write_pair(store: str, family: str, key: str, pair: PairExemplars) -> None:
-    """Write a finished pair's extremes of ``family`` under ``exact/<family>/exemplars``:
-    ``value``/``ref`` ``[side, rank, unit]`` and the referenced examples' texts."""
+    """Write a finished pair's extremes of ``family`` into ``exact/<family>/exemplars``, per
+    slot ``<task>.<modality>.<step>.<pooling>``: arrays ``<slot>.value`` / ``<slot>.ref``
+    ``[side, rank, unit]``, ``<slot>.unit``, and the referenced examples (``<slot>.example``,
+    the references, and one array per text of :data:`TEXTS`)."""
     refs = np.array(sorted(pair.examples), np.int64)
     table = np.array([pair.examples[r] for r in refs], dtype=object).reshape(-1, 4)
+    g = zarr.open_group(store, path=f"{exact_group(family)}/{PAIRS}", mode="a")
     for (fam, slot), ex in pair.extremes.items():
         if fam != family:
             continue
-        ds = xr.Dataset(
-            {
-                "value": (("side", "rank", "unit"), np.stack([ex.top, ex.bottom])),
-                "ref": (("side", "rank", "unit"), np.stack([ex.top_ref, ex.bottom_ref])),
-                **{name: ("example", table[:, i].astype(str)) for i, name in enumerate(TEXTS)},
-            },
-            coords={"side": list(SIDES), "unit": ex.units, "example": refs},
-        )
-        path = f"{exact_group(family)}/{PAIRS}/{_pair_name(key, slot.step, slot.pooling)}"
-        write_dataset(store, path, ds.assign_attrs(key=key, step=slot.step, pooling=slot.pooling))
+        name = _pair_name(key, slot.step, slot.pooling)
+        where = {"key": key, "step": int(slot.step), "pooling": str(slot.pooling)}
+        put_array(g, f"{name}.ref", np.stack([ex.top_ref, ex.bottom_ref]), DIMS)
+        put_array(g, f"{name}.unit", ex.units, ["unit"])
+        put_array(g, f"{name}.example", refs, ["example"])
+        for i, text in enumerate(TEXTS):
+            put_array(g, f"{name}.{text}", table[:, i].astype(str), ["example"])
+        put_array(g, f"{name}.value", np.stack([ex.top, ex.bottom]), DIMS, **where)
 
 
 def _pair_frames(store: str, family: str) -> dict[tuple[str, str, int, str], xr.Dataset]:
     """The written pairs, keyed by (task, modality, step, pooling)."""
     try:
-        sub = zarr.open_group(store, path=f"{exact_group(family)}/{PAIRS}", mode="r")
+        g = zarr.open_group(store, path=f"{exact_group(family)}/{PAIRS}", mode="r")
     except FileNotFoundError:
         return {}
     out = {}
-    for name in sub.group_keys():
-        ds = read_dataset(store, f"{exact_group(family)}/{PAIRS}/{name}")
-        task, modality = ds.attrs["key"].split("/")
-        out[(task, modality, int(ds.attrs["step"]), str(ds.attrs["pooling"]))] = ds
+    for name, arr in g.arrays():
+        if not name.endswith(".value"):
+            continue  # the value array is written last: a pair without it is incomplete
+        slot, a = name.removesuffix(".value"), arr.attrs
+        read = lambda v: np.asarray(g[f"{slot}.{v}"][...])  # noqa: B023, E731
+        ds = xr.Dataset(
+            {
+                "value": (DIMS, arr[...]),
+                "ref": (DIMS, read("ref")),
+                **{t: ("example", unicode(read(t))) for t in TEXTS},
+            },
+            coords={"side": list(SIDES), "unit": read("unit"), "example": read("example")},
+        )
+        task, modality = a["key"].split("/")
+        out[(task, modality, int(a["step"]), str(a["pooling"]))] = ds
     return out
 
 

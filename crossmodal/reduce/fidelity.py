@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import xarray as xr
+import zarr
 
 from crossmodal.reduce.ap_accuracy import with_exact_ap, write_spearman_bounds
 from crossmodal.reduce.exemplars import write_exemplars
@@ -64,4 +65,8 @@ def write_fidelity(
         ds = xr.concat(per, "pooling", combine_attrs="override")
         write_dataset(store, stability_group(family), ds.transpose("pooling", "scope", ...))
         written.append(stability_group(family))
+    else:  # measured on histograms only: no halves, and no stale stability of an earlier run
+        g = zarr.open_group(store, mode="r+")
+        if stability_group(family) in g:
+            del g[stability_group(family)]
     return written

@@ -35,6 +35,7 @@ def write_store_report(
         family, pooling, scope: which units' sets to report (default pooling: the store's).
         figures: False writes the Markdown summaries only.
     """
+    from crossmodal.report.fidelity import write_fidelity_report
     from crossmodal.report.selection import write_report
     from crossmodal.report.steering import steering_figures
     from crossmodal.store import results
@@ -58,6 +59,7 @@ def write_store_report(
     paths = write_report(
         ds, dest, sets=sets, figures=figures, concentration=conc, modality=mod, skipped=skipped
     )
+    paths += write_fidelity_report(res, dest, family, pooling, scope)  # exemplars, stability
     for run in res.steering_runs():
         if (run / "summary.parquet").is_file():
             paths += steering_figures(run, dest / "steering" / run.name)
