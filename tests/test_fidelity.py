@@ -139,3 +139,23 @@ def test_with_exact_ap_overlays_only_measured_units():
 )
 def test_every_unit_budget(need, free, budget, fits):
     assert fits_every_unit(need, free, budget) is fits
+
+
+def test_pair_exemplars_do_not_grow_with_examples():
+    """The driver-side exemplars of a pair keep n values per unit and side and only the
+    texts they reference: the same size for 4x the examples per work unit."""
+    import pickle
+
+    def size(n_rows: int) -> int:
+        rng = np.random.default_rng(0)
+        units, pair = np.arange(8), PairExemplars()
+        for p in range(4):
+            ex = Extremes.empty(units, 5)
+            ex.update(rng.normal(size=(n_rows, units.size)), np.arange(n_rows))
+            texts = [(f"{p:03d}{r:05d}", "x" * 20, "y" * 20) for r in range(n_rows)]
+            pair.add(p, "deu", {("decoder", "slot"): ex}, texts)
+        assert len(pair.examples) <= 2 * 5 * units.size
+        return len(pickle.dumps(pair))
+
+    small, large = size(100), size(400)
+    assert abs(large - small) < 0.05 * small

@@ -444,7 +444,15 @@ def test_cli_reduce_and_report(reduced, tmp_path):
         report_command, [config.output, "--out", str(tmp_path), "--no-figures"]
     )
     assert res.exit_code == 0, res.output
-    assert "Same-language overlap" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Same-language overlap" in summary
+    # the fidelity section: Spearman source, exemplars page, stability table = the store's
+    assert "every unit's AP is exact" in summary and "[exemplars.md](exemplars.md)" in summary
+    st = results.open(config.output).stability().sel(task="x2en", modality="text", step=1)
+    top, bottom = (int(st["overlap"].sel(language="deu", kind=k)) for k in ("top", "bottom"))
+    assert f"| x2en | text | 1 | deu | {top} | {bottom} | {K} |" in summary
+    page = (tmp_path / "exemplars.md").read_text()
+    assert "## x2en / speech / step 1 / deu" in page and "| top | 0 |" in page
 
 
 @pytest.fixture(scope="module")

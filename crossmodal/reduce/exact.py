@@ -386,7 +386,7 @@ def _selectivity(
         if rows is not None:
             values = values[rows[lang]]
         ex[lang] = ExactValues(
-            torch.as_tensor(ids[cols]),
+            torch.tensor(ids[cols]),
             torch.from_numpy(np.require(values, requirements="W")),
             torch.tensor(0),
         )
