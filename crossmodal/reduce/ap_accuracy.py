@@ -124,25 +124,27 @@ def _bound_matrix(view: xr.Dataset, by: str | None) -> xr.DataArray:
     return out.isel(scope=0, drop=True) if by is None else out
 
 
-def spearman_bounds(view: xr.Dataset, exact: bool) -> dict[str, xr.DataArray]:
-    """Per Spearman variable of the overlap pass, its bound over ``view``'s paired tasks
-    (0 where the AP is exact, NaN where the Spearman is)."""
-    out = {}
-    for name, by in SPEARMAN_VARS.items():
-        bound = _bound_matrix(view, by)
-        out[f"{name}_bound"] = xr.zeros_like(bound).where(bound.notnull()) if exact else bound
-    return out
+def spearman_bounds(view: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Per Spearman variable of the overlap pass, the bound of histogram AP over ``view``'s
+    conditions (NaN where the Spearman is)."""
+    return {f"{name}_bound": _bound_matrix(view, by) for name, by in SPEARMAN_VARS.items()}
 
 
 def write_spearman_bounds(
     store: str, family: str, views: dict[str, xr.Dataset], tasks: list[str], exact: bool
 ) -> None:
     """Add ``<var>_bound`` next to each Spearman variable of ``overlap/<family>/spearman``
-    (same dims, over ``pooling``) and the group attr ``ap`` (``exact`` or ``histogram``)."""
+    (same dims; 0 for exact AP, else :func:`spearman_bounds` per pooling) and the group
+    attr ``ap`` (``exact`` or ``histogram``)."""
     g = zarr.open_group(store, path=overlap_group(family, "spearman"), mode="r+")
-    per = [spearman_bounds(v.sel(task=tasks), exact) for v in views.values()]
-    for name in per[0]:
-        da = xr.concat([p[name] for p in per], "pooling")
-        want = list(g[name.removesuffix("_bound")].metadata.dimension_names)
-        put_array(g, name, da.transpose(*want).values, want)
+    per = [] if exact else [spearman_bounds(v.sel(task=tasks)) for v in views.values()]
+    for name in SPEARMAN_VARS:
+        dims = list(g[name].metadata.dimension_names)
+        if exact:
+            rho = np.asarray(g[name][...])
+            bound = np.where(np.isnan(rho), np.nan, 0.0)
+        else:
+            bound = xr.concat([p[f"{name}_bound"] for p in per], "pooling")
+            bound = bound.transpose(*dims).values
+        put_array(g, f"{name}_bound", bound, dims)
     g.attrs["ap"] = "exact" if exact else "histogram"

@@ -167,11 +167,6 @@ class ExactPlan:
     candidates: dict[str, dict[Slot, np.ndarray]]
     members: dict[str, dict[Slot, np.ndarray]] = field(default_factory=dict)
 
-    @property
-    def every_unit(self) -> bool:
-        """Whether every measured unit is re-collected (exact AP of all units)."""
-        return bool(self.plans) and all(p.attrs.get("every_unit") for p in self.plans.values())
-
 
 def _plan_units(plan: xr.Dataset, names: Sequence[str]) -> dict[tuple, np.ndarray]:
     """The unit ids of the plan variables ``names``, per (task, modality, step)."""
@@ -222,8 +217,7 @@ def exact_plan(
     for pooling, ds in views.items():
         for scope in scopes:
             group, layer = parse_scope(scope)
-            plan = plan_exact(ds, k=k, group=group, layer=layer, widen=widen)
-            plans[(pooling, scope)] = plan.assign_attrs(every_unit=bool(every_unit))
+            plans[(pooling, scope)] = plan_exact(ds, k=k, group=group, layer=layer, widen=widen)
     cands = _by_slot(plans, ["candidate"])
     if every_unit:
         units = np.asarray(next(iter(views.values()))["unit"].values, np.int64)
