@@ -392,7 +392,9 @@ def test_histogram_fallback_reports_spearman_bounds(reduced, reference, tmp_path
     )
     assert out["ran"] == ["sets/decoder"]
     r = results.open(copy)
-    assert r.exact()["unit"].size < 1856 and "ap_half" not in r.exact()
+    assert "ap_half" not in r.exact()  # the undecided units only (on this coarse store many)
+    every = int(np.isfinite(results.open(config.output).exact()["ap"]).sum())
+    assert int(np.isfinite(r.exact()["ap"]).sum()) < every
     rho = r.overlap(kind="spearman")
     assert rho.attrs["ap"] == "histogram"
     exact = _exact_ds(reference, r.selectivity().load(), "prefix_mean")["ap"].sel(

@@ -35,6 +35,8 @@ Example::
     r.overlap("decoder")["diagonal"].sel(task="x2en", kind="top")   # same-language overlap
     r.concentration()["mean"].sel(task="x2en", step=1)                # Gini per language, layer
     r.modality("decoder")["by_submodule"].sel(kind="top")             # speech-selective units
+    r.exemplars(unit=int(top[0]), task="x2en", modality="speech", step=1)  # what it fires on
+    r.stability().sel(task="x2en", kind="top")["overlap"]             # halves agree on k?
 """
 
 from __future__ import annotations
