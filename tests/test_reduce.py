@@ -387,10 +387,11 @@ def test_histogram_fallback_reports_spearman_bounds(reduced, reference, tmp_path
     config, _ = reduced
     copy = tmp_path / "copy.zarr"
     shutil.copytree(config.output, copy)
-    out = run_reduce(
-        copy, k=K, scopes=SCOPES, progress=False, echo=lambda s: None, every_unit_budget=0
-    )
-    assert out["ran"] == ["sets/decoder"]
+    from jobs.reduce import main
+
+    args = [str(copy), "--k", str(K), "--scopes", ",".join(SCOPES), "--no-progress"]
+    out = CliRunner().invoke(main, [*args, "--every-unit-gib", "0"])
+    assert out.exit_code == 0 and "ran sets/decoder;" in out.output, out.output
     r = results.open(copy)
     assert "ap_half" not in r.exact()  # the undecided units only (on this coarse store many)
     every = int(np.isfinite(results.open(config.output).exact()["ap"]).sum())
