@@ -5,10 +5,12 @@ Passes, each recorded in the root attribute ``reduce`` when done and skipped on 
 1. ``selectivity`` (:mod:`crossmodal.reduce.selectivity`): AP, AUROC and bounds of every
    unit per condition, from the histograms.
 2. ``exact`` (:mod:`crossmodal.reduce.exact`): exact AP of the units the AP intervals leave
-   undecided; recorded per (task, modality) pair, so an interrupted pass redoes only the
-   open pairs.
-3. ``sets`` (:mod:`crossmodal.reduce.sets`): the exact sets, CSVs, roles and overlap. Redone
-   (with pass 2) when k, scopes or widen change.
+   undecided (of every unit when the spill fits the every-unit budget), and the exemplars
+   of the plan's members; recorded per (task, modality) pair, so an interrupted pass redoes
+   only the open pairs.
+3. ``sets`` (:mod:`crossmodal.reduce.sets`): the exact sets, CSVs, roles and overlap, then
+   (:mod:`crossmodal.reduce.fidelity`) Spearman bounds, exemplars and set stability. Redone
+   (with pass 2) when k, scopes, widen or the every-unit choice change.
 4. ``modality`` (:mod:`crossmodal.reduce.modality`): v1 modality-selective units of the
    decoder families. Redone when k changes.
 

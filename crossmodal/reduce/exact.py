@@ -6,7 +6,11 @@ scope) names the candidates; :class:`ExactWorker` actors re-run the work units o
 The candidates are recorded in the store (``exact/<family>/candidates``), and the actors read
 them there: nothing large travels as an actor argument (an argument Ray keeps in its object
 store cannot be restored with a restarted actor). A unit is re-collected only for the (step,
-pooling) where it is a candidate.
+pooling) where it is a candidate. When the plan's spill fits the every-unit budget
+(:mod:`crossmodal.reduce.ap_accuracy`), every unit of every measured slot is a candidate, and
+each unit's AP on two seeded halves of the examples is computed too (``ap_half``,
+:mod:`crossmodal.reduce.stability`). Each work unit also keeps the highest and lowest values
+of the plan's *members* and the examples behind them (:mod:`crossmodal.reduce.exemplars`).
 
 Memory, bounded independent of the number of examples: the driver writes each work unit's
 values to the store as it arrives (``exact/<family>/spill/<part>``) and keeps only which
