@@ -199,6 +199,14 @@ def collect(
 @click.option("--csv-dir", default=None, help="Where the CSVs go (default: STORE-csv next to it).")
 @address_option
 @click.option("--num-cpus", default=0.25, show_default=True, help="Ray CPUs per selectivity task.")
+@click.option(
+    "--every-unit-gib",
+    type=click.FloatRange(min=0),
+    default=4.0,
+    show_default=True,
+    help="Disk the exact pass may spill to measure EVERY unit's AP exactly (exact Spearman "
+    "analyses, set stability); a larger plan measures the undecided units only; 0: never.",
+)
 @no_progress_option("bars")
 def reduce(
     store: str,
@@ -209,6 +217,7 @@ def reduce(
     csv_dir: str | None,
     address: str | None,
     num_cpus: float,
+    every_unit_gib: float,
     no_progress: bool,
 ) -> None:
     """Reduce a collect STORE: selectivity, exact top/bottom-k sets, roles, overlap (resumable).
@@ -233,6 +242,7 @@ def reduce(
         num_cpus=num_cpus,
         progress=not no_progress,
         echo=click.echo,
+        every_unit_budget=int(every_unit_gib * (1 << 30)),
     )
 
 

@@ -133,9 +133,13 @@ def reference(config, reduced):
         for start in range(0, len(recs), config.batch_size):
             batch = make_batch(recs[start : start + config.batch_size], c.modality, loaded)
             res = cap.run(batch, tgt_lang=c.target)
+            cond = out.setdefault((c.task, c.modality, c.language), {})
             for key, v in res.values.items():
-                out.setdefault((c.task, c.modality, c.language), {}).setdefault(key, []).append(v)
-    return {k: {q: torch.cat(v).numpy() for q, v in d.items()} for k, d in out.items()}
+                cond.setdefault(key, []).append(v)
+            for step, rows in res.rows.items():  # ("ids", step): the example id of each row
+                cond.setdefault(("ids", step), []).append(np.asarray(res.ids)[rows.numpy()])
+    cat = lambda v: np.concatenate(v) if isinstance(v[0], np.ndarray) else torch.cat(v).numpy()  # noqa: E731
+    return {k: {q: cat(v) for q, v in d.items()} for k, d in out.items()}
 
 
 def _exact_ds(reference, view: xr.Dataset, pooling: str) -> xr.Dataset:
@@ -322,6 +326,145 @@ def test_rerun_with_another_k_and_scope_leaves_nothing_stale(reduced, tmp_path):
     assert results.open(copy).units()["step_invariant"].any()  # there were some to leave out
 
 
+def _pooled(reference, task: str, modality: str, key: tuple) -> tuple[np.ndarray, ...]:
+    """Every language's rows of ``key`` in plan order: values, ids, languages."""
+    langs = [g for g in LANGS if (task, modality, g) in reference]
+    values = np.concatenate([reference[(task, modality, g)][key] for g in langs])
+    ids = np.concatenate([reference[(task, modality, g)][("ids", key[1])] for g in langs])
+    rows = [np.full(len(reference[(task, modality, g)][key]), g) for g in langs]
+    return values, ids, np.concatenate(rows)
+
+
+def test_every_unit_exact_ap_gives_exact_spearman(reduced, reference):
+    """The tiny store fits the every-unit budget: the exact pass measured every unit, and each
+    stored Spearman is scipy's spearmanr of the exact (sklearn) AP vectors, with bound 0."""
+    from scipy.stats import spearmanr
+
+    config, _ = reduced
+    r = results.open(config.output)
+    assert r.exact()["unit"].size == 1856 and "ap_half" in r.exact()
+    rho = r.overlap(kind="spearman")
+    assert rho.attrs["ap"] == "exact"
+    assert float(np.nanmax(rho["spearman_bound"].values)) == 0.0
+    np.testing.assert_array_equal(rho["spearman_bound"].isnull(), rho["spearman"].isnull())
+    exact = _exact_ds(reference, r.selectivity().load(), "prefix_mean")["ap"]
+    for step, a, b in ((1, "deu", "deu"), (3, "fra", "jpn")):
+        cell = exact.sel(task="x2en", step=step)
+        want = spearmanr(
+            cell.sel(modality="text", language=a), cell.sel(modality="speech", language=b)
+        )
+        got = rho["spearman"].sel(task="x2en", step=step, text_language=a, speech_language=b)
+        assert float(got) == pytest.approx(want.statistic, abs=1e-12)
+
+
+def test_exemplars_equal_brute_force(reduced, reference):
+    """Every top/bottom-set unit of a (task, modality, step) has the 5 highest and lowest of
+    its values over all the pair's examples (sorted brute force), with each example's
+    language, id, input sentence and generated text."""
+    from crossmodal.organism import organism_corpus
+
+    config, _ = reduced
+    r = results.open(config.output)
+    task, modality, step = "x2en", "text", 3
+    values, ids, langs = _pooled(reference, task, modality, ("prefix_mean", step))
+    sets = r.sets(scope=None).sel(task=task, modality=modality, step=step, kind=["top", "bottom"])
+    members = np.unique(sets.values[sets.values >= 0])
+    df = r.exemplars(task=task, modality=modality, step=step)
+    assert sorted(df["unit"].unique()) == members.tolist()
+    for unit in members[:: max(1, members.size // 25)]:
+        col = values[:, unit]
+        for side, order in (
+            ("top", np.argsort(-col, kind="stable")),
+            ("bottom", np.argsort(col, kind="stable")),
+        ):
+            got = df[(df["unit"] == unit) & (df["side"] == side)].sort_values("rank")
+            np.testing.assert_array_equal(got["value"].to_numpy(np.float32), col[order[:5]])
+            by_example = dict(zip(zip(langs, ids, strict=True), col, strict=True))
+            assert all(
+                by_example[(g, i)] == v
+                for g, i, v in zip(got["language"], got["example_id"], got["value"], strict=True)
+            )
+    row = df.iloc[0]
+    text = {x.id: x.text for x in organism_corpus("test", [row["language"]], 12, 0, audio=False)}
+    assert row["input"] == text[row["example_id"]] and row["output"]
+    only = r.exemplars(
+        unit=int(members[0]), task=task, modality=modality, step=step, language="deu"
+    )
+    assert set(only["language"]) <= {"deu"} and set(only["unit"]) == {members[0]}
+
+
+def test_stability_equals_brute_force_halves(reduced, reference):
+    """The overlap of the top/bottom-k sets of two seeded halves of the examples equals
+    select_sets on each half's exact AP, computed from the re-captured values."""
+    from crossmodal.reduce.stability import example_halves
+
+    config, _ = reduced
+    r = results.open(config.output)
+    halves = example_halves(zarr.open_group(config.output, mode="r"), config.seed)
+    task, modality, step = "en2x", "speech", 1
+    view = r.selectivity().sel(task=task, modality=modality, step=step)
+    ap = []
+    for h in (0, 1):
+        ex = {}
+        for g in LANGS:
+            if (task, modality, g) not in reference:
+                continue
+            cond = reference[(task, modality, g)]
+            keep = np.array([halves[f"{task}/{modality}"][g][i] == h for i in cond[("ids", step)]])
+            v = torch.from_numpy(cond[("prefix_mean", step)][keep])
+            ex[g] = ExactValues(torch.arange(v.shape[1]), v, torch.tensor(0))
+        sel = exact_selectivity(ex)
+        ap.append(
+            view["ap"].copy(
+                data=np.stack(
+                    [sel[g].ap.numpy() if g in sel else np.full(1856, np.nan) for g in LANGS]
+                )
+            )
+        )
+    got = r.stability().sel(task=task, modality=modality, step=step)
+    for kind in ("top", "bottom"):
+        a, b = (select_sets(x, k=K).sel(kind=kind) for x in ap)
+        for g in ("deu", "fra", "jpn"):
+            want = np.intersect1d(a.sel(language=g).values, b.sel(language=g).values)
+            assert int(got["overlap"].sel(language=g, kind=kind)) == want[want >= 0].size
+            assert float(got["expected"].sel(language=g, kind=kind)) == pytest.approx(K * K / 1856)
+
+
+def test_histogram_fallback_reports_spearman_bounds(reduced, reference, tmp_path):
+    """With no every-unit budget the Spearman comes from histogram AP, flagged so, and its
+    bound holds against the Spearman of exact AP; no stability without halves."""
+    import shutil
+
+    from scipy.stats import spearmanr
+
+    config, _ = reduced
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(config.output, copy)
+    from jobs.reduce import main
+
+    args = [str(copy), "--k", str(K), "--scopes", ",".join(SCOPES), "--no-progress"]
+    out = CliRunner().invoke(main, [*args, "--every-unit-gib", "0"])
+    assert out.exit_code == 0 and "ran sets/decoder;" in out.output, out.output
+    r = results.open(copy)
+    assert "ap_half" not in r.exact()  # the undecided units only (on this coarse store many)
+    every = int(np.isfinite(results.open(config.output).exact()["ap"]).sum())
+    assert int(np.isfinite(r.exact()["ap"]).sum()) < every
+    rho = r.overlap(kind="spearman")
+    assert rho.attrs["ap"] == "histogram"
+    exact = _exact_ds(reference, r.selectivity().load(), "prefix_mean")["ap"].sel(
+        task="x2en", step=1
+    )
+    for a, b in (("deu", "deu"), ("jpn", "fra")):
+        want = spearmanr(
+            exact.sel(modality="text", language=a), exact.sel(modality="speech", language=b)
+        ).statistic
+        cell = rho.sel(task="x2en", step=1, text_language=a, speech_language=b)
+        assert abs(float(cell["spearman"]) - want) <= float(cell["spearman_bound"])
+    with pytest.raises(ValueError, match="stability must be one of"):
+        r.stability()
+    assert len(r.exemplars(task="x2en", modality="speech", step=1))
+
+
 def test_resume_skips_and_redoes_an_interrupted_exact_pass(reduced):
     config, _ = reduced
     again = run_reduce(config.output, k=K, scopes=SCOPES, progress=False, echo=lambda s: None)
@@ -357,7 +500,15 @@ def test_cli_reduce_and_report(reduced, tmp_path):
         report_command, [config.output, "--out", str(tmp_path), "--no-figures"]
     )
     assert res.exit_code == 0, res.output
-    assert "Same-language overlap" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Same-language overlap" in summary
+    # the fidelity section: Spearman source, exemplars page, stability table = the store's
+    assert "every unit's AP is exact" in summary and "[exemplars.md](exemplars.md)" in summary
+    st = results.open(config.output).stability().sel(task="x2en", modality="text", step=1)
+    top, bottom = (int(st["overlap"].sel(language="deu", kind=k)) for k in ("top", "bottom"))
+    assert f"| x2en | text | 1 | deu | {top} | {bottom} | {K} |" in summary
+    page = (tmp_path / "exemplars.md").read_text()
+    assert "## x2en / speech / step 1 / deu" in page and "| top | 0 |" in page
 
 
 @pytest.fixture(scope="module")

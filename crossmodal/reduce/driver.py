@@ -5,12 +5,15 @@ Passes, each recorded in the root attribute ``reduce`` when done and skipped on 
 1. ``selectivity`` (:mod:`crossmodal.reduce.selectivity`): AP, AUROC and bounds of every
    unit per condition, from the histograms.
 2. ``exact`` (:mod:`crossmodal.reduce.exact`): exact AP of the units the AP intervals leave
-   undecided; recorded per (task, modality) pair, so an interrupted pass redoes only the
-   open pairs.
+2. ``exact`` (:mod:`crossmodal.reduce.exact`): exact AP of the units the AP intervals leave
+   undecided or put surely in a set (of every unit when the spill fits the every-unit
+   budget), and the exemplars of the plan's members; recorded per (task, modality) pair, so
+   an interrupted pass redoes only the open pairs.
 3. ``sets`` (:mod:`crossmodal.reduce.sets`): the exact sets, their Parquet table
-   (``<store>-sets/<family>.parquet``), the optional CSVs, roles and overlap. Redone (with
-   pass 2) when k, scopes or widen change; the table and the family's CSV folder are then
-   replaced whole.
+   (``<store>-sets/<family>.parquet``), the optional CSVs, roles and overlap, then
+   (:mod:`crossmodal.reduce.fidelity`) Spearman bounds, exemplars and set stability. Redone
+   (with pass 2) when k, scopes, widen or the every-unit choice change; the table and the
+   family's CSV folder are then replaced whole.
 4. ``modality`` (:mod:`crossmodal.reduce.modality`): v1 modality-selective units of the
    decoder families. Redone when k changes.
 
@@ -29,6 +32,7 @@ pass: collect merges it per condition into ``concentration/<family>``;
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -40,8 +44,11 @@ import zarr
 
 from crossmodal.collect.config import CollectConfig, from_dict
 from crossmodal.fleet import FaultPoint, RaySession
+from crossmodal.reduce.ap_accuracy import EVERY_UNIT_BYTES, every_unit_bytes, fits_every_unit
 from crossmodal.reduce.exact import (
+    MEMBERS,
     Candidates,
+    ExactPart,
     ExactPlan,
     create_exact,
     drop_spill,
@@ -50,6 +57,8 @@ from crossmodal.reduce.exact import (
     same_candidates,
     write_exact,
 )
+from crossmodal.reduce.exemplars import PairExemplars, write_pair
+from crossmodal.reduce.fidelity import exact_views, write_fidelity
 from crossmodal.reduce.labels import store_labels
 from crossmodal.reduce.modality import FAMILIES as MODALITY_FAMILIES
 from crossmodal.reduce.modality import modality_pass
@@ -64,6 +73,7 @@ from crossmodal.reduce.sets import (
     write_csvs,
     write_sets_table,
 )
+from crossmodal.reduce.stability import example_halves
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
 from crossmodal.store.lock import OutputLock
@@ -195,6 +205,7 @@ def run_reduce(
     num_cpus: float = 0.25,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    every_unit_budget: int = EVERY_UNIT_BYTES,
 ) -> dict[str, Any]:
     """Reduce a finished collect store in place (resumable; see the module docstring).
 
@@ -209,6 +220,9 @@ def run_reduce(
             of the sets pass empties the family's folder there first.
         address: Ray address (``auto``: a running head); None: in-process or job cluster.
         num_cpus: Ray CPUs per selectivity task (fractional: many tasks per core).
+        every_unit_budget: bytes the exact pass may spill to re-collect EVERY unit (exact AP
+            of all units for the Spearman analyses, set stability); a plan needing more (or
+            more than half the free disk) re-collects the undecided units only (0: never).
 
     Returns:
         ``{"store", "ran": [passes run], "skipped": [...], "exact_units", "sets_tables",
@@ -225,6 +239,7 @@ def run_reduce(
     root = open_reducible(path)
     with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
+        job.decide_every_unit(every_unit_budget)
         with RaySession(address) as session:
             job.selectivity(session)
             job.exact(session)
@@ -277,6 +292,19 @@ class ReduceJob:
         self.views: dict[str, dict[str, xr.Dataset]] = {}
         self.pending: list[str] = []
         self.plans: dict[str, ExactPlan] = {}
+        self.every_unit = False
+        self.exemplars: dict[str, PairExemplars] = {}
+
+    def decide_every_unit(self, budget: int) -> None:
+        """Re-collect every unit in the exact pass when its spill fits ``budget`` and half
+        the free disk (docs/method.md, "Accuracy of all-unit AP"); part of the parameters."""
+        units = sum(len(self.labels[f]["unit"]) for f in self.families)
+        plan = self.root[PLAN].attrs["work_units"]
+        examples = sum(len(w["ids"]) for w in plan)
+        slots = len(self.config.steps) * len(self.config.poolings)
+        need = every_unit_bytes(examples, units, slots)
+        self.every_unit = fits_every_unit(need, shutil.disk_usage(self.path).free, budget)
+        self.params["every_unit"] = self.every_unit
 
     def _expand(self, scopes: Sequence[str]) -> list[str]:
         """``group@*`` -> one scope per layer; every per-layer scope names a layer."""
@@ -352,17 +380,13 @@ class ReduceJob:
 
     def exact(self, session: RaySession) -> None:
         """Pass 2 for the families whose sets are not done with these parameters."""
-        pending, params = self.pending, self.params
+        pending = self.pending
         self.plans = {
-            f: exact_plan(self.views[f], self.k, self.scopes, self.widen) for f in pending
+            f: exact_plan(self.views[f], self.k, self.scopes, self.widen, self.every_unit)
+            for f in pending
         }
-        for f in pending:  # new k/scopes/widen (or first run): other candidates, measure anew
-            cands = self.plans[f].candidates
-            recorded = self.log.get("exact", f, "params") == params
-            if not recorded or not same_candidates(self.path, f, cands):
-                create_exact(self.path, f, cands, self.labels[f], self.config.poolings)
-                self.fault.reached("reduce.exact.created")
-                self.log.save("exact", f, value={"params": params, "done": []})
+        for f in pending:
+            self._create_exact(f)
         done = set.intersection(
             *[set(self.log.get("exact", f, "done")) for f in pending] or [set()]
         )
@@ -372,10 +396,16 @@ class ReduceJob:
             for f in pending
         }
 
+        halves = example_halves(self.root, self.config.seed) if self.every_unit else {}
+
         def write(key: str) -> None:
+            pair = self.exemplars.pop(key, PairExemplars())
             for f, by in cands.items():
                 if key in by:
-                    write_exact(self.path, f, key, by[key], unions[f], self.labels[f])
+                    write_exact(
+                        self.path, f, key, by[key], unions[f], self.labels[f], halves.get(key)
+                    )
+                write_pair(self.path, f, key, pair)
             self.fault.reached("reduce.exact.written")
 
         def mark(key: str) -> None:
@@ -395,15 +425,43 @@ class ReduceJob:
             done,
             self.progress,
             self.fault,
+            {f: self.plans[f].members for f in pending},
+            self._received,
         )
         for f in pending:  # every pair is written and marked: the spilled values can go
             drop_spill(self.path, f)
+
+    def _create_exact(self, family: str) -> None:
+        """A new exact group for ``family`` unless the store records this pass with these
+        parameters, candidates and members (new k/scopes/widen, or a first run: measure
+        anew)."""
+        plan, params = self.plans[family], self.params
+        recorded = self.log.get("exact", family, "params") == params
+        if (
+            recorded
+            and same_candidates(self.path, family, plan.candidates)
+            and same_candidates(self.path, family, plan.members, MEMBERS)
+        ):
+            return
+        poolings = self.config.poolings
+        lab = self.labels[family]
+        create_exact(
+            self.path, family, plan.candidates, lab, poolings, plan.members, self.every_unit
+        )
+        self.fault.reached("reduce.exact.created")
+        self.log.save("exact", family, value={"params": params, "done": []})
+
+    def _received(self, part: ExactPart) -> None:
+        """Merge a work unit's exemplars into its pair's (written with the pair)."""
+        pair = self.exemplars.setdefault(part.key, PairExemplars())
+        pair.add(part.part, part.language, part.extremes, part.examples)
 
     def sets(self, csv_root: Path, csv: bool) -> None:
         """Pass 3 for the families whose sets are not done with these parameters."""
         res = Results(Path(self.path))
         for f in self.pending:
-            exact_ap = res.exact(f)["ap"].load()
+            exact = res.exact(f)
+            exact_ap = exact["ap"].load()
             sets = final_sets(self.plans[f].plans, exact_ap, self.config.poolings, self.scopes)
             sets = sets.rename("units").assign_attrs(**self.params, exact=True)
             write_dataset(self.path, sets_group(f), sets)
@@ -412,11 +470,13 @@ class ReduceJob:
             meta = {"crossmodal.sets": json.dumps({"store": self.path, **self.params})}
             path = write_sets_table(table, sets_table_path(self.path, f), meta)
             self.out["sets_tables"].append(str(path))
+            views = exact_views(self.views[f], exact, self.every_unit)
             clear_csvs(csv_root / f)
             if csv:
-                self.out["csv"] += write_csvs(self.views[f], sets, csv_root / f)
+                self.out["csv"] += write_csvs(views, sets, csv_root / f)
             self.fault.reached("reduce.sets.csv_written")
-            write_analyses(self.path, f, self.views[f], sets, self.k)
+            write_analyses(self.path, f, views, sets, self.k)
+            write_fidelity(self.path, f, views, sets, exact, self.scopes, self.k, self.every_unit)
             self.fault.reached("reduce.sets.analyses_written")
             self.log.save("sets", f, value=self.params)
             self.fault.reached("reduce.sets.recorded")

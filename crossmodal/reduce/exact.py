@@ -6,7 +6,11 @@ scope) names the candidates; :class:`ExactWorker` actors re-run the work units o
 The candidates are recorded in the store (``exact/<family>/candidates``), and the actors read
 them there: nothing large travels as an actor argument (an argument Ray keeps in its object
 store cannot be restored with a restarted actor). A unit is re-collected only for the (step,
-pooling) where it is a candidate.
+pooling) where it is a candidate. When the plan's spill fits the every-unit budget
+(:mod:`crossmodal.reduce.ap_accuracy`), every unit of every measured slot is a candidate, and
+each unit's AP on two seeded halves of the examples is computed too (``ap_half``,
+:mod:`crossmodal.reduce.stability`). Each work unit also keeps the highest and lowest values
+of the plan's *members* and the examples behind them (:mod:`crossmodal.reduce.exemplars`).
 
 Memory, bounded independent of the number of examples: the driver writes each work unit's
 values to the store as it arrives (``exact/<family>/spill/<part>``) and keeps only which
@@ -20,7 +24,7 @@ candidates) plus one chunk (with the sort's working copies, a small multiple of 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,10 +35,11 @@ import zarr
 from crossmodal.collect.config import CollectConfig
 from crossmodal.collect.plan import Condition, WorkUnit, applies
 from crossmodal.fleet import FaultPoint, RaySession, progress
+from crossmodal.reduce.exemplars import Extremes
 from crossmodal.reduce.labels import COND
 from crossmodal.reduce.selection import exact_units, parse_scope, plan_exact
 from crossmodal.stats.finalize import exact_selectivity
-from crossmodal.stats.running import ExactValues
+from crossmodal.stats.running import ExactValues, finite_rows
 from crossmodal.store.datasets import put_array, unicode
 from crossmodal.store.names import PLAN, condition_key, exact_group, parse_condition_key
 
@@ -42,6 +47,9 @@ SPILL_CHUNK_BYTES = 32 << 20
 """Values (float32) the driver holds at once when it finalizes a (task, modality)."""
 CANDIDATES = "candidates"
 """Subgroup of ``exact/<family>``: one array of sorted unit ids per (task, modality, slot)."""
+MEMBERS = "members"
+"""Subgroup of ``exact/<family>``: the units some plan holds surely in a set or as a candidate
+(a superset of the final sets), laid out as :data:`CANDIDATES`: whose exemplars are kept."""
 SPILL = "spill"
 """Subgroup of ``exact/<family>``: each open work unit's values, deleted once written."""
 
@@ -66,6 +74,13 @@ class ExactPart:
     key: str  # "task/modality"
     language: str
     values: dict[tuple[str, Slot], np.ndarray]
+    ids: dict[tuple[str, Slot], list[str]] = field(default_factory=dict)
+    """The example id of each row of ``values``."""
+    extremes: dict[tuple[str, Slot], Extremes] = field(default_factory=dict)
+    """Per (family, slot) with members: their highest/lowest values, references = rows of
+    ``examples``."""
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(id, input text, generated text)`` of every example the work unit ran, in order."""
 
 
 class ExactWorker:
@@ -88,65 +103,131 @@ class ExactWorker:
         store: str,
         candidates: Candidates | None = None,
         families: Sequence[str] = (),
+        members: Candidates | None = None,
     ) -> None:
         from crossmodal.collect.collector import Collector
 
         self.collector = Collector(config, store)
         self.candidates = read_candidates(store, families) if candidates is None else candidates
+        self.members = read_candidates(store, families, MEMBERS) if members is None else members
+
+    def _slots(self, by: Candidates, key: str, modality: str) -> dict[tuple[str, Slot], Any]:
+        return {
+            (f, slot): ids
+            for f, slots in by.items()
+            if applies(f, modality)
+            for slot, ids in slots.get(key, {}).items()
+        }
 
     def __call__(self, unit: WorkUnit) -> ExactPart:
         col, cond = self.collector, unit.condition
         key = condition_key(cond.task, cond.modality)
         keep = {
-            (f, slot): ExactValues.empty(
-                col.slices[f].stop - col.slices[f].start, np.array(ids), col.device
-            )
-            for f, by in self.candidates.items()
-            if applies(f, cond.modality)
-            for slot, ids in by.get(key, {}).items()
+            fs: ExactValues.empty(col.slices[fs[0]].stop - col.slices[fs[0]].start, ids, col.device)
+            for fs, ids in self._slots(self.candidates, key, cond.modality).items()
         }
+        members = self._slots(self.members, key, cond.modality)
+        extremes = {fs: Extremes.empty(ids) for fs, ids in members.items()}
+        part = ExactPart(unit.index, key, cond.language, {}, {fs: [] for fs in keep}, extremes)
         records, _ = col.load_records(cond.source, cond.modality, unit.example_ids)
-        for res in col.capture(records, cond.modality, cond.target) if keep else ():
-            for (f, slot), ex in keep.items():
-                v = res.values[(slot.pooling, slot.step)]
-                if len(v):
-                    ex.update(v[:, col.slices[f]])
-        values = {k: ex.values.cpu().numpy() for k, ex in keep.items()}
-        return ExactPart(unit.index, key, cond.language, values)
+        for res in col.capture(records, cond.modality, cond.target) if keep or extremes else ():
+            self._fold(res, records, keep, members, part)
+        part.values.update({k: ex.values.cpu().numpy() for k, ex in keep.items()})
+        return part
+
+    def _fold(
+        self, res: Any, records: Sequence[Any], keep: dict, members: dict, part: ExactPart
+    ) -> None:
+        """One captured batch (the next ``len(res.ids)`` of ``records``) into the kept
+        values, their row ids, the extremes and the examples' texts (input: the sentence, for
+        speech the transcript of the recording ``id``)."""
+        col, offset = self.collector, len(part.examples)
+        texts = res.texts if members else [""] * len(res.ids)
+        batch = records[offset : offset + len(res.ids)]
+        part.examples.extend((r.id, r.text, t) for r, t in zip(batch, texts, strict=True))
+        for fs in {*keep, *members}:
+            f, slot = fs
+            v = res.values[(slot.pooling, slot.step)]
+            if not len(v):
+                continue
+            v = v[:, col.slices[f]]
+            ok = finite_rows(v)
+            rows = res.rows[slot.step][ok.to(res.rows[slot.step].device)].tolist()
+            if fs in keep:
+                keep[fs].update(v)
+                part.ids[fs] += [res.ids[r] for r in rows]
+            if fs in members:
+                kept = v[ok][:, torch.as_tensor(members[fs], device=v.device)].cpu().numpy()
+                part.extremes[fs].update(kept, offset + np.asarray(rows, np.int64))
 
 
 @dataclass(frozen=True)
 class ExactPlan:
-    """One family's selection plans per (pooling, scope), and the union of their candidates
-    per "task/modality" and :class:`Slot`."""
+    """One family's selection plans per (pooling, scope), the units to re-collect exactly
+    (``candidates``) and the units whose exemplars to keep (``members``: surely in some set
+    or a candidate), per "task/modality" and :class:`Slot`."""
 
     plans: dict[tuple[str, str], xr.Dataset]
     candidates: dict[str, dict[Slot, np.ndarray]]
+    members: dict[str, dict[Slot, np.ndarray]] = field(default_factory=dict)
+
+
+def _plan_units(plan: xr.Dataset, names: Sequence[str]) -> dict[tuple, np.ndarray]:
+    """The unit ids of the plan variables ``names``, per (task, modality, step)."""
+    by = ("task", "modality", "step")
+    out: dict[tuple, np.ndarray] = {}
+    for name in names:
+        for key, ids in exact_units(plan[[name]].rename({name: "candidate"}), by).items():
+            out[key] = np.union1d(out.get(key, np.zeros(0, np.int64)), ids)
+    return out
+
+
+def _by_slot(plans: Mapping[tuple[str, str], xr.Dataset], names: Sequence[str]) -> dict:
+    union: dict[str, dict[Slot, list[np.ndarray]]] = {}
+    for (pooling, _), plan in plans.items():
+        for (task, modality, step), ids in _plan_units(plan, names).items():
+            if ids.size:
+                slots = union.setdefault(condition_key(task, modality), {})
+                slots.setdefault(Slot(int(step), pooling), []).append(ids)
+    return {
+        key: {slot: np.unique(np.concatenate(v)) for slot, v in by.items()}
+        for key, by in union.items()
+    }
+
+
+def measured_slots(views: Mapping[str, xr.Dataset]) -> dict[str, list[Slot]]:
+    """Per "task/modality", the (step, pooling) slots with >= 2 languages with examples."""
+    out: dict[str, list[Slot]] = {}
+    for pooling, ds in views.items():
+        ok = ((ds["n_pos"] > 0).sum("language") >= 2).load()
+        for t, m, s in np.argwhere(ok.transpose("task", "modality", "step").values):
+            key = condition_key(str(ok["task"].values[t]), str(ok["modality"].values[m]))
+            out.setdefault(key, []).append(Slot(int(ok["step"].values[s]), pooling))
+    return out
 
 
 def exact_plan(
-    views: Mapping[str, xr.Dataset], k: int, scopes: Sequence[str], widen: float
+    views: Mapping[str, xr.Dataset],
+    k: int,
+    scopes: Sequence[str],
+    widen: float,
+    every_unit: bool = False,
 ) -> ExactPlan:
     """Plan every (pooling, scope) of one family (``views``: its selectivity per pooling);
-    a unit is re-collected only where it is a candidate or surely in a set (so every set
-    member gets an exact AP)."""
+    a unit is re-collected where it is a candidate or surely in a set (so every set member
+    gets an exact AP), or, with ``every_unit``, every unit of every measured slot (exact AP
+    of all units: docs/method.md, "Accuracy of all-unit AP")."""
     plans = {}
     for pooling, ds in views.items():
         for scope in scopes:
             group, layer = parse_scope(scope)
             plans[(pooling, scope)] = plan_exact(ds, k=k, group=group, layer=layer, widen=widen)
-    union: dict[str, dict[Slot, list[np.ndarray]]] = {}
-    for (pooling, _), plan in plans.items():
-        members = exact_units(plan, ("task", "modality", "step"), ("candidate", "certain"))
-        for (task, modality, step), ids in members.items():
-            if ids.size:
-                slots = union.setdefault(condition_key(task, modality), {})
-                slots.setdefault(Slot(int(step), pooling), []).append(ids)
-    cands = {
-        key: {slot: np.unique(np.concatenate(v)) for slot, v in by.items()}
-        for key, by in union.items()
-    }
-    return ExactPlan(plans, cands)
+    members = _by_slot(plans, ["certain", "candidate"])
+    cands = members
+    if every_unit:
+        units = np.asarray(next(iter(views.values()))["unit"].values, np.int64)
+        cands = {key: dict.fromkeys(slots, units) for key, slots in measured_slots(views).items()}
+    return ExactPlan(plans, cands, members)
 
 
 def work_units(root: zarr.Group) -> list[WorkUnit]:
@@ -164,26 +245,32 @@ def create_exact(
     cands: Mapping[str, Mapping[Slot, np.ndarray]],
     lab: Mapping[str, Any],
     poolings: Sequence[str],
+    members: Mapping[str, Mapping[Slot, np.ndarray]] | None = None,
+    halves: bool = False,
 ) -> np.ndarray:
     """``exact/<family>``: ap/auroc ``[pooling, task, modality, step, language, unit]``
-    over the union of candidates (NaN where a pair did not measure a unit); returns it."""
+    over the union of candidates (NaN where a pair did not measure a unit), the candidates
+    and ``members``; with ``halves`` also ``ap_half [half, ...]``, the exact AP on each half
+    of the examples (:func:`crossmodal.reduce.stability.example_halves`). Returns the union."""
     every = [v for by in cands.values() for v in by.values()]
     ids = np.unique(np.concatenate([np.zeros(0, np.int64), *every]))
     shape = (len(poolings), *(len(lab[d]) for d in COND), ids.size)
     g = zarr.open_group(store, path=exact_group(family), mode="w", zarr_format=3)
-    for name in ("ap", "auroc"):
+    for name in ("ap", "auroc", *(["ap_half"] if halves else [])):
+        half = (2,) if name == "ap_half" else ()
         g.create_array(
             name,
-            shape=shape,
+            shape=(*half, *shape),
             dtype="float64",
             fill_value=np.nan,
-            chunks=(1, 1, 1, *shape[3:5], max(1, ids.size)),
-            dimension_names=["pooling", *COND, "unit"],
+            chunks=(*half, 1, 1, 1, *shape[3:5], max(1, ids.size)),
+            dimension_names=[*(["half"] if half else []), "pooling", *COND, "unit"],
         )
     for name, values in {"pooling": list(poolings), **{d: lab[d] for d in COND}}.items():
         put_array(g, name, values, [name])
     put_array(g, "unit", ids, ["unit"])
     write_candidates(g, cands)
+    write_candidates(g, members or {}, MEMBERS)
     return ids
 
 
@@ -191,19 +278,24 @@ def _slot_name(key: str, slot: Slot) -> str:
     return f"{key.replace('/', '.')}.{slot.step}.{slot.pooling}"
 
 
-def write_candidates(g: zarr.Group, cands: Mapping[str, Mapping[Slot, np.ndarray]]) -> None:
-    """Replace ``<g>/candidates``: one array per (task/modality, slot), named
+def write_candidates(
+    g: zarr.Group, cands: Mapping[str, Mapping[Slot, np.ndarray]], name: str = CANDIDATES
+) -> None:
+    """Replace ``<g>/<name>``: one array per (task/modality, slot), named
     ``<task>.<modality>.<step>.<pooling>``, attrs ``key``, ``step``, ``pooling``."""
-    sub = g.create_group(CANDIDATES, overwrite=True)
+    sub = g.create_group(name, overwrite=True)
     for key, by in cands.items():
         for slot, ids in by.items():
             put_array(sub, _slot_name(key, slot), np.asarray(ids, np.int64), ["candidate"],
                       key=key, step=int(slot.step), pooling=str(slot.pooling))  # fmt: skip
 
 
-def family_candidates(store: str, family: str) -> dict[str, dict[Slot, np.ndarray]]:
-    """The candidates recorded in ``exact/<family>/candidates`` (empty when none are)."""
-    path = f"{exact_group(family)}/{CANDIDATES}"
+def family_candidates(
+    store: str, family: str, name: str = CANDIDATES
+) -> dict[str, dict[Slot, np.ndarray]]:
+    """The candidates (or ``name``: :data:`MEMBERS`) recorded in ``exact/<family>/<name>``
+    (empty when none are)."""
+    path = f"{exact_group(family)}/{name}"
     try:
         sub = zarr.open_group(store, path=path, mode="r")
     except FileNotFoundError:
@@ -215,16 +307,17 @@ def family_candidates(store: str, family: str) -> dict[str, dict[Slot, np.ndarra
     return out
 
 
-def read_candidates(store: str, families: Sequence[str]) -> Candidates:
-    """:data:`Candidates` of ``families``, as the driver recorded them."""
-    return {f: family_candidates(store, f) for f in families}
+def read_candidates(store: str, families: Sequence[str], name: str = CANDIDATES) -> Candidates:
+    """:data:`Candidates` (or ``name``: :data:`MEMBERS`) of ``families``, as recorded."""
+    return {f: family_candidates(store, f, name) for f in families}
 
 
 def same_candidates(
-    store: str, family: str, cands: Mapping[str, Mapping[Slot, np.ndarray]]
+    store: str, family: str, cands: Mapping[str, Mapping[Slot, np.ndarray]], name: str = CANDIDATES
 ) -> bool:
-    """Whether the store records exactly ``cands`` for ``family`` (what a resume checks)."""
-    have = family_candidates(store, family)
+    """Whether the store records exactly ``cands`` for ``family`` (what a resume checks;
+    ``name``: :data:`MEMBERS` checks those)."""
+    have = family_candidates(store, family, name)
     return {k: set(v) for k, v in have.items()} == {k: set(v) for k, v in cands.items()} and all(
         np.array_equal(have[k][slot], ids) for k, by in cands.items() for slot, ids in by.items()
     )
@@ -241,7 +334,11 @@ def spill(store: str, part: ExactPart) -> None:
             shape=values.shape,
             dtype=values.dtype,
             chunks=(max(1, n), max(1, min(c, 1024))),
-            attributes={"key": part.key, "language": part.language},
+            attributes={
+                "key": part.key,
+                "language": part.language,
+                "ids": list(part.ids.get((family, slot), [])),
+            },
             overwrite=True,
         )
         if values.size:
@@ -270,6 +367,41 @@ def drop_spill(store: str, family: str) -> None:
         del g[SPILL]
 
 
+Halves = Mapping[str, Mapping[str, int]]
+"""``{language: {example id: 0 or 1}}``: which half of its condition each example is in."""
+
+
+def _selectivity(
+    arrays: Mapping[str, list[zarr.Array]],
+    ids: np.ndarray,
+    cols: slice,
+    rows: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Exact selectivity of the candidate columns ``cols`` (unit ids ``ids[cols]``) per
+    language, over every spilled row or the rows ``rows[language]`` (a bool mask)."""
+    ex = {}
+    for lang, arrs in arrays.items():
+        values = np.concatenate([a[:, cols] for a in arrs])
+        if rows is not None:
+            values = values[rows[lang]]
+        ex[lang] = ExactValues(
+            torch.tensor(ids[cols]),
+            torch.from_numpy(np.require(values, requirements="W")),
+            torch.tensor(0),
+        )
+    ex = {lang: e for lang, e in ex.items() if e.n}
+    return exact_selectivity(ex) if len(ex) >= 2 else {}
+
+
+def _half_rows(arrays: Mapping[str, list[zarr.Array]], halves: Halves) -> list[dict]:
+    """Per half, the bool row mask of each language's spilled rows."""
+    side = {
+        lang: np.array([halves[lang][i] for a in arrs for i in a.attrs["ids"]], np.int64)
+        for lang, arrs in arrays.items()
+    }
+    return [{lang: h == half for lang, h in side.items()} for half in (0, 1)]
+
+
 def write_exact(
     store: str,
     family: str,
@@ -277,10 +409,11 @@ def write_exact(
     cands: Mapping[Slot, np.ndarray],
     union: np.ndarray,
     lab: Mapping[str, Any],
+    halves: Halves | None = None,
 ) -> None:
     """Exact AP/AUROC of one (task, modality) from its spilled per-example values, a chunk of
     candidate columns at a time (:data:`SPILL_CHUNK_BYTES`; the AP of a unit needs only its
-    own column, so any chunking gives the same values)."""
+    own column, so any chunking gives the same values); with ``halves``, ``ap_half`` too."""
     g = zarr.open_group(store, path=exact_group(family), mode="r+")
     coords = {
         "pooling": unicode(g["pooling"][...]),
@@ -290,28 +423,26 @@ def write_exact(
     }
     ap = xr.DataArray(np.nan, coords=coords, dims=list(coords)).copy()
     auroc = ap.copy()
+    half_ap = [ap.copy(), ap.copy()] if halves is not None else []
     for slot, ids in cands.items():
         arrays = spilled(store, family, key, slot)
         n = sum(a.shape[0] for arrs in arrays.values() for a in arrs)
         width = max(1, SPILL_CHUNK_BYTES // (4 * max(1, n)))
+        masks = _half_rows(arrays, halves) if halves is not None else []
         for lo in range(0, len(ids), width):
             cols = slice(lo, lo + width)
-            ex = {
-                lang: ExactValues(
-                    torch.as_tensor(ids[cols]),
-                    torch.from_numpy(np.concatenate([a[:, cols] for a in arrs])),
-                    torch.tensor(0),
-                )
-                for lang, arrs in arrays.items()
-            }
-            ex = {lang: e for lang, e in ex.items() if e.n}
-            for lang, sel in (exact_selectivity(ex) if len(ex) >= 2 else {}).items():
-                at = {"pooling": slot.pooling, "step": slot.step, "language": lang}
-                at["unit"] = ids[cols]
-                ap.loc[at], auroc.loc[at] = sel.ap.numpy(), sel.auroc.numpy()
+            at = {"pooling": slot.pooling, "step": slot.step, "unit": ids[cols]}
+            for lang, sel in _selectivity(arrays, ids, cols).items():
+                ap.loc[{**at, "language": lang}] = sel.ap.numpy()
+                auroc.loc[{**at, "language": lang}] = sel.auroc.numpy()
+            for out, rows in zip(half_ap, masks, strict=True):
+                for lang, sel in _selectivity(arrays, ids, cols, rows).items():
+                    out.loc[{**at, "language": lang}] = sel.ap.numpy()
     task, modality = parse_condition_key(key)
     t, m = list(lab["task"]).index(task), list(lab["modality"]).index(modality)
     g["ap"][:, t, m], g["auroc"][:, t, m] = ap.values, auroc.values
+    if half_ap:
+        g["ap_half"][:, :, t, m] = np.stack([h.values for h in half_ap])
 
 
 class OpenConditions:
@@ -345,12 +476,15 @@ def exact_pass(
     done: set[str],
     show: bool,
     fault: FaultPoint | None = None,
+    members: Candidates | None = None,
+    received: Callable[[ExactPart], None] | None = None,
 ) -> int:
     """Pass 2 over every family at once (one capture serves all): each work unit's values
-    are spilled as they arrive; once all work units of a (task, modality) pair not in
-    ``done`` are back, ``write(key)`` then ``mark(key)``; returns the work units run.
-    The actors read the candidates from the store (written by :func:`create_exact`)."""
-    keys = {key for by in cands.values() for key in by} - done
+    are spilled as they arrive and handed to ``received`` (the exemplars); once all work
+    units of a (task, modality) pair not in ``done`` are back, ``write(key)`` then
+    ``mark(key)``; returns the work units run. Pairs with candidates or ``members`` run.
+    The actors read the candidates and members from the store (:func:`create_exact`)."""
+    keys = {key for by in [*cands.values(), *(members or {}).values()] for key in by} - done
     units = [
         w for w in work_units(root) if condition_key(w.condition.task, w.condition.modality) in keys
     ]
@@ -369,6 +503,8 @@ def exact_pass(
     ):
         for part in fleet.map(units):
             spill(store, part)
+            if received is not None:
+                received(part)
             if fault is not None:
                 fault.reached("reduce.exact.spilled")
             bar.update(1)

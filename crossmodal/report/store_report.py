@@ -40,6 +40,7 @@ def write_store_report(
         figures: False writes the Markdown summaries only.
         fmt: figure format (png, pdf or svg); dpi: raster resolution.
     """
+    from crossmodal.report.fidelity import write_fidelity_report
     from crossmodal.report.selection import write_report
     from crossmodal.report.steering import steering_figures
     from crossmodal.store import results
@@ -71,6 +72,7 @@ def write_store_report(
         fmt=fmt,
         dpi=dpi,
     )
+    paths += write_fidelity_report(res, dest, family, pooling, scope)  # exemplars, stability
     steering: list[Path] = []
     for run in res.steering_runs():
         if (run / "summary.parquet").is_file():

@@ -108,6 +108,16 @@ def roles_group(family: str) -> str:
     return f"roles/{family}"
 
 
+def exemplars_group(family: str) -> str:
+    """The examples with the highest and lowest values of each final-set unit of ``family``."""
+    return f"exemplars/{family}"
+
+
+def stability_group(family: str) -> str:
+    """Overlap of the top/bottom-k sets selected on two disjoint halves of the examples."""
+    return f"stability/{family}"
+
+
 def overlap_group(family: str, kind: str) -> str:
     """Cross-modal overlap dataset ``kind`` (one of :data:`OVERLAP_KINDS`) of ``family``."""
     return f"overlap/{family}/{kind}"

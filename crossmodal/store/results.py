@@ -14,6 +14,9 @@ The store is the one ``crossmodal collect`` wrote and ``crossmodal reduce`` comp
   * ``roles/<family>``: the same sets relabelled ``role`` (representation = x2en, control = en2x);
   * ``overlap/<family>/{sets, sets_by_layer, spearman}``: cross-modal overlap with random
     baselines and Spearman of AP vectors;
+  * ``exemplars/<family>``: per final-set unit, the examples with its highest and lowest
+    values ``[pooling, task, modality, step, unit, side, rank]`` (:meth:`Results.exemplars`);
+  * ``stability/<family>``: overlap of the top/bottom-k sets of two halves of the examples;
   * ``concentration/<family>`` (written by collect, one family: ffn_act, else decoder): sums
     of the per-example Gini of |activation| over each decoder layer's units, read as mean and
     std by :meth:`Results.concentration`;
@@ -32,6 +35,8 @@ Example::
     r.overlap("decoder")["diagonal"].sel(task="x2en", kind="top")   # same-language overlap
     r.concentration()["mean"].sel(task="x2en", step=1)                # Gini per language, layer
     r.modality("decoder")["by_submodule"].sel(kind="top")             # speech-selective units
+    r.exemplars(unit=int(top[0]), task="x2en", modality="speech", step=1)  # what it fires on
+    r.stability().sel(task="x2en", kind="top")["overlap"]             # halves agree on k?
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ from crossmodal.store.names import (
     concentration_group,
     default_pooling,
     exact_group,
+    exemplars_group,
     modality_group,
     overlap_group,
     roles_group,
     selectivity_group,
     sets_group,
+    stability_group,
     stats_group,
     units_group,
 )
@@ -179,6 +186,42 @@ class Results:
             raise ValueError(f"kind must be one of {list(OVERLAP_KINDS)}, got {kind!r}")
         ds = self._open(overlap_group(family, kind), "overlap").sel(pooling=self._pooling(pooling))
         return ds.sel(scope=scope) if scope is not None and "scope" in ds.dims else ds
+
+    def exemplars(
+        self,
+        family: str = "decoder",
+        *,
+        unit: int | None = None,
+        task: str | None = None,
+        modality: str | None = None,
+        step: int | None = None,
+        language: str | None = None,
+        pooling: str | None = None,
+    ) -> pd.DataFrame:
+        """The examples with the highest (``side`` top) and lowest (bottom) values of the
+        final-set units at their step: one row per (task, modality, step, unit, side, rank)
+        with ``example_id``, ``language`` (of the example), ``input`` (the sentence; for
+        speech the transcript of recording ``example_id``), ``output`` (generated text) and
+        ``value``. Each argument given narrows the rows (``language``: examples of that
+        language); ``exemplars/<family>`` holds every language of a (task, modality, step)."""
+        ds = self._open(exemplars_group(family), "exemplars").sel(pooling=self._pooling(pooling))
+        where = {"unit": unit, "task": task, "modality": modality, "step": step}
+        ds = ds.sel({d: [v] for d, v in where.items() if v is not None})
+        df = ds.to_dataframe().reset_index()
+        df = df[df["value"].notna()]
+        if language is not None:
+            df = df[df["language"] == language]
+        cols = ["task", "modality", "step", "unit", "side", "rank", "example_id", "language"]
+        return df[[*cols, "input", "output", "value"]].reset_index(drop=True)
+
+    def stability(
+        self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
+    ) -> xr.Dataset:
+        """Top/bottom-k overlap of the sets selected on two disjoint halves of the examples:
+        ``overlap``, ``expected`` (k*k/N), ``k``, ``n_units`` over ``(task, modality, step,
+        language, kind)``; present when the exact pass measured every unit."""
+        ds = self._open(stability_group(family), "stability").sel(pooling=self._pooling(pooling))
+        return ds.sel(scope=scope) if scope is not None else ds
 
     def concentration(self, pooling: str | None = None) -> xr.Dataset:
         """Gini of |activation| over each decoder layer's units, per example, aggregated per
