@@ -209,16 +209,7 @@ def collect(
 )
 @no_progress_option("bars")
 def reduce(
-    store: str,
-    k: int,
-    scopes: str,
-    widen: float,
-    csv: bool,
-    csv_dir: str | None,
-    address: str | None,
-    num_cpus: float,
-    every_unit_gib: float,
-    no_progress: bool,
+    store: str, scopes: str, every_unit_gib: float, no_progress: bool, **options: Any
 ) -> None:
     """Reduce a collect STORE: selectivity, exact top/bottom-k sets, roles, overlap (resumable).
 
@@ -231,18 +222,13 @@ def reduce(
     """
     from crossmodal.reduce.driver import run_reduce
 
-    run_reduce(
+    run_reduce(  # options: k, widen, csv, csv_dir, address, num_cpus
         store,
-        k=k,
         scopes=[s.strip() for s in scopes.split(",") if s.strip()],
-        widen=widen,
-        csv=csv,
-        csv_dir=csv_dir,
-        address=address,
-        num_cpus=num_cpus,
         progress=not no_progress,
         echo=click.echo,
         every_unit_budget=int(every_unit_gib * (1 << 30)),
+        **options,
     )
 
 

@@ -230,12 +230,7 @@ def run_reduce(
     """
     start, path = time.time(), str(Path(store).resolve())
     check_k(k)
-    bad = [s for s in scopes if not _valid_scope(s)]
-    if bad or not scopes:
-        raise ValueError(
-            f"scopes must be one of {list(GROUPS)}, optionally with '@<layer>' or '@*', got "
-            f"{list(scopes)!r}; e.g. all,ffn,all@*"
-        )
+    _check_scopes(scopes)
     root = open_reducible(path)
     with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
@@ -255,6 +250,15 @@ def run_reduce(
         f"{out['seconds']:.1f} s"
     )
     return out
+
+
+def _check_scopes(scopes: Sequence[str]) -> None:
+    bad = [s for s in scopes if not _valid_scope(s)]
+    if bad or not scopes:
+        raise ValueError(
+            f"scopes must be one of {list(GROUPS)}, optionally with '@<layer>' or '@*', got "
+            f"{list(scopes)!r}; e.g. all,ffn,all@*"
+        )
 
 
 class ReduceJob:

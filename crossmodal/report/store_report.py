@@ -42,7 +42,6 @@ def write_store_report(
     """
     from crossmodal.report.fidelity import write_fidelity_report
     from crossmodal.report.selection import write_report
-    from crossmodal.report.steering import steering_figures
     from crossmodal.store import results
 
     res = results_or_store
@@ -73,6 +72,14 @@ def write_store_report(
         dpi=dpi,
     )
     paths += write_fidelity_report(res, dest, family, pooling, scope)  # exemplars, stability
+    steering = _steering_report(res, dest, fmt, dpi)
+    return [*paths, *steering]
+
+
+def _steering_report(res: Results, dest: Path, fmt: str, dpi: int) -> list[Path]:
+    """Each linked steering run's figures, and their links appended to ``summary.md``."""
+    from crossmodal.report.steering import steering_figures
+
     steering: list[Path] = []
     for run in res.steering_runs():
         if (run / "summary.parquet").is_file():
@@ -80,7 +87,7 @@ def write_store_report(
     if steering:
         with (dest / "summary.md").open("a") as md:
             md.write("\n" + _steering_links(steering, dest))
-    return [*paths, *steering]
+    return steering
 
 
 def _steering_links(paths: list[Path], root: Path) -> str:
