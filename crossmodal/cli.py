@@ -164,7 +164,7 @@ def collect(
     \b
     Examples:
       crossmodal collect configs/reference.yaml --dry-run
-      python -m jobs.collect configs/organism.yaml --address auto
+      python -m jobs.collect configs/organism.yaml --no-progress
     """
     from crossmodal.collect.driver import collect_file
 
@@ -212,7 +212,7 @@ def reduce(
 
     \b
     Example:
-      crossmodal reduce results/organism.zarr --k 1000
+      crossmodal reduce results/organism.zarr --k 100 --scopes all,ffn
     """
     from crossmodal.reduce.driver import run_reduce
 
