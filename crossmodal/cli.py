@@ -339,7 +339,7 @@ def organism(
 
     \b
     Example:
-      crossmodal organism --eval --n-per-language 50
+      crossmodal organism --eval --n-per-language 5
     """
     from crossmodal.organism import build_organism, evaluate_organism, organism_path
 

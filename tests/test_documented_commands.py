@@ -25,7 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from documented import Block, documented_blocks, named_files
+
+from crossmodal.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKS = documented_blocks(REPO)
@@ -90,7 +93,7 @@ def fresh_repo(tmp_path_factory):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _check_configs(block: Block, root: Path, env: dict[str, str]) -> list[str]:
+def _check_configs(block: Block, root: Path) -> list[str]:
     """Problems with the files a gpu/cloud block names: configs/ ones must validate, cluster/
     ones must exist and parse, any other that exists must parse."""
     problems = []
@@ -99,15 +102,9 @@ def _check_configs(block: Block, root: Path, env: dict[str, str]) -> list[str]:
         if name.startswith(("configs/", "cluster/")) and not path.is_file():
             problems.append(f"names {name}, which does not exist")
         elif name.startswith("configs/"):
-            proc = subprocess.run(
-                [sys.executable, "-m", "crossmodal.cli", "validate", name],
-                cwd=root,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                problems.append(f"{name} does not validate: {proc.stderr.strip()}")
+            result = CliRunner().invoke(main, ["validate", str(path)])
+            if result.exit_code != 0:
+                problems.append(f"{name} does not validate: {result.output.strip()}")
         elif path.is_file():
             try:
                 list(yaml.safe_load_all(path.read_text()))
@@ -127,7 +124,7 @@ def _check_only(block: Block, root: Path, env: dict[str, str]) -> None:
     else:
         proc = subprocess.run(["bash", "-n", "-c", block.text], capture_output=True, text=True)
         problems = [] if proc.returncode == 0 else [f"bash -n: {proc.stderr.strip()}"]
-    problems += _check_configs(block, root, env)
+    problems += _check_configs(block, root)
     assert not problems, f"{block.where}: {block.mode} block:\n{block.text}" + "\n".join(problems)
 
 
@@ -163,8 +160,10 @@ def _run(block: Block, root: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode != "run"], ids=lambda b: b.where)
-def test_documented_block_is_valid(block, tmp_path):
-    """gpu/cloud/suite blocks: shell syntax (or Python that compiles) and the configs they name."""
+def test_documented_block_is_valid(block, monkeypatch):
+    """gpu/cloud/suite blocks: shell syntax (or Python that compiles) and the configs they name
+    (stage paths in a pipeline config are relative to the repository root)."""
+    monkeypatch.chdir(REPO)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     _check_only(block, REPO, env)
 
