@@ -212,7 +212,7 @@ def reduce(
 
     \b
     Example:
-      crossmodal reduce results/organism.zarr --k 100 --scopes all,ffn
+      crossmodal reduce results/organism.zarr --k 100 --scopes 'all,attention,self_attn,cross_attn,ffn,all@*'
     """
     from crossmodal.reduce.driver import run_reduce
 
@@ -414,7 +414,7 @@ def bench(args: tuple[str, ...]) -> None:
 
     \b
     Example:
-      crossmodal bench --model organism --batch-sizes 8,32 --reducer false --out bench.json
+      crossmodal bench --model organism --modalities text --batch-sizes 8 --repeats 1 --reducer false --out bench.json
     """
     from crossmodal.bench import main as bench_main
 

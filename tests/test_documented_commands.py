@@ -33,7 +33,7 @@ from crossmodal.cli import main
 REPO = Path(__file__).resolve().parent.parent
 BLOCKS = documented_blocks(REPO)
 TIMEOUT_S = 300
-LONG_TIMEOUT_S = 1200
+LONG_TIMEOUT_S = 1800
 """The block that does the demo's work (collect, reduce, steer, report: ~3 min on 2 cores)."""
 
 
