@@ -164,7 +164,7 @@ def collect(
     \b
     Examples:
       crossmodal collect configs/reference.yaml --dry-run
-      python -m jobs.collect configs/organism.yaml --no-progress
+      python -m jobs.collect configs/organism.yaml --dry-run
     """
     from crossmodal.collect.driver import collect_file
 

@@ -96,8 +96,6 @@ def help_blocks(repo: Path) -> list[Block]:
         if start is None:
             raise ValueError(f"crossmodal/cli.py: `{name}` help must end with Example: lines")
         for example in (s.strip() for s in help_text[start + 1 :] if s.strip()):
-            if any(b.text == example + "\n" for b in blocks):
-                continue  # the group's example is its `run` command's
             number = next(i for i, s in enumerate(source, 1) if s.strip() == example)
             blocks.append(Block("crossmodal/cli.py", number, "sh", example + "\n", "run"))
     return blocks
@@ -113,7 +111,22 @@ def documented_blocks(repo: Path) -> list[Block]:
             if path.is_file():
                 blocks += header_blocks(path, f"{folder}/{path.name}")
     blocks += help_blocks(repo)
-    return sorted(blocks, key=lambda b: b.mode != "run" or FIRST not in b.text)
+    ordered = sorted(blocks, key=lambda b: b.mode != "run" or FIRST not in b.text)
+    seen: set[str] = set()
+    unique = []
+    for block in ordered:  # a command documented twice runs once (where it comes first)
+        commands = [f"{block.mode}:{c}" for c in commands_of(block.text).splitlines()]
+        if len(commands) == 1 and commands[0] in seen:
+            continue
+        seen.update(commands)
+        unique.append(block)
+    return unique
+
+
+def commands_of(text: str) -> str:
+    """The block's commands without comments and blank lines (to spot the same command)."""
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("#"))
 
 
 def named_files(text: str) -> list[str]:
