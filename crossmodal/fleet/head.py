@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, required=True, help="the head's process group id")
     parser.add_argument("--ports", default="", help="wait: comma-separated GCS,dashboard,agent")
     parser.add_argument("--log", default="", help="wait: the head's log, named on failure")
-    parser.add_argument("--timeout", type=float, default=0.0, help="default: 180 s (wait), 20 s (stop)")
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="default: 180 s (wait), 20 s (stop)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.action == "wait":
