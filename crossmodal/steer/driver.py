@@ -96,7 +96,9 @@ def resolve_outputs(config: SteerConfig) -> SteerConfig:
     """``output`` and ``selectivity.path`` (a collect store, an earlier stage's output) made
     absolute against the output root (:mod:`crossmodal.store.output_root`)."""
     root = config.output_root
-    store = resolve_output(config.selectivity.path, root, field="selectivity.path")
+    store = config.selectivity.path
+    if store is not None:  # None is refused, with its fix, where the selectivity is opened
+        store = resolve_output(store, root, field="selectivity.path")
     return replace(
         config,
         output=resolve_output(config.output, root),
