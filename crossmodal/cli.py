@@ -414,7 +414,7 @@ def bench(args: tuple[str, ...]) -> None:
 
     \b
     Example:
-      crossmodal bench --model organism --modalities text --batch-sizes 8 --repeats 1 --reducer false --out bench.json
+      crossmodal bench --model organism --modalities text --batch-sizes 8 --n-batches 1 --repeats 1 --reference-examples 1 --reducer false --out bench.json
     """
     from crossmodal.bench import main as bench_main
 
