@@ -45,13 +45,32 @@ organism: setup
 	$(VENV)/bin/crossmodal organism --build crossmodal/organism_model
 
 # A local one-GPU (or CPU) Ray head with the environment this project needs (docs/platform.md, "Ray"):
-# token auth off so `ray job submit` and `ray status` work, usage stats off.
+# token auth off so `ray job submit` and `ray status` work, usage stats off, the venv first on
+# PATH. It runs as its own process group (`ray start --block`), so cluster-down stops this head
+# only (never `ray stop`, which ends every Ray on the host). The ports are variables so that
+# two heads can share a host (`make cluster-up RAY_PORT=6380 RAY_DASHBOARD_PORT=8266 ...`).
+RAY_PORT ?= 6379
+RAY_DASHBOARD_PORT ?= 8265
+RAY_CLIENT_PORT ?= 10001
+RAY_AGENT_PORT ?= 52365
+RAY_HEAD_DIR = $(or $(RAY_TMPDIR),$(TMPDIR),/tmp)/ray
+RAY_HEAD_PID = $(RAY_HEAD_DIR)/crossmodal-head.pid
+
 cluster-up: setup
-	$(RAY_ENV) $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats
-	@echo "Ray head up. Submit: $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.pipeline configs/organism.yaml"
+	@mkdir -p $(RAY_HEAD_DIR)
+	@test ! -s $(RAY_HEAD_PID) || { echo "a head is up (pid $$(cat $(RAY_HEAD_PID))): make cluster-down first"; exit 1; }
+	$(RAY_ENV) PATH="$(abspath $(VENV))/bin:$$PATH" setsid $(VENV)/bin/ray start --head --block \
+	    --port=$(RAY_PORT) --dashboard-port=$(RAY_DASHBOARD_PORT) --dashboard-host=127.0.0.1 \
+	    --ray-client-server-port=$(RAY_CLIENT_PORT) --dashboard-agent-listen-port=$(RAY_AGENT_PORT) \
+	    --disable-usage-stats > $(RAY_HEAD_DIR)/crossmodal-head.log 2>&1 & echo $$! > $(RAY_HEAD_PID)
+	@$(PY) -m crossmodal.fleet.head wait --pid $$(cat $(RAY_HEAD_PID)) \
+	    --ports $(RAY_PORT),$(RAY_DASHBOARD_PORT),$(RAY_AGENT_PORT) --log $(RAY_HEAD_DIR)/crossmodal-head.log
+	@echo "Ray head up: --address auto, or submit to http://127.0.0.1:$(RAY_DASHBOARD_PORT) (README.md, 'Submitting to a cluster')"
 
 cluster-down:
-	$(RAY_ENV) $(VENV)/bin/ray stop --force
+	@test -s $(RAY_HEAD_PID) || { echo "no head started by make cluster-up"; exit 0; }
+	$(PY) -m crossmodal.fleet.head stop --pid $$(cat $(RAY_HEAD_PID))
+	rm -f $(RAY_HEAD_PID) $(RAY_HEAD_DIR)/ray_current_cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache results

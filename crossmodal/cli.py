@@ -164,7 +164,7 @@ def collect(
     \b
     Examples:
       crossmodal collect configs/reference.yaml --dry-run
-      python -m jobs.collect configs/organism.yaml --address auto
+      python -m jobs.collect configs/organism.yaml --dry-run
     """
     from crossmodal.collect.driver import collect_file
 
@@ -218,7 +218,7 @@ def reduce(
 
     \b
     Example:
-      crossmodal reduce results/organism.zarr --k 1000
+      crossmodal reduce results/organism.zarr --k 100 --scopes 'all,attention,self_attn,cross_attn,ffn,all@*'
     """
     from crossmodal.reduce.driver import run_reduce
 
@@ -370,7 +370,7 @@ def organism(
 
     \b
     Example:
-      crossmodal organism --eval --n-per-language 50
+      crossmodal organism --eval --n-per-language 5
     """
     from crossmodal.organism import build_organism, evaluate_organism, organism_path
 
@@ -445,7 +445,7 @@ def bench(args: tuple[str, ...]) -> None:
 
     \b
     Example:
-      crossmodal bench --model organism --batch-sizes 8,32 --reducer false --out bench.json
+      crossmodal bench --model organism --modalities text --batch-sizes 8 --n-batches 1 --repeats 1 --reference-examples 1 --reducer false --out bench.json
     """
     from crossmodal.bench import main as bench_main
 

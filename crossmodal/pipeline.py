@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from crossmodal.collect.config import CollectConfig, load_config
-from crossmodal.schemas import ConfigError, load_validated
+from crossmodal.schemas import ConfigError, load_validated, read_file
 from crossmodal.steer.grid import SteerConfig, load_grid
+from crossmodal.store.output_root import resolve_output
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,31 @@ class PipelineConfig:
     csv: bool = False
     report_format: str = "png"
     report_dpi: int = 150
+    output_root: str | None = None
+
+
+STAGE_COMMANDS = {"collect": "crossmodal collect", "steer": "crossmodal steer"}
+
+
+def refuse_stage_config(path: str | Path) -> None:
+    """A collect or steering config given where a pipeline config belongs: one line naming
+    the command that runs it and the pipeline config that wraps it.
+
+    Raises:
+        ValueError: ``path`` holds a collect config (``model``, no ``collect``) or a
+            steering grid (``selectivity``).
+    """
+    raw = read_file(path)
+    if not isinstance(raw, Mapping) or "collect" in raw:
+        return
+    kind = "steer" if "selectivity" in raw else "collect" if "model" in raw else None
+    if kind is None:
+        return
+    raise ValueError(
+        f"{path}: config must be one of [a pipeline config (collect, reduce, steer, report)], "
+        f"got a {kind} config; run it with `{STAGE_COMMANDS[kind]} {path}`, or run a pipeline "
+        "config that names it (configs/pipeline-organism.yaml names configs/organism.yaml)"
+    )
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -58,6 +84,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     Raises:
         ConfigError: one line per violation, stage configs included.
     """
+    refuse_stage_config(path)
     raw = load_validated(path, "pipeline", lambda _: [], label="pipeline")
     base = Path(path).resolve().parent
     collect_path = _resolve(raw["collect"], base)
@@ -67,6 +94,10 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     steer = _load_stage(steer_path, load_grid, "steer", errors) if steer_path else None
     if errors:
         raise ConfigError(str(path), errors)
+    root = raw["output_root"]
+    if root is not None:  # the pipeline's root wins over the stage configs' own
+        collect = replace(collect, output_root=root)
+        steer = replace(steer, output_root=root) if steer is not None else None
     out = raw["report"]["out"]
     return PipelineConfig(
         collect=collect,
@@ -79,6 +110,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         csv=bool(raw["reduce"]["csv"]),
         report_format=raw["report"]["format"],
         report_dpi=int(raw["report"]["dpi"]),
+        output_root=root,
     )
 
 
@@ -109,12 +141,12 @@ def run_pipeline(
     if config.steer is not None:
         echo("== steer ==")
         grid = replace(config.steer, selectivity=replace(config.steer.selectivity, path=str(store)))
-        run_steer(grid, **stage)
-        steer_out = Path(grid.output).resolve()
+        steer_out = Path(run_steer(grid, **stage)["output"])
     echo("== report ==")
     res = results.open(store)
-    paths = res.report(config.report_out, fmt=config.report_format, dpi=config.report_dpi)
-    report_dir = paths[0].parent if paths else config.report_out
+    out = config.report_out and Path(resolve_output(str(config.report_out), config.output_root))
+    paths = res.report(out, fmt=config.report_format, dpi=config.report_dpi)
+    report_dir = paths[0].parent if paths else out
     return {
         "store": str(store),
         "report": str(report_dir),

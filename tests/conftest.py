@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from crossmodal.fleet.head import wait_ready  # noqa: E402
 from crossmodal.model.load import LoadedModel, build_random_model  # noqa: E402
 
 # Unit tests run tiny models: one thread avoids oversubscription on small CI machines
@@ -81,7 +82,7 @@ def ray_head(tmp_path_factory):
     the dashboard URL for ``ray job submit``, and the environment to run clients with.
     """
     ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
     env = {**os.environ, **RAY_ENV}
     cmd = [
@@ -92,6 +93,7 @@ def ray_head(tmp_path_factory):
         f"--port={gcs}",
         f"--dashboard-port={dash}",
         f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",  # the default 52365 clashes with other heads
         "--num-cpus=2",
         "--num-gpus=0",
         f"--temp-dir={temp}",
@@ -101,15 +103,7 @@ def ray_head(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), 1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"ray head did not start; see {log.name}")
+        wait_ready(proc.pid, [gcs, dash, agent], timeout=180, log=log.name)  # the job agent too
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         kill_group(proc.pid)
@@ -129,14 +123,3 @@ def shipped_organism() -> Path:
         return organism_path()
     except OrganismMissingError as err:
         pytest.fail(str(err))
-
-
-def submit_job(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """``ray job submit``, retried while the head's job agent is still starting (a fresh head
-    answers "No available agent to submit job" for a few seconds after its dashboard is up)."""
-    deadline = time.time() + 180
-    while True:
-        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
-            return proc
-        time.sleep(3)

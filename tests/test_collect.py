@@ -16,7 +16,6 @@ cannot join a neighbour's cluster.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
-from conftest import submit_job
 
 from crossmodal.collect.collector import Collector
 from crossmodal.collect.config import load_config
@@ -245,40 +243,6 @@ def test_against_a_head_with_address_auto(head, raw_config, collected, tmp_path)
     _assert_same_stats(Path(collected[0].output), out)  # 1 actor here, 2 in-process
     for group in GROUPS:
         xr.open_zarr(out, group=group, consolidated=False)
-
-
-def test_ray_job_submit(head, raw_config, tmp_path):
-    small = {**raw_config, "tasks": ["x2en"], "modalities": ["text"]}  # the wiring, not the sums
-    cfg = _write_config(small, tmp_path / "c.yaml")
-    out = tmp_path / "job.zarr"
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = submit_job(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            head["dashboard"],
-            "--working-dir",
-            ".",
-            "--",
-            sys.executable,
-            "-m",
-            "jobs.collect",
-            str(cfg),
-            "--output",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        env=head["env"],
-        timeout=300,
-    )
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "succeeded" in proc.stdout
-    root = zarr.open_group(str(out), mode="r")
-    assert root.attrs["finished"] and json.dumps(root["manifest"].attrs["merged"])
-    xr.open_zarr(out, group="stats/decoder", consolidated=False)
 
 
 def test_organism_demo_config(shipped_organism, tmp_path):

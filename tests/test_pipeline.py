@@ -1,60 +1,22 @@
-"""The pipeline (collect -> reduce -> steer -> report) and its end-to-end `ray job submit` run.
+"""The pipeline config (collect -> reduce -> steer -> report) and its headline numbers.
 
 Edge cases: a pipeline config naming a missing or invalid stage config lists every error at
-once; stage paths resolve against the working directory first (what `--working-dir .` ships);
-the job's outputs are read back from outside the job with xarray and pyarrow; the Ray head is
-stopped and leaves no process behind.
+once. The end-to-end run, as a `ray job submit` against a local head, is the README's
+command in tests/test_documented_commands.py (its outputs read back by the README's
+"Querying results" block).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-import xarray as xr
 import yaml
-from conftest import submit_job
 
 from crossmodal.pipeline import format_headline, load_pipeline, steering_headline
 from crossmodal.schemas import ConfigError
-from crossmodal.store import results
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _small_pipeline(tmp_path: Path) -> Path:
-    """The demo pipeline shrunk to a few sentences, one steering language pair, k=50."""
-    collect = yaml.safe_load((REPO / "configs" / "organism.yaml").read_text())
-    collect["data"]["examples_per_language"] = 8
-    collect.update(output=str(tmp_path / "organism.zarr"), shard_size=8, pilot_size=24)
-    collect["actors"] = {**collect["actors"], "count": 1}
-    steer = yaml.safe_load((REPO / "configs" / "steer-organism.yaml").read_text())
-    steer.update(
-        roles=["control"],
-        unit_modalities=["speech"],
-        input_modalities=["text"],
-        steps=[1],
-        languages=["deu"],
-        set_sizes=[50],
-        random_seeds=[0],
-        n_inputs=8,
-        output=str(tmp_path / "steer"),
-    )
-    steer["selectivity"]["path"] = str(tmp_path / "organism.zarr")
-    steer["actors"] = {**steer["actors"], "count": 1}
-    (tmp_path / "collect.yaml").write_text(yaml.safe_dump(collect))
-    (tmp_path / "steer.yaml").write_text(yaml.safe_dump(steer))
-    pipeline = {
-        "collect": str(tmp_path / "collect.yaml"),
-        "reduce": {"k": 50, "scopes": ["all"]},
-        "steer": str(tmp_path / "steer.yaml"),
-        "report": {"out": str(tmp_path / "report")},
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(pipeline))
-    return path
 
 
 def test_pipeline_config_reports_every_error(tmp_path) -> None:
@@ -94,45 +56,6 @@ def test_steering_headline_compares_selected_with_random() -> None:
     assert h["selected_target_share"] == pytest.approx(0.7)
     assert h["random_target_share"] == pytest.approx(0.1)
     assert (h["n_selected_cells"], h["n_random_cells"]) == (2, 1)
-
-
-@pytest.mark.integration
-def test_ray_job_submit_pipeline_end_to_end(shipped_organism, ray_head, tmp_path) -> None:
-    """Start a head, submit the organism pipeline, read results back, stop the head."""
-    config = _small_pipeline(tmp_path)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = submit_job(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            ray_head["dashboard"],
-            "--working-dir",
-            ".",
-            "--",
-            sys.executable,
-            "-m",
-            "jobs.pipeline",
-            str(config),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        env=ray_head["env"],
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
-    assert "succeeded" in proc.stdout and "== done ==" in proc.stdout
-    store = tmp_path / "organism.zarr"
-    sel = results.open(store).selectivity()
-    xr.open_zarr(store, group="stats/decoder", consolidated=False)  # labelled without the API
-    assert {"task", "modality", "step", "language", "unit"} <= set(sel.dims)
-    ap = sel["ap"].sel(task="x2en", modality="text", step=1, language="deu").values
-    assert ((ap >= 0) & (ap <= 1)).all()
-    table = pq.read_table(tmp_path / "steer" / "results.parquet")
-    assert table.num_rows > 0 and "text" in table.column_names
-    assert (tmp_path / "report" / "summary.md").is_file()
-    assert "step-1 speech/text overlap" in proc.stdout
 
 
 def test_format_headline_lists_paths_and_numbers() -> None:

@@ -6,7 +6,7 @@ and semantic checks alike, one line each, ``<path>: <problem>; <fix>``), fills t
 defaults and returns a :class:`CollectConfig`. Nothing past this module sees a raw dict.
 
 The config hash (:meth:`CollectConfig.hash`) covers every field that changes the numbers in
-the store; ``output`` and ``actors`` are left out, so a run can be resumed from another path
+the store; ``output``, ``output_root`` and ``actors`` are left out, so a run can be resumed from another path
 copy or with more (or fewer) actors.
 """
 
@@ -31,7 +31,7 @@ from crossmodal.schemas import load_validated, validate_against
 
 ORGANISM_SOURCE = "organism"
 FLEURS_SOURCES = ("fleurs_raw", "fleurs_parquet")
-_UNHASHED = ("output", "actors")
+_UNHASHED = ("output", "output_root", "actors")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class CollectConfig:
     keep_parts: bool
     actors: ActorsConfig
     speech_last_frame: str = "drop"
+    output_root: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain data (tuples become lists); round-trips through :func:`from_dict`."""
@@ -151,6 +152,7 @@ def from_dict(values: Mapping[str, Any]) -> CollectConfig:
         keep_parts=bool(v["keep_parts"]),
         actors=ActorsConfig(**v["actors"]),
         speech_last_frame=v.get("speech_last_frame", "drop"),
+        output_root=v.get("output_root"),
     )
 
 

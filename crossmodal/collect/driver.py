@@ -40,6 +40,7 @@ from crossmodal.store.collect_store import CollectStore, now, skipped_examples
 from crossmodal.store.integrity import repairable, scan
 from crossmodal.store.layout import StoreError
 from crossmodal.store.lock import OutputLock
+from crossmodal.store.output_root import resolve_output
 
 __all__ = ["BOUNDARIES", "Collector", "collect_file", "run_collect"]
 
@@ -195,6 +196,7 @@ def run_collect(
             dtype, vocabulary or actor memory the model or device cannot serve (one line).
     """
     start = time.time()
+    config = config.with_output(resolve_output(config.output, config.output_root))
     plan = build_plan(config)
     index = unit_index(config)
     echo(format_plan(plan, family_sizes(index), source))

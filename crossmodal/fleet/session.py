@@ -7,10 +7,17 @@ otherwise turns token auth on and later ``ray job submit`` calls fail; docs/desi
 switches of :mod:`crossmodal.fleet.faults`, the progress-bar switch) forwarded through the
 session's ``runtime_env``. An in-process Ray is started with a watcher
 (:mod:`crossmodal.fleet.reaper`) that ends its processes if the driver is killed.
+
+Inside a Ray job (``ray job submit``, a KubeRay ``RayJob``) the driver joins the job's
+session and its actors inherit the job's ``runtime_env``; Ray refuses to merge a driver's
+``env_vars`` that name a variable the job sets ("Failed to merge the Job's runtime env"), so
+the session passes only the variables the job leaves unset, and the job's values win
+(docs/platform.md, "Ray jobs").
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
@@ -26,6 +33,8 @@ QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 in the driver and in every actor; results are unchanged."""
 FORWARDED = ("HF_HUB_OFFLINE", *QUIET, *FAULT_VARS)
 """Variables of the driver's environment that actors get too, when they are set."""
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in a job's driver: the job's runtime_env (and metadata)."""
 
 
 def set_ray_env(environ: MutableMapping[str, str] | None = None) -> None:
@@ -61,6 +70,27 @@ def actor_env(environ: Mapping[str, str] | None = None, *, progress: bool = True
     return {**RAY_ENV, **{k: environ[k] for k in FORWARDED if k in environ}, **quiet}
 
 
+def job_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The ``env_vars`` of the Ray job this driver runs in, or None outside a job."""
+    environ = os.environ if environ is None else environ
+    if JOB_CONFIG_ENV not in environ:
+        return None
+    config = json.loads(environ[JOB_CONFIG_ENV] or "{}")
+    return dict((config.get("runtime_env") or {}).get("env_vars") or {})
+
+
+def session_runtime_env(
+    environ: Mapping[str, str] | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """The ``runtime_env`` :meth:`RaySession.connect` passes: :func:`actor_env`, less every
+    variable a surrounding Ray job already sets (its actors inherit the job's values, and
+    Ray refuses a driver ``env_vars`` that repeats one); ``{}`` when nothing is left."""
+    wanted = actor_env(environ, progress=progress)
+    job = job_env_vars(environ) or {}
+    env_vars = {k: v for k, v in wanted.items() if k not in job}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
 class RaySession:
     """Connects to Ray on first use and shuts down only what it started.
 
@@ -92,7 +122,7 @@ class RaySession:
                 ray.init(
                     address=self.address,
                     include_dashboard=False,
-                    runtime_env={"env_vars": actor_env(progress=self.progress)},
+                    runtime_env=session_runtime_env(progress=self.progress) or None,
                 )
                 self.started = True
                 if self.address is None and "RAY_ADDRESS" not in os.environ:

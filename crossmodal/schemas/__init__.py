@@ -167,15 +167,19 @@ def load_validated(
 
 def _warn_default_output(raw: Mapping[str, Any], schema: Mapping[str, Any], name: str) -> None:
     """A :class:`ConfigWarning` when the config has an ``output`` field and leaves it unset:
-    the default is relative to the working directory, so two configs that both leave it out
+    the default is relative to the output root (:mod:`crossmodal.store.output_root`), so two configs that both leave it out
     write to (and a resume refuses) the same path, and a Ray job's working directory is
     temporary."""
     spec = schema.get("properties", {}).get("output")
     if spec is None or "output" in raw or "default" not in spec:
         return
+    from crossmodal.store.output_root import output_root
+
+    root = output_root(raw.get("output_root"))
+    where = "working directory" if root == Path.cwd().absolute() else "output root"
     message = (
-        f"output: not set, using the default {spec['default']!r} (relative to the working "
-        f"directory {str(Path.cwd())!r}); set output: to a path of your own"
+        f"output: not set, using the default {spec['default']!r} (relative to the {where} "
+        f"{str(root)!r}); set output: to a path of your own"
     )
     warnings.warn_explicit(message, ConfigWarning, filename=name, lineno=0)
 

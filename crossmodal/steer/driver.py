@@ -32,6 +32,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from crossmodal.steer.parts import CELL_FIELDS, PARTS, done_cells, read_parts
 from crossmodal.steer.source import check_grid_values, check_sets, selectivity_digest
 from crossmodal.steer.worker import SteerWorker, open_selectivity
 from crossmodal.store.lock import OutputLock
+from crossmodal.store.output_root import resolve_output
 
 __all__ = ["BOUNDARIES", "consolidate", "done_cells", "run_steer"]
 
@@ -206,6 +208,20 @@ def consolidate(
     return results, summary
 
 
+def resolve_outputs(config: SteerConfig) -> SteerConfig:
+    """``output`` and ``selectivity.path`` (a collect store, an earlier stage's output) made
+    absolute against the output root (:mod:`crossmodal.store.output_root`)."""
+    root = config.output_root
+    store = config.selectivity.path
+    if store is not None:  # None is refused, with its fix, where the selectivity is opened
+        store = resolve_output(store, root, field="selectivity.path")
+    return replace(
+        config,
+        output=resolve_output(config.output, root),
+        selectivity=replace(config.selectivity, path=store),
+    )
+
+
 def run_steer(
     config: SteerConfig,
     *,
@@ -218,6 +234,7 @@ def run_steer(
     Returns:
         ``{"output", "cells", "ran", "resumed", "results", "summary", "seconds"}``.
     """
+    config = resolve_outputs(config)
     out = Path(config.output)
     with OutputLock(out, "steer", echo=echo):  # one writer per output (lock.py)
         return _steer(config, out, address=address, show_progress=progress, echo=echo)

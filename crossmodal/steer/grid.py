@@ -84,6 +84,7 @@ class SteerConfig:
     cells_per_task: int
     output: str
     actors: ActorsConfig  # the collect config's: the same actor resources and retries
+    output_root: str | None = None  # relative output and selectivity.path resolve here
     allow_empty_sets: bool = False
     speech_last_frame: str = "drop"
 
@@ -205,6 +206,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         cells_per_task=v["cells_per_task"],
         output=v["output"],
         actors=ActorsConfig(**v["actors"]),
+        output_root=v["output_root"],
         allow_empty_sets=v["allow_empty_sets"],
         speech_last_frame=v["speech_last_frame"],
     )
