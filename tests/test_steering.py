@@ -9,10 +9,13 @@ removed after an exception; bad paths, lengths, features and batch sizes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch import nn
 
+from crossmodal.model.fastgen import greedy_generate
 from crossmodal.model.forcing import (
     NO_FORCING,
     SteeringError,
@@ -246,8 +249,90 @@ def test_plan_tensors(model):
     )
     site = plan.sites[f"{L0}.ffn.fc1"]
     assert site.cols.tolist() == [1, 5]
-    assert site.mask.tolist() == [[True, True], [False, False], [False, True]]
-    assert site.values[0].tolist() == [3.0, 2.0] and site.values[2, 1] == 4.0
+    assert site.mask.shape == site.values.shape == (3, 128)  # the module's full width
+    assert site.mask[:, [1, 5]].tolist() == [[True, True], [False, False], [False, True]]
+    assert int(site.mask.sum()) == 3
+    assert site.values[0, [1, 5]].tolist() == [3.0, 2.0] and site.values[2, 5] == 4.0
+
+
+def _legacy_forcing(model, interventions):
+    """The forcing written the slow, obvious way: each row's features set one by one (the
+    values cast as the plan casts them); the reference for the full-width plan's hook."""
+    handles = []
+    for path in {p for row in interventions for p in row}:
+        module = model.get_submodule(path)
+        dim = 1 if isinstance(module, nn.Conv1d) else -1
+
+        def hook(m, a, out, path=path, dim=dim):
+            out = out.clone()
+            for b, row in enumerate(interventions):
+                feats, vals = row.get(path, ((), ()))
+                for f, v in zip(feats, vals, strict=True):
+                    value = torch.tensor(v, dtype=torch.float32).to(out.dtype)
+                    out.select(dim, int(f))[b] = value
+            return out
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def _random_rows(n: int, paths: list[str], seed: int) -> list[dict]:
+    """Row 0 unforced; then a different random set per row, as lists or as arrays, with
+    features repeated within a row (the last value wins)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [NO_FORCING]
+    for r in range(1, n):
+        row = {}
+        for path in paths[r % 3 :: 2]:
+            feats = torch.randint(0, 64, (20,), generator=gen)
+            vals = torch.randn(20, generator=gen, dtype=torch.float64)
+            row[path] = (feats.numpy(), vals.numpy()) if r % 2 else (feats.tolist(), vals.tolist())
+        rows.append(row)
+    return rows
+
+
+@contextmanager
+def _recorded(model, paths, seen):
+    """Record every output of ``paths`` (registered last: after any forcing hook)."""
+    handles = [
+        model.get_submodule(p).register_forward_hook(
+            lambda m, a, o, p=p: seen.setdefault(p, []).append(o.clone())
+        )
+        for p in paths
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_full_width_plan_equals_feature_by_feature_forcing(model):
+    """Many sites, a different set per row: every forced module output at every decoding
+    step, and the generated tokens, are bit-identical to setting features one at a time."""
+    layers = (L0, L1)
+    paths = [f"{la}.{m}" for la in layers for m in ("ffn.fc1", "ffn.act", "self_attn.q_proj")]
+    paths += [f"{L1}.cross_attention.k_proj", "text_decoder.layer_norm"]
+    rows = _random_rows(6, paths, seed=11)
+    inputs = _text(len(rows))
+    plan_seen: dict[str, list[torch.Tensor]] = {}
+    legacy_seen: dict[str, list[torch.Tensor]] = {}
+    with forcing(model, plan_batch(model, rows)), _recorded(model, paths, plan_seen):
+        planned = greedy_generate(model, inputs, "deu", MAX_NEW).sequences
+    legacy = _legacy_forcing(model, rows)
+    try:
+        with _recorded(model, paths, legacy_seen):
+            expected = greedy_generate(model, inputs, "deu", MAX_NEW).sequences
+    finally:
+        for h in legacy:
+            h.remove()
+    assert torch.equal(planned, expected)
+    assert plan_seen.keys() == legacy_seen.keys() == set(paths)
+    for path in paths:
+        assert len(plan_seen[path]) == len(legacy_seen[path]), path
+        for a, b in zip(plan_seen[path], legacy_seen[path], strict=True):
+            assert torch.equal(a, b), path
+    assert len({tuple(r.tolist()) for r in planned}) > 1  # the forcing did something
 
 
 ENCODER_INTERVENTIONS = [

@@ -7,9 +7,9 @@ carry different interventions, so many steering-grid cells share one ``generate`
 Which units a grid cell forces, and with which constants, is :mod:`crossmodal.steer.units`.
 
 Invariants (what the tests pin):
-- :func:`plan_batch` builds, once per batch and per hooked module, the union ``cols`` of
-  the features any row forces plus ``[batch, len(cols)]`` mask and value tensors.
-- The hook rewrites ``out[b, ..., cols]`` only where ``mask[b]`` is set: a row without
+- :func:`plan_batch` builds, once per batch, per hooked module ``[batch, width]`` mask and
+  value tensors over the module's whole output width.
+- The hook rewrites ``out[b, ..., f]`` only where ``mask[b, f]`` is set: a row without
   forcing gets back exactly the values it would have had (bit-identical), and no row ever
   sees another row's forcing.
 - Cross-attention ``k_proj``/``v_proj`` run once over the encoder frames and their result is
@@ -24,7 +24,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from crossmodal.model.load import LoadedModel
 from crossmodal.model.units import declared_width
 
 Intervention = Mapping[str, tuple[Sequence[int], Sequence[float]]]
-"""One row's forcing: module path -> (feature indices, constant values), same lengths."""
+"""One row's forcing: module path -> (feature indices, constant values), same lengths (lists
+or 1-d arrays)."""
 
 NO_FORCING: Intervention = {}
 """The unforced row (the grid's baseline)."""
@@ -49,21 +51,45 @@ class SteeringError(ValueError):
 
 @dataclass(frozen=True)
 class SitePlan:
-    """The forcing of one hooked module for a whole batch.
+    """The forcing of one hooked module for a whole batch, over the module's full width.
+
+    Full width, so that the hook is one ``torch.where`` per call (no gather and scatter of
+    the forced columns at every decoding step; docs/benchmarks.md, "Steering").
 
     Attributes:
-        cols: ``[n_cols]`` features forced in at least one row (sorted, unique).
-        mask: ``[batch, n_cols]`` True where that row forces that feature.
-        values: ``[batch, n_cols]`` the constants (ignored where ``mask`` is False).
+        mask: ``[batch, width]`` True where that row forces that feature.
+        values: ``[batch, width]`` the constants (0 where ``mask`` is False).
         feature_dim: the output dim that indexes features (-1, or 1 for Conv1d/GLU).
         max_col: the largest forced feature (checked against the output without a sync).
     """
 
-    cols: torch.Tensor
     mask: torch.Tensor
     values: torch.Tensor
     feature_dim: int
     max_col: int
+    _fitted: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """``[n_cols]`` features forced in at least one row (sorted)."""
+        return self.mask.any(dim=0).nonzero().flatten()
+
+    def fitted(self, out: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, values)`` shaped to broadcast against ``out`` (features on ``dim``), in
+        ``out``'s dtype and width; built on the first call of a shape, then reused."""
+        key = (out.ndim, dim, out.shape[dim], out.dtype, out.device)
+        if key not in self._fitted:
+            mask, values = self.mask, self.values
+            if out.shape[dim] > mask.shape[1]:  # a module without a declared width
+                pad = (0, out.shape[dim] - mask.shape[1])
+                mask, values = nn.functional.pad(mask, pad), nn.functional.pad(values, pad)
+            shape = [1] * out.ndim
+            shape[0], shape[dim] = mask.shape
+            self._fitted[key] = (
+                mask.to(out.device).view(shape),
+                values.to(device=out.device, dtype=out.dtype).view(shape),
+            )
+        return self._fitted[key]
 
 
 @dataclass(frozen=True)
@@ -103,7 +129,10 @@ def plan_batch(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> BatchPlan:
-    """Build the per-site ``[batch, n_cols]`` masks and values for one batch.
+    """Build the per-site ``[batch, width]`` masks and values for one batch.
+
+    Every site's mask and values are laid out side by side in one host array each and moved
+    to ``device`` in one copy (two transfers per batch, not two per site).
 
     Args:
         model: the module whose submodules are named by the interventions' paths.
@@ -117,12 +146,30 @@ def plan_batch(
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or first.dtype
     batch = len(interventions)
-    sites: dict[str, SitePlan] = {}
+    laid = []
     for path, (rows, features, values) in _site_triples(interventions).items():
         module = _resolve(model, path)  # an unknown path fails even when it forces nothing
         if len(features) == 0:
             continue
-        sites[path] = _site_plan(module, path, batch, rows, features, values, device, dtype)
+        width = _checked_width(module, path, features)
+        laid.append((path, _feature_dim(module), width, rows, features, values))
+    offsets = np.cumsum([0] + [site[2] for site in laid])
+    mask = np.zeros((batch, int(offsets[-1])), dtype=bool)
+    table = np.zeros((batch, int(offsets[-1])), dtype=np.float32)
+    for (_, _, _, rows, features, values), off in zip(laid, offsets, strict=False):
+        mask[rows, off + features] = True
+        table[rows, off + features] = values  # a feature repeated in a row: its last value wins
+    mask_t = torch.from_numpy(mask).to(device)
+    table_t = torch.from_numpy(table).to(device=device, dtype=dtype)
+    sites = {
+        path: SitePlan(
+            mask=mask_t[:, off : off + width],
+            values=table_t[:, off : off + width],
+            feature_dim=dim,
+            max_col=int(features.max()),
+        )
+        for (path, dim, width, _, features, _), off in zip(laid, offsets, strict=False)
+    }
     return BatchPlan(batch_size=batch, sites=sites)
 
 
@@ -131,10 +178,10 @@ def _site_triples(
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per site: (row, feature, value) of every row's forcing, as three flat arrays.
 
-    Arrays, not element-wise tensor writes: a grid batch holds ~10^5 forced features, which
-    element-wise writes would take seconds over.
+    One array conversion per site, not per (row, site): a grid batch holds ~10^5 forced
+    features in ~10^3 (row, site) pairs.
     """
-    per_site: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    per_site: dict[str, tuple[list[int], list, list]] = {}
     for row, intervention in enumerate(interventions):
         for path, (features, values) in intervention.items():
             if len(features) != len(values):
@@ -142,50 +189,40 @@ def _site_triples(
                     f"values must match features in length for site {path!r} (row {row}), got "
                     f"{len(values)} values for {len(features)} features; pass one value per feature"
                 )
-            f = np.asarray(features, dtype=np.int64).reshape(-1)
-            v = np.asarray(values, dtype=np.float64).reshape(-1)
-            per_site.setdefault(path, []).append((np.full(len(f), row), f, v))
+            rows, feats, vals = per_site.setdefault(path, ([], [], []))
+            rows.append(row), feats.append(features), vals.append(values)
     return {
-        path: tuple(np.concatenate(x) for x in zip(*parts, strict=True))
-        for path, parts in per_site.items()
+        path: (
+            np.repeat(np.asarray(rows, dtype=np.int64), [len(f) for f in feats]),
+            _flat(feats, np.int64),
+            _flat(vals, np.float64),
+        )
+        for path, (rows, feats, vals) in per_site.items()
     }
 
 
-def _site_plan(
-    module: nn.Module,
-    path: str,
-    batch: int,
-    rows: np.ndarray,
-    features: np.ndarray,
-    values: np.ndarray,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> SitePlan:
-    """The ``[batch, n_cols]`` mask and values of one module from its (row, feature, value)s."""
-    cols = np.unique(features)
+def _flat(parts: list, dtype: type) -> np.ndarray:
+    """The parts (lists or arrays) end to end, as one flat array of ``dtype``."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False)
+    return np.fromiter(chain.from_iterable(parts), dtype=dtype, count=sum(map(len, parts)))
+
+
+def _checked_width(module: nn.Module, path: str, features: np.ndarray) -> int:
+    """The plan's width for ``module``: its declared width, else the largest feature + 1 (the
+    hook pads to the output's width); raises for a feature outside the declared width."""
     width = declared_width(module)
-    if cols[0] < 0 or (width is not None and cols[-1] >= width):
-        bad = cols[0] if cols[0] < 0 else cols[-1]
+    low, high = int(features.min()), int(features.max())
+    if low < 0 or (width is not None and high >= width):
         raise SteeringError(
-            f"feature of site {path!r} must be in [0, {width}), got {bad}; "
+            f"feature of site {path!r} must be in [0, {width}), got {low if low < 0 else high}; "
             "check the unit index table against this model"
         )
-    j = np.searchsorted(cols, features)
-    mask = np.zeros((batch, len(cols)), dtype=bool)
-    table = np.zeros((batch, len(cols)), dtype=np.float32)
-    mask[rows, j] = True
-    table[rows, j] = values  # a feature repeated within a row: its last value wins
-    return SitePlan(
-        cols=torch.from_numpy(cols).to(device),
-        mask=torch.from_numpy(mask).to(device),
-        values=torch.from_numpy(table).to(device=device, dtype=dtype),
-        feature_dim=_feature_dim(module),
-        max_col=int(cols[-1]),
-    )
+    return high + 1 if width is None else width
 
 
 def _apply(plan: SitePlan, batch: int, path: str, out: torch.Tensor) -> torch.Tensor:
-    """``out`` with the planned features replaced row by row (out of place)."""
+    """``out`` with the planned features replaced row by row (out of place, one op)."""
     if out.shape[0] != batch:
         raise SteeringError(
             f"batch size at site {path!r} must be {batch} (the planned rows), got "
@@ -197,12 +234,8 @@ def _apply(plan: SitePlan, batch: int, path: str, out: torch.Tensor) -> torch.Te
             f"feature of site {path!r} must be < {out.shape[dim]}, got {plan.max_col}; "
             "check the unit index table against this model"
         )
-    shape = [1] * out.ndim
-    shape[0], shape[dim] = batch, plan.cols.numel()
-    mask = plan.mask.view(shape)
-    values = plan.values.to(out.dtype).view(shape)
-    current = out.index_select(dim, plan.cols)
-    return out.index_copy(dim, plan.cols, torch.where(mask, values, current))
+    mask, values = plan.fitted(out, dim)
+    return torch.where(mask, values, out)
 
 
 def _hook(plan: SitePlan, batch: int, path: str):  # noqa: ANN202 - a torch forward hook

@@ -119,11 +119,17 @@ class UnitForcing:
             return CellForcing(NO_FORCING, n_forced=0, mean_ap=float("nan"))
         if self._paths is None:
             raise ValueError("model must be one of [a model], got None; pass it to UnitForcing")
-        out: dict[str, tuple[list[int], list[float]]] = {}
-        for p, v in zip(pos.tolist(), values.tolist(), strict=True):
-            feats, vals = out.setdefault(self._paths[p], ([], []))
-            feats.append(int(self._features[p]))
-            vals.append(float(v))
+        # grouped by module path as arrays, not unit by unit: plan_batch takes arrays whole
+        paths = self._paths[pos].tolist()
+        first = {path: n for n, path in enumerate(dict.fromkeys(paths))}  # first appearance
+        codes = np.array([first[path] for path in paths], dtype=np.int64)
+        order = np.argsort(codes, kind="stable")
+        cuts = np.cumsum([0, *np.bincount(codes, minlength=len(first))])
+        feats, vals = self._features[pos][order], values[order]
+        out = {
+            path: (feats[cuts[n] : cuts[n + 1]], vals[cuts[n] : cuts[n + 1]])
+            for path, n in first.items()
+        }
         ap = self._vector("ap", cell)[pos]
         mean_ap = float(np.nanmean(ap)) if pos.size else float("nan")
         return CellForcing(out, n_forced=int(pos.size), mean_ap=mean_ap)
