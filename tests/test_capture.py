@@ -386,6 +386,48 @@ def test_fast_generator_gives_the_same_result(lively, batches):
         torch.testing.assert_close(hf.buffers[p], fast.buffers[p], equal_nan=True)
 
 
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN where NaN), through an integer view of the same width."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_replay_reusing_the_cross_attention_cache_is_bit_identical(batches, modality, dtype):
+    """The fast path's cross-attention keys/values, reused by the replay (and fed to the
+    k_proj/v_proj hooks), give every buffer bit for bit as projecting the frames again; rows
+    end at different steps, encoder and decoder families together."""
+    loaded = lively_model(dtype)
+    cap = Capturer(loaded, FAMILIES, STEPS, max_new_tokens=MAX_NEW, generator="fast")
+    reused = cap.run(batches[modality], "eng")
+    cap.reuse_cross_kv = False
+    projected = cap.run(batches[modality], "eng")
+    assert torch.equal(reused.sequences, projected.sequences)
+    assert not bool(reused.valid.all())  # some rows end early
+    for p in cap.poolings:
+        assert _bits_equal(reused.buffers[p], projected.buffers[p]), p
+    kv = [s for s in cap.index.sites if "cross_attention.k_proj" in s.module_path]
+    assert kv and not reused.buffers["last"][:, 0, kv[0].offset].isnan().any()
+
+
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_cross_attention_cache_reuse_on_the_organism(shipped_organism, modality):
+    loaded = load_model(shipped_organism)
+    records = speech_records() if modality == "speech" else None
+    batch = (
+        make_batch(records, "speech", loaded)
+        if records
+        else batch_from_token_ids([[5, 9, 30, 41, 7], [12, 8, 3 + 40, 6]])
+    )
+    cap = Capturer(loaded, ("decoder",), (0, 1, 6, 11), max_new_tokens=12, generator="fast")
+    reused = cap.run(batch, "eng")
+    cap.reuse_cross_kv = False
+    projected = cap.run(batch, "eng")
+    for p in cap.poolings:
+        assert _bits_equal(reused.buffers[p], projected.buffers[p]), p
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_and_returns_float32(lively, batches, dtype):
     batch = batches["speech"]

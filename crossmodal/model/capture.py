@@ -42,6 +42,7 @@ from functools import cached_property
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from crossmodal.data.languages import validate_language
@@ -184,6 +185,7 @@ class _Recorder:
         self.positions: Tensor | None = None  # decoder position gathered for each step
         self.bounds: list[int] = []  # positions[j] + 1, as Python ints
         self.masks = FrameMasks(self.dev)
+        self.fns: dict[str, Hook] = {}  # module path -> its hook, to feed it a cached output
 
     def hooks(
         self, modules: Mapping[str, nn.Module], sites: Sequence[Site]
@@ -195,7 +197,13 @@ class _Recorder:
         by_module: dict[str, list[Site]] = {}
         for site in sites:
             by_module.setdefault(site.module_path, []).append(site)
-        return [(modules[path], self._hook(path, calls)) for path, calls in by_module.items()]
+        self.fns.update({path: self._hook(path, calls) for path, calls in by_module.items()})
+        return [(modules[path], self.fns[path]) for path in by_module]
+
+    def feed(self, path: str, out: Tensor) -> None:
+        """Record ``out`` as an output of ``path``, as if the module had run (when hooked)."""
+        if path in self.fns:
+            self.fns[path](None, (), out)
 
     def _hook(self, path: str, calls: list[Site]) -> Hook:
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
@@ -309,6 +317,7 @@ class Capturer:
             generator = "fast" if is_plain_greedy(loaded) else "hf"
         self.generator = generator
         self.pad_guard = pad_guard
+        self.reuse_cross_kv = True  # False: the replay projects the encoder frames again
         self._counts: Tensor | None = None
         self._modules = dict(loaded.model.named_modules())
 
@@ -327,7 +336,7 @@ class Capturer:
 
     def replay(self, batch: ModelBatch, sequences: Tensor) -> CaptureResult:
         """Capture given ``sequences`` (``[batch, 2 + n]``, as ``run`` would generate them)."""
-        return self._capture(batch, lambda kw, hid, mask: sequences.to(hid.device))
+        return self._capture(batch, lambda kw, hid, mask: (sequences.to(hid.device), None))
 
     def _capture(self, batch: ModelBatch, make_sequences: Callable) -> CaptureResult:
         model, dev = self.model, self.loaded.device
@@ -347,11 +356,11 @@ class Capturer:
             with attached(rec.hooks(self._modules, enc_sites)):
                 hidden, enc_mask = self._encode(batch, kwargs, rec)
             rec.check_fired(enc_sites, "encoder")
-            sequences = make_sequences(kwargs, hidden, enc_mask)
+            sequences, cross_cache = make_sequences(kwargs, hidden, enc_mask)
             end_ids = end_token_ids(model)
             valid = step_validity(sequences, self.steps, end_ids)
             with attached(rec.hooks(self._modules, dec_sites)):
-                self._replay(sequences, hidden, enc_mask, rec)
+                self._replay(sequences, hidden, enc_mask, rec, cross_cache)
             rec.check_fired(dec_sites, "decoder")
             if "prefix_mean" in buffers:  # prefix sums -> means (other columns: / 1)
                 buffers["prefix_mean"].div_(self._prefix_counts(dev))
@@ -398,7 +407,10 @@ class Capturer:
         frames = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden, (frames[None, :] < lengths.to(hidden.device)[:, None]).to(mask.dtype)
 
-    def _generate(self, kwargs: dict, hidden: Tensor, enc_mask: Tensor, tgt_lang: str) -> Tensor:
+    def _generate(
+        self, kwargs: dict, hidden: Tensor, enc_mask: Tensor, tgt_lang: str
+    ) -> tuple[Tensor, DynamicCache | None]:
+        """The generated sequences, and the fast path's cross-attention cache (None for HF)."""
         if self.generator == "fast":
             from crossmodal.model import fastgen
 
@@ -409,7 +421,7 @@ class Capturer:
                 self.max_new_tokens,
                 encoder_outputs=(hidden, enc_mask),
             )
-            return out.sequences
+            return out.sequences, out.cross_cache if self.reuse_cross_kv else None
         out = self.model.generate(
             **kwargs,
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
@@ -419,20 +431,44 @@ class Capturer:
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
         )
-        return out.sequences
+        return out.sequences, None
 
-    def _replay(self, sequences: Tensor, hidden: Tensor, enc_mask: Tensor, rec: _Recorder) -> None:
-        """The one teacher-forced decoder pass, over the positions some step needs."""
+    def _replay(
+        self,
+        sequences: Tensor,
+        hidden: Tensor,
+        enc_mask: Tensor,
+        rec: _Recorder,
+        cross_cache: DynamicCache | None = None,
+    ) -> None:
+        """The one teacher-forced decoder pass, over the positions some step needs.
+
+        With ``cross_cache`` (the generation's cross-attention keys and values), the
+        cross-attention ``k_proj``/``v_proj`` do not run again: the cached projections go to
+        their hooks instead (the same tensors, laid out as the modules return them).
+        """
         width = min(sequences.shape[1] - 1, max(self.steps) + 1)
         rec.positions = rec.steps.clamp(max=width - 1)
         rec.bounds = [min(t, width - 1) + 1 for t in self.steps]
         rec.masks.sources["encoder_output"] = [enc_mask]
+        kwargs = {"use_cache": False}
+        if cross_cache is not None:
+            from crossmodal.model.fastgen import CACHE_KWARG
+
+            cache = EncoderDecoderCache(DynamicCache(), cross_cache)
+            kwargs = {"use_cache": True, CACHE_KWARG: cache}
         self.model.text_decoder(
             input_ids=sequences[:, :width],
             encoder_hidden_states=hidden,
             encoder_attention_mask=enc_mask,
-            use_cache=False,
+            **kwargs,
         )
+        if cross_cache is None:
+            return
+        for i, layer in enumerate(cross_cache.layers):
+            for proj, cached in (("k_proj", layer.keys), ("v_proj", layer.values)):
+                out = cached.transpose(1, 2).reshape(*cached.shape[::2], -1)  # [b, frame, hidden]
+                rec.feed(f"text_decoder.layers.{i}.cross_attention.{proj}", out)
 
     def _texts(self, tokens: list[list[int]]) -> list[str]:
         if self.loaded.processor is None:

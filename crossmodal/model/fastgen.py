@@ -79,12 +79,16 @@ class GreedyOutput:
         encoder_hidden_states: ``[batch, frame, hidden]`` encoder output the decoder attended to.
         encoder_attention_mask: ``[batch, frame]`` (subsampled for speech) or ``None``.
         steps_run: decoder calls made (>= ``sequences.shape[1] - 2`` when ``sync_every > 1``).
+        cross_cache: the decoder's cross-attention keys and values (``k_proj``/``v_proj`` of
+            the encoder output, per layer ``[batch, heads, frame, head_dim]``), computed once
+            at step 0; the capture's replay reuses them instead of projecting the frames again.
     """
 
     sequences: Tensor
     encoder_hidden_states: Tensor
     encoder_attention_mask: Tensor | None
     steps_run: int
+    cross_cache: DynamicCache | None = None
 
 
 def _unwrap(loaded_or_model: LoadedModel | SeamlessM4Tv2Model) -> SeamlessM4Tv2Model:
@@ -234,7 +238,7 @@ def greedy_generate(
     gc = model.generation_config
     eos = torch.tensor(eos_ids, device=dev)
     with torch.no_grad():
-        tokens, steps = _decode(
+        tokens, steps, cache = _decode(
             model,
             hidden,
             enc_mask,
@@ -247,7 +251,7 @@ def greedy_generate(
             sync_every=sync_every,
         )
         width = _trimmed_width(tokens, eos, max_new_tokens)
-    return GreedyOutput(tokens[:, :width].clone(), hidden, enc_mask, steps)
+    return GreedyOutput(tokens[:, :width].clone(), hidden, enc_mask, steps, cache)
 
 
 def _decode(
@@ -261,8 +265,9 @@ def _decode(
     max_new: int,
     min_new: int,
     sync_every: int,
-) -> tuple[Tensor, int]:
-    """The decode loop: ``tokens [batch, 2 + max_new]`` (pad after the last step run)."""
+) -> tuple[Tensor, int, DynamicCache]:
+    """The decode loop: ``tokens [batch, 2 + max_new]`` (pad after the last step run), the
+    steps run and the cross-attention cache."""
     batch = hidden.shape[0]
     dec, head = model.text_decoder, model.lm_head
     tokens = torch.full((batch, 2 + max_new), pad, dtype=torch.long, device=hidden.device)
@@ -288,9 +293,9 @@ def _decode(
         tokens[:, 2 + step] = nxt
         unfinished &= ~torch.isin(nxt, eos)
         if (step + 1) % sync_every == 0 and not bool(unfinished.any()):
-            return tokens, step + 1
+            return tokens, step + 1, cache.cross_attention_cache
         step_input = tokens[:, 2 + step : 3 + step]
-    return tokens, max_new
+    return tokens, max_new, cache.cross_attention_cache
 
 
 def _argmax(logits: Tensor) -> Tensor:
