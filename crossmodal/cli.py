@@ -429,27 +429,73 @@ def validate(configs: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
-@main.command(
-    context_settings={
-        "ignore_unknown_options": True,
-        "allow_extra_args": True,
-        "help_option_names": [],
-    },
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
+class _Parsed(click.ParamType):
+    """A :class:`~crossmodal.bench_config.BenchConfig` field's value from its flag's text."""
+
+    def __init__(self, kind: str) -> None:
+        from crossmodal.bench_config import _PARSE
+
+        self.name, self._parse = kind, _PARSE.get(kind, str)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except ValueError:
+            self.fail(
+                f"must be one of [{_METAVARS.get(self.name, self.name)}], got {value!r}", param, ctx
+            )
+
+
+_METAVARS = {
+    "int": "INT",
+    "int | None": "INT",
+    "float": "FLOAT",
+    "float | None": "FLOAT",
+    "bool": "true|false",
+    "tuple[int, ...]": "INT,...",
+    "tuple[str, ...]": "NAME,...",
+}
+"""How each kind of :class:`~crossmodal.bench_config.BenchConfig` field reads in --help."""
+
+
+def bench_options(fn: F) -> F:
+    """One ``--flag`` per :class:`~crossmodal.bench_config.BenchConfig` field (unset: the
+    field's default, or the CUDA default on a GPU), plus ``--out``."""
+    from dataclasses import fields
+
+    from crossmodal.bench_config import BenchConfig, _flag_help
+
+    for f in reversed(fields(BenchConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        meta = _METAVARS.get(kind, "TEXT")
+        fn = click.option(
+            flag, f.name, type=_Parsed(kind), metavar=meta, help=_flag_help(f.name, f.default)
+        )(fn)
+    return click.option("--out", default=None, help="Write the JSON result here.")(fn)
+
+
+@main.command(context_settings=CONTEXT)
+@bench_options
+def bench(out: str | None, **options: Any) -> None:
     """Throughput benchmark: bare generate vs capture+statistics vs the reference procedure.
 
-    Needs only torch, transformers and numpy; flags as ``python -m crossmodal.bench --help``.
+    For each (modality, batch size), on the same synthetic inputs: bare HF generate, the
+    fast greedy loop (with an identity check), capture plus statistics updates, the batch-1
+    reference procedure, and steering (a different forcing per row); once, the reducer over
+    synthetic statistics of the real size. Lists take commas (--batch-sizes 8,32), booleans
+    true/false. Needs only torch, transformers and numpy (also: python -m crossmodal.bench).
+    docs/benchmarks.md explains every column. On CUDA the defaults are the GPU check's.
 
     \b
     Example:
       crossmodal bench --model organism --modalities text --batch-sizes 8 --n-batches 1 --repeats 1 --reference-examples 1 --reducer false --out bench.json
     """
-    from crossmodal.bench import main as bench_main
+    from crossmodal.bench import bench as run_bench
 
-    raise SystemExit(bench_main(list(args)))
+    run_bench(out, **options)
 
 
 if __name__ == "__main__":

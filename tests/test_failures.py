@@ -193,6 +193,24 @@ def test_no_progress_reaches_the_actor_environment(monkeypatch) -> None:
     assert actor_env({}, progress=False)["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
 
 
+def test_quiet_environment_silences_every_bar_in_a_fresh_process() -> None:
+    """What an actor gets under ``--no-progress`` (:func:`actor_env`): plain tqdm bars, the
+    Hugging Face hub's and transformers' (``Loading weights``) all draw nothing."""
+    code = (
+        "from tqdm import tqdm\n"
+        "from huggingface_hub.utils import tqdm as hub_tqdm\n"
+        "from transformers.utils import logging\n"
+        "for bar in (tqdm, hub_tqdm, logging.tqdm):\n"
+        "    list(bar(range(3), desc='bar'))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in QUIET}
+    for progress in (True, False):
+        env = {**base, **actor_env(base, progress=progress)}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert (run.stderr.count("bar: 100%") == 3) is progress, run.stderr
+
+
 def test_jobs_are_described_by_name() -> None:
     pilot = PilotUnit("x2en", "speech", ((UNIT.condition, ("a",)),))
     cell = Cell("selected", "text", role="control", step=1, language="deu")

@@ -26,6 +26,7 @@ one-shot even though restarted processes count from 0.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,7 +198,11 @@ def reference(fault_raw) -> Path:
 
 
 @pytest.mark.integration
-def test_collector_killed_mid_unit_is_retried_once(fault_raw, reference, tmp_path, monkeypatch):
+def test_collector_killed_mid_unit_is_retried_once(
+    fault_raw, reference, tmp_path, monkeypatch, capfd
+):
+    """The killed actor's unit runs again on the restarted actor, the store equals a clean
+    one, and the driver says so in one line naming the unit (Ray keeps no cause for it)."""
     from crossmodal.collect.config import load_config
     from crossmodal.collect.driver import run_collect
     from crossmodal.store.verify import verify_store
@@ -212,6 +217,15 @@ def test_collector_killed_mid_unit_is_retried_once(fault_raw, reference, tmp_pat
     assert result["ran"] == result["work_units"] == 8
     _assert_same_store(reference, out)
     assert verify_store(out).ok
+    restarts = [
+        line
+        for line in capfd.readouterr().err.splitlines()
+        if "ran again on a restarted Collector actor" in line
+    ]
+    assert restarts, "no restart line"  # one per restart (a loaded machine may OOM-kill more)
+    named = r"warning: (work unit \d+ \(\w+/\w+/\w+/\d+\)|pilot \S+( \+ pilot \S+)*) ran again"
+    assert all(re.match(named, r) for r in restarts), restarts
+    assert any(r.startswith("warning: work unit ") for r in restarts), restarts  # the fault's
 
 
 def _collect_cmd(config: Path) -> list[str]:

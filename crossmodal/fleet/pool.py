@@ -229,8 +229,8 @@ class ActorFleet:
         return (
             f"warning: {describe_job(job)} ran again on a restarted {self.name} actor and "
             f"finished (restart {self.restarts[i]} of actors.max_restarts="
-            f"{self.spec.max_restarts}); Ray gives the driver no cause for a restart: see "
-            "its '(raylet)' line above"
+            f"{self.spec.max_restarts}); Ray gives the driver no cause for a restart (the "
+            "actor table keeps none): see Ray's '(raylet)' lines, e.g. an OOM kill"
         )
 
     def close(self) -> None:
