@@ -16,7 +16,8 @@ DECODER_UNITS_LARGE = 24 * 20_480 + 1024  # 492,544 (docs/method.md, "Units")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What one run measures (every field is a ``--flag`` of :func:`main`)."""
+    """What one run measures (every field is a ``--flag`` of ``crossmodal bench`` and of
+    ``python -m crossmodal.bench``)."""
 
     model: str = "organism"
     device: str = "cpu"

@@ -92,12 +92,12 @@ def no_progress_option(what: str = "bar") -> Callable[[F], F]:
         is_flag=True,
         expose_value=True,
         callback=_quiet,
-        help=f"No progress {what} (logs, CI); no model-loading bars in the actors either.",
+        help=f"No progress {what} (logs, CI); no progress bars in the actors either.",
     )
 
 
 def _quiet(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    """``--no-progress`` also silences the Hugging Face bars here and in every actor."""
+    """``--no-progress`` also silences the Hugging Face and tqdm bars here and in every actor."""
     if value:
         from crossmodal.fleet.session import quiet_progress
 
