@@ -159,8 +159,10 @@ class CaptureResult:
     n_ended: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rows = {t: self.valid[:, i].nonzero().flatten() for i, t in enumerate(self.steps)}
-        self.n_ended = {t: int((~self.valid[:, i]).sum()) for i, t in enumerate(self.steps)}
+        # one device -> host copy, not two syncs per step (nonzero and the count, on a GPU)
+        valid, dev = self.valid.cpu(), self.valid.device
+        self.rows = {t: valid[:, i].nonzero().flatten().to(dev) for i, t in enumerate(self.steps)}
+        self.n_ended = {t: int((~valid[:, i]).sum()) for i, t in enumerate(self.steps)}
 
     @cached_property
     def texts(self) -> list[str]:
