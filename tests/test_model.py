@@ -107,3 +107,23 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"on Tesla V100 \(no bf16") as err:
         resolve_dtype("bfloat16", torch.device("cuda"))
     assert "\n" not in str(err.value)
+
+
+def test_a_random_model_is_built_without_transformers_warnings() -> None:
+    """Building from a config made transformers warn about ``layer_idx`` in every actor of a
+    random-weight run (a line per actor in a run that should print none); the warning
+    level is restored afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers.utils import logging as l\n"
+        "from crossmodal.model.load import build_random_model\n"
+        "build_random_model('tiny')\n"
+        "print('verbosity', l.get_verbosity())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "layer_idx" not in out.stderr, out.stderr
+    assert "verbosity 30" in out.stdout  # WARNING, transformers' default, restored

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,12 +329,28 @@ def _random_generation_config(
     )
 
 
+@contextmanager
+def quiet_construction() -> Iterator[None]:
+    """Build a model from its config without transformers' construction warnings: a
+    SeamlessM4T v2 built from a config warns (at WARNING) that its decoder attention lacks
+    ``layer_idx``, a warning about code paths ``generate`` does not take; loading a
+    checkpoint does not print it, so a random-weight model's actors stay as quiet."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _random_model(
     config: SeamlessM4Tv2Config, seed: int, device: torch.device, dtype: torch.dtype
 ) -> SeamlessM4Tv2Model:
     """Weights drawn from ``seed``: the same on every call with the same config and device."""
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device), quiet_construction():
         return _prepare(SeamlessM4Tv2Model(config).to(dtype))
 
 

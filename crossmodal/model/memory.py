@@ -94,16 +94,12 @@ class ActorMemory:
 def n_parameters(config_json: str) -> int:
     """Parameters of the model a config describes, counted on the meta device."""
     from transformers import SeamlessM4Tv2Model
-    from transformers.utils import logging as hf_logging
+
+    from crossmodal.model.load import quiet_construction
 
     config = SeamlessM4Tv2Config.from_dict(json.loads(config_json))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            model = SeamlessM4Tv2Model(config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with torch.device("meta"), quiet_construction():
+        model = SeamlessM4Tv2Model(config)
     return sum(p.numel() for p in model.parameters())
 
 
