@@ -9,7 +9,7 @@ reads the selectivity of the collect store of the same pipeline.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from crossmodal.collect.config import CollectConfig, load_config
 from crossmodal.schemas import ConfigError, load_validated, read_file
 from crossmodal.steer.grid import SteerConfig, load_grid
+from crossmodal.store.location import StorageOptions
 from crossmodal.store.output_root import resolve_output
 
 
@@ -36,6 +37,7 @@ class PipelineConfig:
     report_format: str = "png"
     report_dpi: int = 150
     output_root: str | None = None
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
 
 
 STAGE_COMMANDS = {"collect": "crossmodal collect", "steer": "crossmodal steer"}
@@ -98,6 +100,10 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if root is not None:  # the pipeline's root wins over the stage configs' own
         collect = replace(collect, output_root=root)
         steer = replace(steer, output_root=root) if steer is not None else None
+    options = StorageOptions.of(raw["storage_options"])
+    if raw["storage_options"]:  # the pipeline's options win over the stage configs' own
+        collect = replace(collect, storage_options=options)
+        steer = replace(steer, storage_options=options) if steer is not None else None
     out = raw["report"]["out"]
     return PipelineConfig(
         collect=collect,
@@ -111,6 +117,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         report_format=raw["report"]["format"],
         report_dpi=int(raw["report"]["dpi"]),
         output_root=root,
+        storage_options=options if raw["storage_options"] else collect.storage_options,
     )
 
 
