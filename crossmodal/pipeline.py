@@ -18,7 +18,7 @@ import numpy as np
 from crossmodal.collect.config import CollectConfig, load_config
 from crossmodal.schemas import ConfigError, load_validated, read_file
 from crossmodal.steer.grid import SteerConfig, load_grid
-from crossmodal.store.location import StorageOptions
+from crossmodal.store.location import StorageOptions, zarr_store
 from crossmodal.store.output_root import resolve_output
 
 
@@ -196,7 +196,7 @@ def _manifest_parts(store: Path) -> list[Mapping[str, Any]]:
 
     from crossmodal.store.layout import manifest
 
-    return list(manifest(zarr.open_group(str(store), mode="r"))["parts"].values())
+    return list(manifest(zarr.open_group(zarr_store(store), mode="r"))["parts"].values())
 
 
 def steering_headline(summary: Any) -> dict[str, float]:

@@ -16,6 +16,8 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crossmodal.store.location import zarr_store
+
 if TYPE_CHECKING:
     from crossmodal.store.results import Results
 
@@ -59,7 +61,7 @@ def write_store_report(
 
     from crossmodal.store.collect_store import skipped_examples
 
-    skipped = skipped_examples(zarr.open_group(str(res.path), mode="r"))
+    skipped = skipped_examples(zarr.open_group(zarr_store(res.path), mode="r"))
     paths = write_report(
         ds,
         dest,

@@ -17,6 +17,8 @@ again there.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -69,3 +71,202 @@ def scheme(output: Any) -> str | None:
 
 def is_url(output: Any) -> bool:
     return scheme(output) is not None
+
+
+class LocationError(ValueError):
+    """An output URL that cannot be used: unsupported scheme, unreachable endpoint, missing
+    bucket, denied credentials (one line naming the value and the fix)."""
+
+
+_OPTIONS: dict[str, StorageOptions] = {}
+"""``s3://bucket`` -> the options registered for it in this process (:func:`register`)."""
+OPTIONS_ENV = "CROSSMODAL_STORAGE_OPTIONS"
+"""The registered options as JSON (``{"s3://bucket": {...}}``): set by :func:`register` in
+the driver's environment and forwarded to every Ray actor and task (fleet/session.py), which
+read them back in :func:`options_for`. Endpoint, region and anon only: never credentials."""
+
+
+def _bucket(url: str) -> str:
+    """``s3://bucket/key...`` -> ``s3://bucket``."""
+    m = URL.match(url)
+    rest = url[m.end() :] if m else url
+    return f"{m.group(1).lower() if m else ''}://{rest.split('/', 1)[0]}"
+
+
+def register(output: Any, options: Mapping[str, Any] | StorageOptions | None) -> None:
+    """Remember ``options`` for the bucket of URL ``output`` (a local path: nothing), so every
+    later :func:`upath` / :func:`zarr_store` of a path under it uses them."""
+    if is_url(output):
+        check_scheme(str(output))
+        _OPTIONS[_bucket(str(output))] = StorageOptions.of(options)
+        shared = {k: v.to_dict() for k, v in _OPTIONS.items()}
+        os.environ[OPTIONS_ENV] = json.dumps(shared, sort_keys=True)
+
+
+def options_for(output: Any) -> StorageOptions:
+    """The options registered for ``output``'s bucket in this process, else in
+    :data:`OPTIONS_ENV` (a Ray worker), else defaults (the provider chain alone)."""
+    bucket = _bucket(str(output))
+    if bucket in _OPTIONS:
+        return _OPTIONS[bucket]
+    shared = json.loads(os.environ.get(OPTIONS_ENV) or "{}")
+    return StorageOptions.of(shared.get(bucket))
+
+
+def check_scheme(output: str) -> None:
+    """Raises :class:`LocationError` for a URL scheme outputs cannot use."""
+    found = scheme(output)
+    if found is not None and found not in SUPPORTED:
+        raise LocationError(
+            f"output must be one of [a local path, an s3:// URL], got {output!r} (scheme "
+            f"{found}:// is not supported); write to s3:// (an S3-compatible service: "
+            "storage_options.endpoint_url) or to a local or shared path"
+        )
+
+
+def fs_kwargs(output: Any) -> dict[str, Any]:
+    """s3fs keyword arguments for ``output``: the registered options, and no listings cache
+    (other processes write the same prefixes: a cached listing would hide their objects)."""
+    return {**options_for(output).fsspec(), "use_listings_cache": False}
+
+
+def upath(output: Any) -> Any:
+    """``output`` as a path object: :class:`pathlib.Path` for a local path (as before), an
+    s3fs-backed :class:`upath.UPath` for an ``s3://`` URL (same API: ``/``, ``open``,
+    ``exists``, ``glob``, ``read_text``...)."""
+    from pathlib import Path
+
+    if not is_url(output):
+        return Path(output)
+    check_scheme(str(output))
+    from upath import UPath
+
+    return UPath(str(output), **fs_kwargs(output))
+
+
+def zarr_store(output: Any, *, read_only: bool = False) -> Any:
+    """What ``zarr.open_group`` opens for the store at ``output``: its path string for a
+    local store (Zarr's ``LocalStore``), a :class:`zarr.storage.FsspecStore` for a URL."""
+    if not is_url(output):
+        return str(output)
+    check_scheme(str(output))
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(str(output), storage_options=fs_kwargs(output), read_only=read_only)
+
+
+def as_str(output: Any) -> str:
+    """The canonical string of a path or URL (a UPath's URL keeps its ``s3://``)."""
+    return str(output)
+
+
+def resolve(output: Any) -> str:
+    """A local path made absolute (symlinks resolved, as before); a URL as it is."""
+    from pathlib import Path
+
+    return str(output) if is_url(output) else str(Path(output).resolve())
+
+
+def write_whole(path: Any, write: Any) -> None:
+    """Write a file whole: ``write(target)`` writes it to a local path. Local: to a temporary
+    name beside ``path``, then an atomic rename. URL: to memory, then ONE object PUT, so a
+    killed writer leaves the old object or the new one, never half of one."""
+    import os
+    import tempfile
+
+    if not is_url(path):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write(tmp)
+        os.replace(tmp, path)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        from pathlib import Path
+
+        local = Path(d) / path.name
+        write(local)
+        path.write_bytes(local.read_bytes())  # one put_object (s3fs pipe)
+
+
+def is_local(output: Any) -> bool:
+    return not is_url(output)
+
+
+def split(output: Any) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    m = URL.match(str(output))
+    rest = str(output)[m.end() :] if m else str(output)
+    bucket, _, key = rest.partition("/")
+    return bucket, key.strip("/")
+
+
+def s3_client(output: Any) -> Any:
+    """A plain (synchronous) botocore S3 client with ``output``'s registered options and the
+    environment's credentials: for the lock's conditional writes and the up-front checks."""
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    opts = options_for(output)
+    config = Config(
+        signature_version=UNSIGNED if opts.anon else None,
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=30,
+    )
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=config
+    )
+
+
+def error_code(err: Exception) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``PreconditionFailed``, ``404``...)."""
+    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def check_reachable(output: Any, *, write: bool = True) -> None:
+    """For a URL: the endpoint answers, the bucket exists, the credentials may list it (and
+    write it, when ``write``); each failure one :class:`LocationError` line naming the value
+    and the fix, before any actor starts. A local path: nothing to check."""
+    if not is_url(output):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, key = split(output)
+    client, where = s3_client(output), _endpoint(output)
+    try:
+        client.head_bucket(Bucket=bucket)
+        if write:  # a HEAD passes with read-only credentials: try a tiny write too
+            probe = f"{key}/.crossmodal-write-check" if key else ".crossmodal-write-check"
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+    except NoCredentialsError:
+        raise LocationError(_credentials_line(output, "none found")) from None
+    except ClientError as err:
+        code = error_code(err)
+        if code in ("404", "NoSuchBucket"):
+            raise LocationError(
+                f"output bucket must exist, got {bucket!r} at {where} (no such bucket); "
+                "create it first (aws s3 mb s3://" + bucket + ") or fix the URL"
+            ) from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise LocationError(_credentials_line(output, f"denied ({code})")) from None
+        raise LocationError(f"output {str(output)!r} at {where}: {err}; check it") from None
+    except BotoCoreError as err:  # EndpointConnectionError, timeouts, bad URL
+        raise LocationError(
+            f"storage_options.endpoint_url must be a reachable S3 endpoint, got {where} "
+            f"({type(err).__name__}); start the service or fix endpoint_url (or AWS_ENDPOINT_URL)"
+        ) from None
+
+
+def _endpoint(output: Any) -> str:
+    opts = options_for(output)
+    return repr(opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+
+
+def _credentials_line(output: Any, what: str) -> str:
+    return (
+        f"credentials for {str(output)!r} must allow reading and writing it, got {what}; set "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance or pod role) "
+        "to credentials with s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject on it"
+    )
