@@ -17,6 +17,7 @@ again there.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -125,9 +126,11 @@ def check_scheme(output: str) -> None:
 
 
 def fs_kwargs(output: Any) -> dict[str, Any]:
-    """s3fs keyword arguments for ``output``: the registered options, and no listings cache
-    (other processes write the same prefixes: a cached listing would hide their objects)."""
-    return {**options_for(output).fsspec(), "use_listings_cache": False}
+    """s3fs keyword arguments for ``output``: the registered options, no listings cache
+    (other processes write the same prefixes: a cached listing would hide their objects),
+    and one request per read (``max_concurrency=1``: s3fs otherwise sends a HEAD before
+    every GET to size it; Zarr's chunks and shards are far below its 50 MB split size)."""
+    return {**options_for(output).fsspec(), "use_listings_cache": False, "max_concurrency": 1}
 
 
 def upath(output: Any) -> Any:
@@ -146,13 +149,38 @@ def upath(output: Any) -> Any:
 
 def zarr_store(output: Any, *, read_only: bool = False) -> Any:
     """What ``zarr.open_group`` opens for the store at ``output``: its path string for a
-    local store (Zarr's ``LocalStore``), a :class:`zarr.storage.FsspecStore` for a URL."""
+    local store (Zarr's ``LocalStore``), a :class:`zarr.storage.FsspecStore` for a URL; an
+    already opened Zarr store as it is."""
+    from zarr.abc.store import Store
+
+    if isinstance(output, Store):
+        return output
     if not is_url(output):
         return str(output)
     check_scheme(str(output))
+    key_store = _key_store_class()
+    return key_store.from_url(str(output), storage_options=fs_kwargs(output), read_only=read_only)
+
+
+@functools.cache
+def _key_store_class() -> type:
     from zarr.storage import FsspecStore
 
-    return FsspecStore.from_url(str(output), storage_options=fs_kwargs(output), read_only=read_only)
+    class KeyStore(FsspecStore):
+        """FsspecStore whose ``exists`` is one HEAD: a Zarr key is an object, never a
+        "directory", so s3fs's LIST fallback after a 404 (for prefixes) is never needed."""
+
+        async def exists(self, key: str) -> bool:
+            if not key:
+                return bool(await self.fs._exists(self.path))
+            bucket, name, _ = self.fs.split_path(f"{self.path}/{key}")
+            try:  # s3fs maps a 404 to FileNotFoundError; other errors pass up
+                await self.fs._call_s3("head_object", Bucket=bucket, Key=name)
+            except FileNotFoundError:
+                return False
+            return True
+
+    return KeyStore
 
 
 def as_str(output: Any) -> str:

@@ -321,7 +321,7 @@ class ObjectLock:
         held, lease = _parse(text), _lease_of(text, self.lease)
         server_now = _server_time(got)
         age = (server_now - got["LastModified"]).total_seconds()
-        if age < lease:
+        if age < lease + 1:  # HTTP dates count whole seconds: one second of margin
             raise LockError(_busy_line(self.output, held, "is locked"))
         try:
             self._etag = self._put(IfMatch=got["ETag"])
