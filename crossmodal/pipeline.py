@@ -18,7 +18,7 @@ import numpy as np
 from crossmodal.collect.config import CollectConfig, load_config
 from crossmodal.schemas import ConfigError, load_validated, read_file
 from crossmodal.steer.grid import SteerConfig, load_grid
-from crossmodal.store.location import StorageOptions, zarr_store
+from crossmodal.store.location import StorageOptions, register, upath, zarr_store
 from crossmodal.store.output_root import resolve_output
 
 
@@ -101,7 +101,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         collect = replace(collect, output_root=root)
         steer = replace(steer, output_root=root) if steer is not None else None
     options = StorageOptions.of(raw["storage_options"])
-    if raw["storage_options"]:  # the pipeline's options win over the stage configs' own
+    given = options != StorageOptions()  # (the schema's defaults fill every field)
+    if given:  # the pipeline's options win over the stage configs' own
         collect = replace(collect, storage_options=options)
         steer = replace(steer, storage_options=options) if steer is not None else None
     out = raw["report"]["out"]
@@ -112,12 +113,12 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         steer_path=steer_path,
         k=int(raw["reduce"]["k"]),
         scopes=tuple(raw["reduce"]["scopes"]),
-        report_out=Path(out) if out else None,
+        report_out=upath(out) if out else None,
         csv=bool(raw["reduce"]["csv"]),
         report_format=raw["report"]["format"],
         report_dpi=int(raw["report"]["dpi"]),
         output_root=root,
-        storage_options=options if raw["storage_options"] else collect.storage_options,
+        storage_options=options if given else collect.storage_options,
     )
 
 
@@ -139,9 +140,10 @@ def run_pipeline(
     from crossmodal.store import results
 
     stage = {"address": address, "progress": progress, "echo": echo}
+    _check_report_out(config)
     echo("== collect ==")
     collected = run_collect(config.collect, source=str(config.collect_path), **stage)
-    store = Path(collected["store"])
+    store = upath(collected["store"])
     echo("== reduce ==")
     run_reduce(store, k=config.k, scopes=config.scopes, csv=config.csv, **stage)
     steer_out = None
@@ -151,7 +153,7 @@ def run_pipeline(
         steer_out = Path(run_steer(grid, **stage)["output"])
     echo("== report ==")
     res = results.open(store)
-    out = config.report_out and Path(resolve_output(str(config.report_out), config.output_root))
+    out = config.report_out and upath(resolve_output(str(config.report_out), config.output_root))
     paths = res.report(out, fmt=config.report_format, dpi=config.report_dpi)
     report_dir = paths[0].parent if paths else out
     return {
@@ -160,6 +162,17 @@ def run_pipeline(
         "steer": str(steer_out),
         "headline": headline_numbers(res, steer_out),
     }
+
+
+def _check_report_out(config: PipelineConfig) -> None:
+    """A URL ``report.out``: registered with the pipeline's storage options and checked
+    (endpoint, bucket, credentials) before any stage starts."""
+    from crossmodal.store.location import check_reachable
+
+    if config.report_out is not None:
+        out = resolve_output(str(config.report_out), config.output_root)
+        register(out, config.storage_options)
+        check_reachable(out)
 
 
 def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:

@@ -167,3 +167,18 @@ def test_storage_options_validated_unhashed_and_never_credentials():
     secret = {"storage_options": {"aws_secret_access_key": "x", "endpoint_url": "ftp://h"}}
     errors = validate({**FLEURS, **secret})
     assert len(errors) == 2 and all(e.startswith("storage_options") for e in errors), errors
+
+
+def test_pipeline_storage_options_override_the_stage_configs(tmp_path):
+    from crossmodal.pipeline import load_pipeline
+
+    stage = {**FLEURS, "output": "s3://b/c.zarr", "storage_options": {"region": "eu-west-1"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(stage))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"collect": "c.yaml"}))
+    assert load_pipeline(tmp_path / "p.yaml").collect.storage_options.region == "eu-west-1"
+    assert load_pipeline(tmp_path / "p.yaml").storage_options.region == "eu-west-1"
+    pipe = {"collect": "c.yaml", "storage_options": {"endpoint_url": "http://h:9000"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipe))
+    loaded = load_pipeline(tmp_path / "p.yaml")
+    assert loaded.collect.storage_options.endpoint_url == "http://h:9000"
+    assert loaded.collect.storage_options.region is None

@@ -131,3 +131,16 @@ def test_open_zarr_on_the_url_gives_labelled_arrays(s3, url):
     assert got["ap"].dims == ("unit", "language")
     assert [str(v) for v in got["language"].values] == ["eng", "deu"]
     np.testing.assert_array_equal(got["ap"].sel(unit=11).values, [2.0, 3.0])
+
+
+def test_reduce_cli_takes_a_store_url_and_checks_it_first(s3, monkeypatch):
+    from click.testing import CliRunner
+
+    from crossmodal.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # the CLI's endpoint: the AWS chain
+    monkeypatch.delenv(location.OPTIONS_ENV, raising=False)
+    result = CliRunner().invoke(main, ["reduce", "s3://no-bucket-cli/x.zarr"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "output bucket must exist, got 'no-bucket-cli'" in lines[0]

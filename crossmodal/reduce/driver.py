@@ -76,8 +76,8 @@ from crossmodal.reduce.sets import (
 from crossmodal.reduce.stability import example_halves
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
-from crossmodal.store.location import resolve, upath, zarr_store
-from crossmodal.store.lock import OutputLock
+from crossmodal.store.location import check_reachable, is_url, resolve, upath, zarr_store
+from crossmodal.store.lock import output_lock
 from crossmodal.store.names import (
     MANIFEST,
     PLAN,
@@ -232,8 +232,9 @@ def run_reduce(
     start, path = time.time(), resolve(store)
     check_k(k)
     _check_scopes(scopes)
+    check_reachable(path)  # a URL: endpoint, bucket, credentials, one line each
     root = open_reducible(path)
-    with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
+    with output_lock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
         job.decide_every_unit(every_unit_budget)
         with RaySession(address) as session:
@@ -308,7 +309,9 @@ class ReduceJob:
         examples = sum(len(w["ids"]) for w in plan)
         slots = len(self.config.steps) * len(self.config.poolings)
         need = every_unit_bytes(examples, units, slots)
-        self.every_unit = fits_every_unit(need, shutil.disk_usage(self.path).free, budget)
+        local = not is_url(self.path)  # object storage: no disk to fill, the budget alone
+        free = shutil.disk_usage(self.path).free if local else 2 * need
+        self.every_unit = fits_every_unit(need, free, budget)
         self.params["every_unit"] = self.every_unit
 
     def _expand(self, scopes: Sequence[str]) -> list[str]:

@@ -27,7 +27,7 @@ from crossmodal.reduce.overlap import overlap, spearman_matrix
 from crossmodal.reduce.roles import ROLE_TASKS, roles
 from crossmodal.reduce.selection import finalize_selection, parse_scope, write_csv
 from crossmodal.store.datasets import write_dataset
-from crossmodal.store.location import upath, write_whole
+from crossmodal.store.location import is_url, upath, write_whole
 from crossmodal.store.names import overlap_group, roles_group
 
 _CSV_STATS = ["ap", "on_p50", "on_p90", "off_mean"]
@@ -144,7 +144,10 @@ def write_sets_table(table: pd.DataFrame, path: Path, metadata: Mapping[str, str
 def clear_csvs(dest: Path) -> None:
     """Remove a family's CSV folder: the sets pass rewrites it whole (or not at all)."""
     if dest.is_dir():
-        shutil.rmtree(dest)
+        if is_url(dest):
+            dest.fs.rm(dest.path, recursive=True)
+        else:
+            shutil.rmtree(dest)
 
 
 def final_sets(

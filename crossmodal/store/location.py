@@ -298,3 +298,41 @@ def _credentials_line(output: Any, what: str) -> str:
         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance or pod role) "
         "to credentials with s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject on it"
     )
+
+
+def read_parquet(path: Any) -> Any:
+    """``pd.read_parquet`` of a file or a folder of files; a URL is read whole into memory
+    (each Parquet file of this project is one small table: sets, steering summaries)."""
+    import io
+
+    import pandas as pd
+
+    if not is_url(path):
+        return pd.read_parquet(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith(".parquet"))
+        return pd.concat([read_parquet(p) for p in files], ignore_index=True)
+    return pd.read_parquet(io.BytesIO(path.read_bytes()))
+
+
+def upload_tree(local: Any, dest: Any) -> list[Any]:
+    """Copy every file under the local folder ``local`` to ``dest`` (a URL), one whole PUT
+    each; the destination paths, in the order of the local files."""
+    out = []
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        target = dest.joinpath(*file.relative_to(local).parts)
+        target.write_bytes(file.read_bytes())
+        out.append(target)
+    return out
+
+
+def refuse_url_output(output: Any) -> None:
+    """Steering results go to a local or shared path only (the steer stage writes its part
+    files, tables and grid through local paths): a URL is refused in one line, before any
+    actor starts."""
+    if is_url(output):
+        raise LocationError(
+            f"steer output must be one of [a local path, a shared volume], got {str(output)!r}; "
+            "write steering results to a local or shared path (the collect store it reads "
+            "may stay on s3://)"
+        )

@@ -51,7 +51,7 @@ import xarray as xr
 import zarr
 
 from crossmodal.store.datasets import read_dataset
-from crossmodal.store.location import upath, zarr_store
+from crossmodal.store.location import read_parquet, upath, zarr_store
 from crossmodal.store.names import (
     CONCENTRATION,
     OVERLAP_KINDS,
@@ -164,7 +164,7 @@ class Results:
                 f"sets table must be one of [present], got none at {str(path)!r}; run "
                 f"`crossmodal reduce {self.path}`"
             )
-        return pd.read_parquet(path)
+        return read_parquet(path)
 
     def roles(
         self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
