@@ -144,3 +144,10 @@ def test_reduce_cli_takes_a_store_url_and_checks_it_first(s3, monkeypatch):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "output bucket must exist, got 'no-bucket-cli'" in lines[0]
+
+
+def test_steering_output_on_a_url_is_refused_in_one_line():
+    with pytest.raises(LocationError) as err:
+        location.refuse_url_output("s3://bucket/steer")
+    assert str(err.value).startswith("steer output must be one of [a local path, a shared volume]")
+    location.refuse_url_output("results/steer")  # a local path passes

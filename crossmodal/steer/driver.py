@@ -46,7 +46,7 @@ from crossmodal.steer.grid import Cell, SteerConfig, expand, tasks
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, done_cells, read_parts
 from crossmodal.steer.source import check_grid_values, check_sets, selectivity_digest
 from crossmodal.steer.worker import SteerWorker, open_selectivity
-from crossmodal.store.location import refuse_url_output, zarr_store
+from crossmodal.store.location import refuse_url_output, register, zarr_store
 from crossmodal.store.lock import OutputLock
 from crossmodal.store.output_root import resolve_output
 
@@ -237,6 +237,7 @@ def run_steer(
     """
     config = resolve_outputs(config)
     refuse_url_output(config.output)
+    register(config.selectivity.path, config.storage_options)
     out = Path(config.output)
     with OutputLock(out, "steer", echo=echo):  # one writer per output (lock.py)
         return _steer(config, out, address=address, show_progress=progress, echo=echo)
