@@ -28,7 +28,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 config_argument = click.argument("config", type=click.Path(exists=True, dir_okay=False))
-store_argument = click.argument("store", type=click.Path(exists=True, file_okay=False))
+
+
+class StorePath(click.Path):
+    """A store: an existing local directory, or an ``s3://`` URL (checked by the command)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from crossmodal.store.location import is_url
+
+        return str(value) if is_url(value) else super().convert(value, param, ctx)
+
+
+store_argument = click.argument("store", type=StorePath(exists=True, file_okay=False))
 address_option = click.option(
     "--address",
     default=None,

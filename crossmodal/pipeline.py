@@ -9,7 +9,7 @@ reads the selectivity of the collect store of the same pipeline.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from crossmodal.collect.config import CollectConfig, load_config
 from crossmodal.schemas import ConfigError, load_validated, read_file
 from crossmodal.steer.grid import SteerConfig, load_grid
+from crossmodal.store.location import StorageOptions, register, upath, zarr_store
 from crossmodal.store.output_root import resolve_output
 
 
@@ -36,6 +37,7 @@ class PipelineConfig:
     report_format: str = "png"
     report_dpi: int = 150
     output_root: str | None = None
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
 
 
 STAGE_COMMANDS = {"collect": "crossmodal collect", "steer": "crossmodal steer"}
@@ -98,6 +100,11 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if root is not None:  # the pipeline's root wins over the stage configs' own
         collect = replace(collect, output_root=root)
         steer = replace(steer, output_root=root) if steer is not None else None
+    options = StorageOptions.of(raw["storage_options"])
+    given = options != StorageOptions()  # (the schema's defaults fill every field)
+    if given:  # the pipeline's options win over the stage configs' own
+        collect = replace(collect, storage_options=options)
+        steer = replace(steer, storage_options=options) if steer is not None else None
     out = raw["report"]["out"]
     return PipelineConfig(
         collect=collect,
@@ -106,11 +113,12 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         steer_path=steer_path,
         k=int(raw["reduce"]["k"]),
         scopes=tuple(raw["reduce"]["scopes"]),
-        report_out=Path(out) if out else None,
+        report_out=upath(out) if out else None,
         csv=bool(raw["reduce"]["csv"]),
         report_format=raw["report"]["format"],
         report_dpi=int(raw["report"]["dpi"]),
         output_root=root,
+        storage_options=options if given else collect.storage_options,
     )
 
 
@@ -132,9 +140,10 @@ def run_pipeline(
     from crossmodal.store import results
 
     stage = {"address": address, "progress": progress, "echo": echo}
+    _check_report_out(config)
     echo("== collect ==")
     collected = run_collect(config.collect, source=str(config.collect_path), **stage)
-    store = Path(collected["store"])
+    store = upath(collected["store"])
     echo("== reduce ==")
     run_reduce(store, k=config.k, scopes=config.scopes, csv=config.csv, **stage)
     steer_out = None
@@ -144,7 +153,7 @@ def run_pipeline(
         steer_out = Path(run_steer(grid, **stage)["output"])
     echo("== report ==")
     res = results.open(store)
-    out = config.report_out and Path(resolve_output(str(config.report_out), config.output_root))
+    out = config.report_out and upath(resolve_output(str(config.report_out), config.output_root))
     paths = res.report(out, fmt=config.report_format, dpi=config.report_dpi)
     report_dir = paths[0].parent if paths else out
     return {
@@ -153,6 +162,17 @@ def run_pipeline(
         "steer": str(steer_out),
         "headline": headline_numbers(res, steer_out),
     }
+
+
+def _check_report_out(config: PipelineConfig) -> None:
+    """A URL ``report.out``: registered with the pipeline's storage options and checked
+    (endpoint, bucket, credentials) before any stage starts."""
+    from crossmodal.store.location import check_reachable
+
+    if config.report_out is not None:
+        out = resolve_output(str(config.report_out), config.output_root)
+        register(out, config.storage_options)
+        check_reachable(out)
 
 
 def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:
@@ -189,7 +209,7 @@ def _manifest_parts(store: Path) -> list[Mapping[str, Any]]:
 
     from crossmodal.store.layout import manifest
 
-    return list(manifest(zarr.open_group(str(store), mode="r"))["parts"].values())
+    return list(manifest(zarr.open_group(zarr_store(store), mode="r"))["parts"].values())
 
 
 def steering_headline(summary: Any) -> dict[str, float]:

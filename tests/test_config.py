@@ -151,3 +151,34 @@ def test_files_yaml_json_and_bad_syntax(tmp_path):
     assert validate_file(tmp_path / "list.yaml") == [
         "(top level): must be of type object, got [1]; fix the value"
     ]
+
+
+def test_storage_options_validated_unhashed_and_never_credentials():
+    opts = {"endpoint_url": "http://127.0.0.1:9000", "region": "us-east-1"}
+    config = load_config({**FLEURS, "output": "s3://bucket/x.zarr", "storage_options": opts})
+    assert config.storage_options.endpoint_url == "http://127.0.0.1:9000"
+    assert config.storage_options.fsspec() == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    assert config.hash() == load_config(FLEURS).hash()
+    assert from_dict(config.to_dict()) == config
+    assert "storage_options" not in load_config(FLEURS).to_dict()  # local attrs unchanged
+    secret = {"storage_options": {"aws_secret_access_key": "x", "endpoint_url": "ftp://h"}}
+    errors = validate({**FLEURS, **secret})
+    assert len(errors) == 2 and all(e.startswith("storage_options") for e in errors), errors
+
+
+def test_pipeline_storage_options_override_the_stage_configs(tmp_path):
+    from crossmodal.pipeline import load_pipeline
+
+    stage = {**FLEURS, "output": "s3://b/c.zarr", "storage_options": {"region": "eu-west-1"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(stage))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"collect": "c.yaml"}))
+    assert load_pipeline(tmp_path / "p.yaml").collect.storage_options.region == "eu-west-1"
+    assert load_pipeline(tmp_path / "p.yaml").storage_options.region == "eu-west-1"
+    pipe = {"collect": "c.yaml", "storage_options": {"endpoint_url": "http://h:9000"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipe))
+    loaded = load_pipeline(tmp_path / "p.yaml")
+    assert loaded.collect.storage_options.endpoint_url == "http://h:9000"
+    assert loaded.collect.storage_options.region is None

@@ -43,6 +43,7 @@ from crossmodal.store.layout import (
     write_edges,
     write_part,
 )
+from crossmodal.store.location import zarr_store
 
 Cell = tuple[int, str]
 """A (step, pooling) pair: one value per example and unit."""
@@ -227,7 +228,9 @@ class Collector:
         start, cond = time.time(), unit.condition
         families = self._families(cond.modality)
         stats = self._empty_stats(families, cond.task, cond.modality)
-        collected = has_concentration(zarr.open_group(self.store, mode="r"))  # older stores: no
+        collected = has_concentration(
+            zarr.open_group(zarr_store(self.store), mode="r")
+        )  # older stores: no
         gini = self._empty_gini() if collected and self.conc_family else None
         records, skipped = self.load_records(cond.source, cond.modality, unit.example_ids)
         n_rows, n_ended = [0] * len(self.config.steps), [0] * len(self.config.steps)

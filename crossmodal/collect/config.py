@@ -6,7 +6,7 @@ and semantic checks alike, one line each, ``<path>: <problem>; <fix>``), fills t
 defaults and returns a :class:`CollectConfig`. Nothing past this module sees a raw dict.
 
 The config hash (:meth:`CollectConfig.hash`) covers every field that changes the numbers in
-the store; ``output``, ``output_root`` and ``actors`` are left out, so a run can be resumed from another path
+the store; ``output``, ``output_root``, ``storage_options`` and ``actors`` are left out, so a run can be resumed from another path
 copy or with more (or fewer) actors.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ from crossmodal.data.languages import (
 )
 from crossmodal.model.units import resolve_families
 from crossmodal.schemas import load_validated, validate_against
+from crossmodal.store.location import StorageOptions
 
 ORGANISM_SOURCE = "organism"
 FLEURS_SOURCES = ("fleurs_raw", "fleurs_parquet")
-_UNHASHED = ("output", "output_root", "actors")
+_UNHASHED = ("output", "output_root", "storage_options", "actors")
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,15 @@ class CollectConfig:
     actors: ActorsConfig
     speech_last_frame: str = "drop"
     output_root: str | None = None
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data (tuples become lists); round-trips through :func:`from_dict`."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready plain data (tuples become lists); round-trips through :func:`from_dict`.
+        Default ``storage_options`` are left out (a local store's attrs stay as before)."""
+        out = json.loads(json.dumps(asdict(self)))
+        if self.storage_options == StorageOptions():
+            del out["storage_options"]
+        return out
 
     def hash(self) -> str:
         """sha256 of the fields that determine the store's numbers (not output, not actors)."""
@@ -153,6 +159,7 @@ def from_dict(values: Mapping[str, Any]) -> CollectConfig:
         actors=ActorsConfig(**v["actors"]),
         speech_last_frame=v.get("speech_last_frame", "drop"),
         output_root=v.get("output_root"),
+        storage_options=StorageOptions.of(v.get("storage_options")),
     )
 
 

@@ -39,7 +39,8 @@ from crossmodal.store import names
 from crossmodal.store.collect_store import CollectStore, now, skipped_examples
 from crossmodal.store.integrity import repairable, scan
 from crossmodal.store.layout import StoreError
-from crossmodal.store.lock import OutputLock
+from crossmodal.store.location import check_reachable, is_local, register, resolve, upath
+from crossmodal.store.lock import output_lock
 from crossmodal.store.output_root import resolve_output
 
 __all__ = ["BOUNDARIES", "Collector", "collect_file", "run_collect"]
@@ -197,11 +198,12 @@ def run_collect(
     """
     start = time.time()
     config = config.with_output(resolve_output(config.output, config.output_root))
+    register(config.output, config.storage_options)  # an s3:// output: its endpoint, region
     plan = build_plan(config)
     index = unit_index(config)
     echo(format_plan(plan, family_sizes(index), source))
     out = {
-        "store": str(Path(config.output).resolve()),
+        "store": resolve(config.output),
         "plan_hash": plan.hash,
         "ran": 0,
         "work_units": len(plan.work_units),
@@ -215,15 +217,16 @@ def run_collect(
             f"data.path must be one of [an existing dataset directory], got "
             f"{config.data.path!r}; only --dry-run works without the data"
         )
-    store = Path(out["store"])
+    store = upath(out["store"])
     _check_before_actors(config, plan, index)
+    check_reachable(store)  # a URL: endpoint, bucket, credentials, one line each
     need = sum(s.compressed for s in estimate_size(plan, family_sizes(index)))
-    if not (store / "zarr.json").is_file():  # a new store: checked before anything is written
+    if is_local(store) and not (store / "zarr.json").is_file():  # new store: before any write
         _check_disk(store, need)
     run = _Run(config, plan, store, out, start=start, echo=echo, progress=progress)
     with (
         disk_need(need, "the plan's compressed estimate of the whole store"),
-        OutputLock(store, "collect", echo=echo),  # one writer per store (store/lock.py)
+        output_lock(store, "collect", echo=echo),  # one writer per store (store/lock.py)
     ):
         return _collect(run, index, address)
 

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ENV = "CROSSMODAL_FAULT"
 DIR_ENV = "CROSSMODAL_FAULT_DIR"
@@ -159,8 +160,7 @@ class FaultPoint:
         armed = [f for f in parse(environ.get(ENV, "")) if f.role == role]
         self.fault = armed[0] if armed else None
         self.count = 0
-        out = Path(output)
-        self.marker_dir = Path(environ.get(DIR_ENV) or out.with_name(out.name + ".faults"))
+        self.marker_dir = Path(environ.get(DIR_ENV) or _beside(output))
         self._kill = kill or _kill
 
     @property
@@ -235,3 +235,16 @@ def node_view(path: str | Path, environ: Mapping[str, str] | None = None) -> Pat
     environ = os.environ if environ is None else environ
     root, p = environ.get(NODE_ROOT_ENV), Path(path)
     return Path(root, *p.parts[1:]) if root and p.is_absolute() else p
+
+
+def _beside(output: Any) -> Path:
+    """``<output>.faults`` beside a local output; for a URL (``s3://b/x``), a local folder
+    named after it in the temporary directory (markers are plain files on this host)."""
+    text = str(output)
+    if "://" in text:
+        import tempfile
+
+        name = text.replace("://", "_").replace("/", "_")
+        return Path(tempfile.gettempdir(), "crossmodal-faults", name + ".faults")
+    out = Path(output)
+    return out.with_name(out.name + ".faults")

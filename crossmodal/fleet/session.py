@@ -26,13 +26,14 @@ from types import ModuleType
 from typing import Any
 
 from crossmodal.fleet.faults import ENV_VARS as FAULT_VARS
+from crossmodal.store.location import OPTIONS_ENV
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 """What ``--no-progress`` sets: no Hugging Face / transformers bars (``Loading weights``)
 and no other tqdm bar (tqdm reads ``TQDM_DISABLE`` as its default), in the driver and in
 every actor; results are unchanged."""
-FORWARDED = ("HF_HUB_OFFLINE", *QUIET, *FAULT_VARS)
+FORWARDED = ("HF_HUB_OFFLINE", *QUIET, *FAULT_VARS, OPTIONS_ENV)
 """Variables of the driver's environment that actors get too, when they are set."""
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in a job's driver: the job's runtime_env (and metadata)."""

@@ -6,7 +6,7 @@ share that path (each pod or VM has its own disk), those writes land on the node
 them, and the driver finds the parts missing only when it merges. So before a stage starts
 its fleet on more than one node, the driver writes a token file into the output directory
 and one zero-CPU task pinned to each alive node reads it back; a node that reads no file or
-another token is refused in one line naming the fix: an ``s3://`` / ``gs://`` URL, or a volume
+another token is refused in one line naming the fix: an ``s3://`` URL, or a volume
 every node mounts at the same path (docs/reliability.md, "Node loss and unshared outputs").
 
 Not checked: a URL output (every node reaches it), and a cluster whose only alive node is
@@ -111,6 +111,6 @@ def check_output_shared(ray: ModuleType, output: Any) -> None:
         raise UnsharedOutputError(
             f"output {str(directory)!r} is a local path that {len(blind)} of {total} Ray "
             f"nodes do not see ({names} found no check file there), so their actors' parts "
-            "would be missing at the merge; use an s3:// or gs:// URL for output, or a "
+            "would be missing at the merge; use an s3:// URL for output, or a "
             "volume every node mounts at that same path"
         )

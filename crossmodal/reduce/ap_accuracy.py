@@ -23,6 +23,7 @@ import zarr
 from crossmodal.reduce.overlap import COL, ROW, SPEECH, TEXT, spearman_rows
 from crossmodal.reduce.selection import UNIT, iter_conditions, scope_mask
 from crossmodal.store.datasets import put_array
+from crossmodal.store.location import zarr_store
 from crossmodal.store.names import overlap_group
 
 EVERY_UNIT_BYTES = 4 << 30
@@ -136,7 +137,7 @@ def write_spearman_bounds(
     """Add ``<var>_bound`` next to each Spearman variable of ``overlap/<family>/spearman``
     (same dims; 0 for exact AP, else :func:`spearman_bounds` per pooling) and the group
     attr ``ap`` (``exact`` or ``histogram``)."""
-    g = zarr.open_group(store, path=overlap_group(family, "spearman"), mode="r+")
+    g = zarr.open_group(zarr_store(store), path=overlap_group(family, "spearman"), mode="r+")
     per = [] if exact else [spearman_bounds(v.sel(task=tasks)) for v in views.values()]
     for name in SPEARMAN_VARS:
         dims = list(g[name].metadata.dimension_names)

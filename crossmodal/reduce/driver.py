@@ -76,7 +76,8 @@ from crossmodal.reduce.sets import (
 from crossmodal.reduce.stability import example_halves
 from crossmodal.store.datasets import write_dataset
 from crossmodal.store.layout import LAYOUT_VERSION, StoreError, jsonable
-from crossmodal.store.lock import OutputLock
+from crossmodal.store.location import check_reachable, is_url, resolve, upath, zarr_store
+from crossmodal.store.lock import output_lock
 from crossmodal.store.names import (
     MANIFEST,
     PLAN,
@@ -152,13 +153,13 @@ def open_reducible(store: str | Path) -> zarr.Group:
     """The store, if collect finished every condition of its plan and nothing in it is
     damaged: a flipped byte, a missing shard or an edited config would otherwise give wrong
     selectivity (a deleted mean shard reads as NaN ``off_mean``), never an error."""
-    path = Path(store)
+    path = upath(store)
     if not (path / "zarr.json").is_file():
         raise StoreError(
             f"store must be one of [a collect store], got {str(path)!r}; "
             "run `crossmodal collect CONFIG` first"
         )
-    root = zarr.open_group(str(path), mode="r+")
+    root = zarr.open_group(zarr_store(path), mode="r+")
     version = root.attrs.get("layout_version")
     if version != LAYOUT_VERSION:
         raise StoreError(
@@ -228,17 +229,18 @@ def run_reduce(
         ``{"store", "ran": [passes run], "skipped": [...], "exact_units", "sets_tables",
         "csv", "seconds"}``.
     """
-    start, path = time.time(), str(Path(store).resolve())
+    start, path = time.time(), resolve(store)
     check_k(k)
     _check_scopes(scopes)
+    check_reachable(path)  # a URL: endpoint, bucket, credentials, one line each
     root = open_reducible(path)
-    with OutputLock(path, "reduce", echo=echo):  # one writer per store (lock.py)
+    with output_lock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
         job.decide_every_unit(every_unit_budget)
         with RaySession(address) as session:
             job.selectivity(session)
             job.exact(session)
-        csv_root = Path(csv_dir) if csv_dir else Path(path).parent / f"{Path(path).stem}-csv"
+        csv_root = upath(csv_dir) if csv_dir else upath(path).parent / f"{upath(path).stem}-csv"
         job.sets(csv_root, csv)
         job.modality()
     out = job.out
@@ -307,7 +309,9 @@ class ReduceJob:
         examples = sum(len(w["ids"]) for w in plan)
         slots = len(self.config.steps) * len(self.config.poolings)
         need = every_unit_bytes(examples, units, slots)
-        self.every_unit = fits_every_unit(need, shutil.disk_usage(self.path).free, budget)
+        local = not is_url(self.path)  # object storage: no disk to fill, the budget alone
+        free = shutil.disk_usage(self.path).free if local else 2 * need
+        self.every_unit = fits_every_unit(need, free, budget)
         self.params["every_unit"] = self.every_unit
 
     def _expand(self, scopes: Sequence[str]) -> list[str]:
@@ -342,7 +346,7 @@ class ReduceJob:
             self.log.save("selectivity", f, value=asdict(summary))
             self.fault.reached("reduce.selectivity.recorded")
             self.out["ran"].append(f"selectivity/{f}")
-        res = Results(Path(self.path))
+        res = Results(upath(self.path))
         self.views = {
             f: {p: res.selectivity(f, p) for p in self.config.poolings} for f in self.families
         }
@@ -379,7 +383,7 @@ class ReduceJob:
         """Sets recorded with these parameters and their group present."""
         return (
             self.log.get("sets", family) == self.params
-            and (Path(self.path) / sets_group(family) / "units" / "zarr.json").is_file()
+            and (upath(self.path) / sets_group(family) / "units" / "zarr.json").is_file()
         )
 
     def exact(self, session: RaySession) -> None:
@@ -396,7 +400,7 @@ class ReduceJob:
         )
         cands: Candidates = {f: self.plans[f].candidates for f in pending}
         unions = {
-            f: zarr.open_array(self.path, path=f"{exact_group(f)}/unit", mode="r")[...]
+            f: zarr.open_array(zarr_store(self.path), path=f"{exact_group(f)}/unit", mode="r")[...]
             for f in pending
         }
 
@@ -462,7 +466,7 @@ class ReduceJob:
 
     def sets(self, csv_root: Path, csv: bool) -> None:
         """Pass 3 for the families whose sets are not done with these parameters."""
-        res = Results(Path(self.path))
+        res = Results(upath(self.path))
         for f in self.pending:
             exact = res.exact(f)
             exact_ap = exact["ap"].load()
@@ -494,7 +498,7 @@ class ReduceJob:
             group = modality_group(f, default_pooling(poolings), poolings)
             present = (
                 not self.log.get("modality", f, "tasks")
-                or (Path(self.path) / group / "zarr.json").is_file()
+                or (upath(self.path) / group / "zarr.json").is_file()
             )
             if self.log.get("modality", f, "k") == self.k and present:
                 self.out["skipped"].append(f"modality/{f}")

@@ -41,6 +41,7 @@ from crossmodal.reduce.selection import exact_units, parse_scope, plan_exact
 from crossmodal.stats.finalize import exact_selectivity
 from crossmodal.stats.running import ExactValues, finite_rows
 from crossmodal.store.datasets import put_array, unicode
+from crossmodal.store.location import zarr_store
 from crossmodal.store.names import PLAN, condition_key, exact_group, parse_condition_key
 
 SPILL_CHUNK_BYTES = 32 << 20
@@ -255,7 +256,7 @@ def create_exact(
     every = [v for by in cands.values() for v in by.values()]
     ids = np.unique(np.concatenate([np.zeros(0, np.int64), *every]))
     shape = (len(poolings), *(len(lab[d]) for d in COND), ids.size)
-    g = zarr.open_group(store, path=exact_group(family), mode="w", zarr_format=3)
+    g = zarr.open_group(zarr_store(store), path=exact_group(family), mode="w", zarr_format=3)
     for name in ("ap", "auroc", *(["ap_half"] if halves else [])):
         half = (2,) if name == "ap_half" else ()
         g.create_array(
@@ -297,7 +298,7 @@ def family_candidates(
     (empty when none are)."""
     path = f"{exact_group(family)}/{name}"
     try:
-        sub = zarr.open_group(store, path=path, mode="r")
+        sub = zarr.open_group(zarr_store(store), path=path, mode="r")
     except FileNotFoundError:
         return {}
     out: dict[str, dict[Slot, np.ndarray]] = {}
@@ -327,7 +328,9 @@ def spill(store: str, part: ExactPart) -> None:
     """Write one work unit's values to ``exact/<family>/spill/<part>/<step>.<pooling>``
     (``[example, candidate]``, attrs ``key`` and ``language``); a retried unit rewrites it."""
     for (family, slot), values in part.values.items():
-        g = zarr.open_group(store, path=f"{exact_group(family)}/{SPILL}/{part.part}", mode="a")
+        g = zarr.open_group(
+            zarr_store(store), path=f"{exact_group(family)}/{SPILL}/{part.part}", mode="a"
+        )
         n, c = values.shape
         arr = g.create_array(
             f"{slot.step}.{slot.pooling}",
@@ -348,7 +351,7 @@ def spill(store: str, part: ExactPart) -> None:
 def spilled(store: str, family: str, key: str, slot: Slot) -> dict[str, list[zarr.Array]]:
     """The spilled values of ``key`` at ``slot``, per language (arrays, not yet read)."""
     try:
-        sub = zarr.open_group(store, path=f"{exact_group(family)}/{SPILL}", mode="r")
+        sub = zarr.open_group(zarr_store(store), path=f"{exact_group(family)}/{SPILL}", mode="r")
     except FileNotFoundError:
         return {}
     out: dict[str, list[zarr.Array]] = {}
@@ -362,7 +365,7 @@ def spilled(store: str, family: str, key: str, slot: Slot) -> dict[str, list[zar
 
 def drop_spill(store: str, family: str) -> None:
     """Delete ``exact/<family>/spill`` (after the pairs it held are written and marked)."""
-    g = zarr.open_group(store, path=exact_group(family), mode="r+")
+    g = zarr.open_group(zarr_store(store), path=exact_group(family), mode="r+")
     if SPILL in g:
         del g[SPILL]
 
@@ -414,7 +417,7 @@ def write_exact(
     """Exact AP/AUROC of one (task, modality) from its spilled per-example values, a chunk of
     candidate columns at a time (:data:`SPILL_CHUNK_BYTES`; the AP of a unit needs only its
     own column, so any chunking gives the same values); with ``halves``, ``ap_half`` too."""
-    g = zarr.open_group(store, path=exact_group(family), mode="r+")
+    g = zarr.open_group(zarr_store(store), path=exact_group(family), mode="r+")
     coords = {
         "pooling": unicode(g["pooling"][...]),
         "step": np.asarray(lab["step"]),

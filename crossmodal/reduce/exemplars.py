@@ -24,6 +24,7 @@ import xarray as xr
 import zarr
 
 from crossmodal.store.datasets import put_array, unicode, write_dataset
+from crossmodal.store.location import zarr_store
 from crossmodal.store.names import exact_group, exemplars_group
 
 N_EXEMPLARS = 5
@@ -144,7 +145,7 @@ def write_pair(store: str, family: str, key: str, pair: PairExemplars) -> None:
     the references, and one array per text of :data:`TEXTS`)."""
     refs = np.array(sorted(pair.examples), np.int64)
     table = np.array([pair.examples[r] for r in refs], dtype=object).reshape(-1, 4)
-    g = zarr.open_group(store, path=f"{exact_group(family)}/{PAIRS}", mode="a")
+    g = zarr.open_group(zarr_store(store), path=f"{exact_group(family)}/{PAIRS}", mode="a")
     for (fam, slot), ex in pair.extremes.items():
         if fam != family:
             continue
@@ -161,7 +162,7 @@ def write_pair(store: str, family: str, key: str, pair: PairExemplars) -> None:
 def _pair_frames(store: str, family: str) -> dict[tuple[str, str, int, str], xr.Dataset]:
     """The written pairs, keyed by (task, modality, step, pooling)."""
     try:
-        g = zarr.open_group(store, path=f"{exact_group(family)}/{PAIRS}", mode="r")
+        g = zarr.open_group(zarr_store(store), path=f"{exact_group(family)}/{PAIRS}", mode="r")
     except FileNotFoundError:
         return {}
     out = {}

@@ -22,6 +22,7 @@ from crossmodal.reduce.exemplars import write_exemplars
 from crossmodal.reduce.sets import paired_tasks
 from crossmodal.reduce.stability import stability, with_unit_coords
 from crossmodal.store.datasets import write_dataset
+from crossmodal.store.location import zarr_store
 from crossmodal.store.names import stability_group
 
 
@@ -66,7 +67,7 @@ def write_fidelity(
         write_dataset(store, stability_group(family), ds.transpose("pooling", "scope", ...))
         written.append(stability_group(family))
     else:  # measured on histograms only: no halves, and no stale stability of an earlier run
-        g = zarr.open_group(store, mode="r+")
+        g = zarr.open_group(zarr_store(store), mode="r+")
         if stability_group(family) in g:
             del g[stability_group(family)]
     return written

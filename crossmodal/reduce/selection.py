@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from crossmodal.store.location import upath, write_whole
+
 UNIT = "unit"
 KINDS = ("top", "bottom", "both")
 SIDES = ("top", "bottom")
@@ -457,7 +459,7 @@ def sets_frame(ds: xr.Dataset, sets: xr.DataArray, **where: str | int) -> pd.Dat
 
 def write_csv(ds: xr.Dataset, sets: xr.DataArray, path: str | Path, **where: str | int) -> Path:
     """Write :func:`sets_frame` to ``path`` (no index column, as the reference's files)."""
-    path = Path(path)
+    path = upath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sets_frame(ds, sets, **where).to_csv(path, index=False)
+    write_whole(path, lambda target: sets_frame(ds, sets, **where).to_csv(target, index=False))
     return path

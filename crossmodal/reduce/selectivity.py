@@ -27,6 +27,7 @@ from crossmodal.stats.finalize import selectivity_from_stats
 from crossmodal.stats.running import UnitStats
 from crossmodal.store.datasets import put_array, unicode
 from crossmodal.store.layout import COMPRESSORS, unit_chunk
+from crossmodal.store.location import zarr_store
 from crossmodal.store.names import (
     default_pooling,
     edges_array,
@@ -100,7 +101,7 @@ def create_selectivity(
     # The default pooling's group first: mode "w" wipes its subgroups (the other poolings).
     for pooling in sorted(poolings, key=lambda p: p != default_pooling(poolings)):
         path = selectivity_group(family, pooling, poolings)
-        g = zarr.open_group(store, path=path, mode="w", zarr_format=3)
+        g = zarr.open_group(zarr_store(store), path=path, mode="w", zarr_format=3)
         g.attrs.update({"pooling": pooling, "poolings": list(poolings), "estimate": "expected"})
         for name in SEL_VARS:
             g.create_array(
@@ -142,8 +143,8 @@ def reduce_blocks(
     """Selectivity of each job's units for every language; writes ``paths[pooling]``'s
     ``[task, modality, step, :, start:stop]`` of every variable (a whole shard). Returns the
     widths of the AP intervals written."""
-    sg = zarr.open_group(store, path=stats_group(family), mode="r")
-    edges_arr = zarr.open_array(store, path=edges_array(family), mode="r")
+    sg = zarr.open_group(zarr_store(store), path=stats_group(family), mode="r")
+    edges_arr = zarr.open_array(zarr_store(store), path=edges_array(family), mode="r")
     n_languages = sg["language"].shape[0]
     widths = ApWidths()
     for job in jobs:
@@ -151,7 +152,7 @@ def reduce_blocks(
         for lang, sel in selectivity_from_stats(_block_stats(sg, edges_arr, job)).items():
             res[:, lang] = [getattr(sel, name).numpy() for name in SEL_VARS]
         t, m, s, p = job.cell
-        g = zarr.open_group(store, path=paths[p], mode="r+")
+        g = zarr.open_group(zarr_store(store), path=paths[p], mode="r+")
         for i, name in enumerate(SEL_VARS):
             g[name][t, m, s, :, job.start : job.stop] = res[i]
         widths = widths.add(res[2] - res[1])
@@ -196,7 +197,7 @@ def _run_blocks(
 def _write_counts(store: str, family: str, count: np.ndarray, poolings: Sequence[str]) -> None:
     """``n_pos`` and ``n_neg`` of every measured condition (0 where none was measured)."""
     for q, pooling in enumerate(poolings):
-        g = zarr.open_group(store, path=selectivity_group(family, pooling, poolings))
+        g = zarr.open_group(zarr_store(store), path=selectivity_group(family, pooling, poolings))
         c = count[..., q].transpose(0, 1, 3, 2)  # -> [task, modality, step, language]
         ok = (c > 0).sum(-1, keepdims=True) >= 2
         put_array(g, "n_pos", np.where(ok, c, 0), COND)
@@ -256,7 +257,7 @@ def selectivity_digest(store: str, path: str) -> str:
     Raises:
         KeyError: the group lacks an array of :data:`DIGEST_ARRAYS` (an unfinished pass).
     """
-    g = zarr.open_group(store, path=path, mode="r")
+    g = zarr.open_group(zarr_store(store), path=path, mode="r")
     h = hashlib.sha256()
     for name in DIGEST_ARRAYS:
         arr = g[name]

@@ -14,7 +14,6 @@ change, and then replaces the family's table and CSV folder whole: nothing stale
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from crossmodal.reduce.overlap import overlap, spearman_matrix
 from crossmodal.reduce.roles import ROLE_TASKS, roles
 from crossmodal.reduce.selection import finalize_selection, parse_scope, write_csv
 from crossmodal.store.datasets import write_dataset
+from crossmodal.store.location import is_url, upath, write_whole
 from crossmodal.store.names import overlap_group, roles_group
 
 _CSV_STATS = ["ap", "on_p50", "on_p90", "off_mean"]
@@ -121,7 +121,7 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
 def sets_table_path(store: str | Path, family: str) -> Path:
     """``<store parent>/<store name>-sets/<family>.parquet``: one family's part of the sets
     dataset (read the folder with ``pd.read_parquet`` for every family)."""
-    store = Path(store)
+    store = upath(store)
     return store.parent / f"{store.stem}-sets" / f"{family}.parquet"
 
 
@@ -137,16 +137,17 @@ def write_sets_table(table: pd.DataFrame, path: Path, metadata: Mapping[str, str
         **(arrow.schema.metadata or {}),
         **{k.encode(): v.encode() for k, v in metadata.items()},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(arrow.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, path)
+    write_whole(path, lambda target: pq.write_table(arrow.replace_schema_metadata(meta), target))
     return path
 
 
 def clear_csvs(dest: Path) -> None:
     """Remove a family's CSV folder: the sets pass rewrites it whole (or not at all)."""
     if dest.is_dir():
-        shutil.rmtree(dest)
+        if is_url(dest):
+            dest.fs.rm(dest.path, recursive=True)
+        else:
+            shutil.rmtree(dest)
 
 
 def final_sets(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from crossmodal.store.location import is_url, upath, upload_tree, zarr_store
 
 if TYPE_CHECKING:
     from crossmodal.store.results import Results
@@ -47,7 +49,10 @@ def write_store_report(
     res = results_or_store
     if not isinstance(res, results.Results):
         res = results.open(res)
-    dest = Path(out) if out is not None else res.path.parent / f"{res.path.stem}-report"
+    dest = upath(out) if out is not None else res.path.parent / f"{res.path.stem}-report"
+    if is_url(dest):  # rendered in a local folder, then each file uploaded whole
+        kw = {"family": family, "pooling": pooling, "scope": scope, "figures": figures}
+        return _via_local(res, dest, **kw, fmt=fmt, dpi=dpi)
     sets = res.sets(family, pooling, scope)
     ds = res.selectivity(family, pooling)
     conc = mod = None
@@ -59,7 +64,7 @@ def write_store_report(
 
     from crossmodal.store.collect_store import skipped_examples
 
-    skipped = skipped_examples(zarr.open_group(str(res.path), mode="r"))
+    skipped = skipped_examples(zarr.open_group(zarr_store(res.path), mode="r"))
     paths = write_report(
         ds,
         dest,
@@ -74,6 +79,16 @@ def write_store_report(
     paths += write_fidelity_report(res, dest, family, pooling, scope)  # exemplars, stability
     steering = _steering_report(res, dest, fmt, dpi)
     return [*paths, *steering]
+
+
+def _via_local(res: Results, dest: Path, **kw: Any) -> list[Path]:
+    """The report written to a local temporary folder, then uploaded to the URL ``dest``
+    file by file (one whole object each)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_store_report(res, Path(tmp), **kw)
+        return upload_tree(Path(tmp), dest)
 
 
 def _steering_report(res: Results, dest: Path, fmt: str, dpi: int) -> list[Path]:

@@ -46,6 +46,7 @@ from crossmodal.steer.grid import Cell, SteerConfig, expand, tasks
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, done_cells, read_parts
 from crossmodal.steer.source import check_grid_values, check_sets, selectivity_digest
 from crossmodal.steer.worker import SteerWorker, open_selectivity
+from crossmodal.store.location import refuse_url_output, register, zarr_store
 from crossmodal.store.lock import OutputLock
 from crossmodal.store.output_root import resolve_output
 
@@ -235,6 +236,8 @@ def run_steer(
         ``{"output", "cells", "ran", "resumed", "results", "summary", "seconds"}``.
     """
     config = resolve_outputs(config)
+    refuse_url_output(config.output)
+    register(config.selectivity.path, config.storage_options)
     out = Path(config.output)
     with OutputLock(out, "steer", echo=echo):  # one writer per output (lock.py)
         return _steer(config, out, address=address, show_progress=progress, echo=echo)
@@ -327,7 +330,7 @@ def link_run(config: SteerConfig, out: Path, echo: Callable[[str], None] = print
     source = Path(str(config.selectivity.path))
     if not (source.is_dir() and (source / "zarr.json").is_file()):
         return False
-    root = zarr.open_group(str(source), mode="r+")
+    root = zarr.open_group(zarr_store(source), mode="r+")
     if "layout_version" not in root.attrs:
         return False
     # relative to the store's folder: a store moved together with its runs keeps its links

@@ -28,6 +28,7 @@ from crossmodal.collect.config import ActorsConfig
 from crossmodal.data.languages import TEXT_OUTPUT_CODES, language_error
 from crossmodal.schemas import load_validated, validate_against
 from crossmodal.steer.lid import PATH_BACKENDS
+from crossmodal.store.location import StorageOptions
 
 ROLE_TASK = {"representation": "x2en", "control": "en2x"}
 """Role -> the selectivity task its sets come from (docs/method.md, "Roles")."""
@@ -85,12 +86,17 @@ class SteerConfig:
     output: str
     actors: ActorsConfig  # the collect config's: the same actor resources and retries
     output_root: str | None = None  # relative output and selectivity.path resolve here
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
     allow_empty_sets: bool = False
     speech_last_frame: str = "drop"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data; :func:`load_grid` accepts it back."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready plain data; :func:`load_grid` accepts it back. Default
+        ``storage_options`` are left out (grid.json stays as before)."""
+        out = json.loads(json.dumps(asdict(self)))
+        if self.storage_options == StorageOptions():
+            del out["storage_options"]
+        return out
 
     def context(self, selectivity: str = "") -> str:
         """Digest of what every cell's outputs depend on besides the cell's own fields.
@@ -207,6 +213,7 @@ def load_grid(source: str | Path | Mapping[str, Any]) -> SteerConfig:
         output=v["output"],
         actors=ActorsConfig(**v["actors"]),
         output_root=v["output_root"],
+        storage_options=StorageOptions.of(v.get("storage_options")),
         allow_empty_sets=v["allow_empty_sets"],
         speech_last_frame=v["speech_last_frame"],
     )

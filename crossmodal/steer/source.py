@@ -26,6 +26,7 @@ import zarr
 
 from crossmodal.steer.grid import ROLE_TASK, Cell, SelectivitySource, SteerConfig
 from crossmodal.steer.parts import CELL_FIELDS
+from crossmodal.store.location import zarr_store
 
 STEER_PASSES = ("selectivity", "exact", "sets")
 """The reduce passes a steering grid depends on, in the order reduce runs them."""
@@ -54,7 +55,7 @@ def selectivity_digest(source: SelectivitySource) -> str:
             "and reduce jobs first"
         )
     if path.is_dir() and (path / "zarr.json").is_file():
-        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        attrs = zarr.open_group(zarr_store(path), mode="r").attrs.asdict()
         if "layout_version" in attrs:
             return _reduced_digest(path, _group(source), attrs.get("reduce") or {})
     from crossmodal.steer.worker import open_selectivity

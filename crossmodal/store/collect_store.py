@@ -41,6 +41,7 @@ from crossmodal.store.layout import (
     manifest,
     open_existing,
 )
+from crossmodal.store.location import upath, zarr_store
 
 COUNTS = ("n_examples", "n_skipped", "n_rows", "n_ended")
 """Per-condition counts the driver sums from its parts' summaries."""
@@ -298,9 +299,9 @@ def _refuse_other_config(path: str | Path, config: CollectConfig) -> None:
     Raises:
         StoreError: the store's ``config_hash`` is not this config's.
     """
-    if not (Path(path) / "zarr.json").is_file():
+    if not (upath(path) / "zarr.json").is_file():
         return
-    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    attrs = zarr.open_group(zarr_store(path), mode="r").attrs.asdict()
     if attrs.get("layout_version") != LAYOUT_VERSION or attrs.get("config_hash") == config.hash():
         return
     hashed = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED}

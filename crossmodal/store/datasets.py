@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 
 from crossmodal.store.layout import jsonable
+from crossmodal.store.location import zarr_store
 
 
 def put_array(group: zarr.Group, name: str, data: Any, dims: Sequence[str], **attrs: Any) -> None:
@@ -43,7 +44,7 @@ def write_dataset(store: str | Path, path: str, ds: xr.Dataset | xr.DataArray) -
     attrs (variable attrs are not kept)."""
     if isinstance(ds, xr.DataArray):  # a named DataArray: its attrs become the group's
         ds = ds.to_dataset().assign_attrs(ds.attrs)
-    g = zarr.open_group(str(store), path=path, mode="w", zarr_format=3)
+    g = zarr.open_group(zarr_store(store), path=path, mode="w", zarr_format=3)
     g.attrs.update(jsonable(ds.attrs))
     aux = [c for c in ds.coords if c not in ds.dims]
     for name, var in ds.variables.items():
@@ -75,4 +76,4 @@ def decode_strings(ds: xr.Dataset) -> xr.Dataset:
 
 def read_dataset(store: str | Path, path: str) -> xr.Dataset:
     """Group ``path`` as a lazy Dataset with its strings decoded (:func:`decode_strings`)."""
-    return decode_strings(xr.open_zarr(store, group=path, consolidated=False))
+    return decode_strings(xr.open_zarr(zarr_store(store), group=path, consolidated=False))

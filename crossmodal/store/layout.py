@@ -47,6 +47,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from crossmodal.model.units import UnitIndex
 from crossmodal.stats.concentration import concentration_family, layer_groups
 from crossmodal.store import names
+from crossmodal.store.location import upath, zarr_store
 from crossmodal.store.lock import LOCK_NAME
 
 LAYOUT_VERSION = 2
@@ -265,8 +266,8 @@ def create_store(
             f"output {str(path)!r} already exists; resume it with its own config "
             "or choose a new output path"
         )
-    locked = (Path(path) / LOCK_NAME).exists()  # the driver's lock (lock.py) is all there is
-    root = zarr.open_group(str(path), mode="a" if locked else "w-", zarr_format=3)
+    locked = (upath(path) / LOCK_NAME).exists()  # the driver's lock (lock.py) is all there is
+    root = zarr.open_group(zarr_store(path), mode="a" if locked else "w-", zarr_format=3)
     for family, coords in units.items():
         _create_family(root, dims, family, coords)
     conc = concentration_family(units)
@@ -356,7 +357,8 @@ def has_concentration(root: zarr.Group) -> str | None:
 
 def _has_content(path: str | Path) -> bool:
     """Whether ``path`` exists and holds anything besides a run's lock file."""
-    return Path(path).is_dir() and any(p.name != LOCK_NAME for p in Path(path).iterdir())
+    here = upath(path)
+    return here.is_dir() and any(p.name != LOCK_NAME for p in here.iterdir())
 
 
 def jsonable(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -370,14 +372,14 @@ def open_existing(path: str | Path, *, config_hash: str, plan_hash: str) -> zarr
     Raises:
         StoreError: another layout version, another config, or another plan (data changed).
     """
-    if not (Path(path) / "zarr.json").is_file():
+    if not (upath(path) / "zarr.json").is_file():
         if _has_content(path):
             raise StoreError(
                 f"output {str(path)!r} exists and is not a Zarr store; "
                 "choose an empty or new output path"
             )
         return None
-    root = zarr.open_group(str(path), mode="r+")
+    root = zarr.open_group(zarr_store(path), mode="r+")
     attrs = root.attrs.asdict()
     version = attrs.get("layout_version")
     if version != LAYOUT_VERSION:
@@ -416,7 +418,7 @@ def write_edges(
     edges: Mapping[tuple[int, str], np.ndarray],
 ) -> None:
     """Write the pilot's edges of one (task, modality), ``[unit, edge]`` per (step, pooling)."""
-    group = zarr.open_group(str(path), path=names.edges_group(family), mode="r+")
+    group = zarr.open_group(zarr_store(path), path=names.edges_group(family), mode="r+")
     at = _positions(group, ("task", "modality", "step", "pooling"))
     t, m = at["task"][task], at["modality"][modality]
     for (step, pooling), values in edges.items():
@@ -428,7 +430,7 @@ def read_edges(
     path: str | Path, family: str, task: str, modality: str
 ) -> dict[tuple[int, str], np.ndarray]:
     """``[unit, edge]`` edges of one (task, modality), per (step, pooling)."""
-    group = zarr.open_group(str(path), path=names.edges_group(family), mode="r")
+    group = zarr.open_group(zarr_store(path), path=names.edges_group(family), mode="r")
     at = _positions(group, ("task", "modality", "step", "pooling"))
     edges = group["edges"][at["task"][task], at["modality"][modality]]
     return {
@@ -449,7 +451,7 @@ def write_part(
     May be called once per (step, pooling) to bound host memory; all calls for ``part``
     must come from the one collector that runs it.
     """
-    group = zarr.open_group(str(path), path=names.parts_group(family), mode="r+")
+    group = zarr.open_group(zarr_store(path), path=names.parts_group(family), mode="r+")
     at = _positions(group, ("step", "pooling"))
     for (step, pooling), arrays in stats.items():
         si, pi = at["step"][step], at["pooling"][pooling]
@@ -464,7 +466,7 @@ def write_concentration(
 ) -> None:
     """Write one work unit's Gini sums (``[step, pooling, layer]`` per name of GINI): one
     chunk per array, owned by the collector that runs ``part``."""
-    group = zarr.open_group(str(path), path=names.concentration_parts(family), mode="r+")
+    group = zarr.open_group(zarr_store(path), path=names.concentration_parts(family), mode="r+")
     for name in GINI:
         group[name][part] = stats[name]
 

@@ -51,6 +51,7 @@ import xarray as xr
 import zarr
 
 from crossmodal.store.datasets import read_dataset
+from crossmodal.store.location import read_parquet, upath, zarr_store
 from crossmodal.store.names import (
     CONCENTRATION,
     OVERLAP_KINDS,
@@ -77,7 +78,7 @@ def open(path: str | Path) -> Results:  # noqa: A001 - the documented entry poin
     Raises:
         ValueError: ``path`` is not a collect store.
     """
-    p = Path(path)
+    p = upath(path)
     if not (p / "zarr.json").is_file():
         raise ValueError(
             f"path must be one of [a store written by `crossmodal collect`], got {str(p)!r}; "
@@ -95,7 +96,7 @@ class Results:
     @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes: config, provenance, and ``reduce`` (what the reduce job did)."""
-        return zarr.open_group(str(self.path), mode="r").attrs.asdict()
+        return zarr.open_group(zarr_store(self.path), mode="r").attrs.asdict()
 
     @property
     def families(self) -> list[str]:
@@ -163,7 +164,7 @@ class Results:
                 f"sets table must be one of [present], got none at {str(path)!r}; run "
                 f"`crossmodal reduce {self.path}`"
             )
-        return pd.read_parquet(path)
+        return read_parquet(path)
 
     def roles(
         self, family: str = "decoder", pooling: str | None = None, scope: str | None = "all"
@@ -230,7 +231,7 @@ class Results:
         from crossmodal.stats.concentration import mean_std
 
         p = self._pooling(pooling)
-        root = zarr.open_group(str(self.path), mode="r")
+        root = zarr.open_group(zarr_store(self.path), mode="r")
         groups = root[CONCENTRATION].group_keys() if CONCENTRATION in root else iter(())
         family = next(iter(groups), None)
         if family is None:
@@ -301,7 +302,7 @@ class Results:
                     "output directory (run `crossmodal steer CONFIG` first if there is none)"
                 )
             run = runs[0]
-        path = Path(run) / f"{table}.parquet"
+        path = upath(run) / f"{table}.parquet"
         if not path.is_file():
             raise ValueError(
                 f"run must hold {table}.parquet, got {str(run)!r}; finish the steer run"

@@ -39,6 +39,7 @@ from crossmodal.schemas import load_schema
 from crossmodal.store import names
 from crossmodal.store.integrity import scan
 from crossmodal.store.layout import LAYOUT_VERSION, MOMENTS, manifest
+from crossmodal.store.location import upath, zarr_store
 
 _COUNTS = ("n_examples", "n_skipped", "n_rows", "n_ended")
 _AXES = ("task", "modality", "language")
@@ -98,7 +99,7 @@ def verify_store(path: str | Path) -> Report:
     line per damage, naming the array, the chunk and the fix)."""
     report = Report(str(path))
     try:
-        root = _open(Path(path), report)
+        root = _open(upath(path), report)
         if root is None:
             return report
         damage = scan(root, counts=False)
@@ -124,7 +125,7 @@ def check_integrity(path: str | Path | zarr.Group) -> list[str]:
     and the fix; empty if intact. For readers (reduce) to refuse damaged inputs; never
     raises for a damaged store."""
     try:
-        root = path if isinstance(path, zarr.Group) else zarr.open_group(str(path), mode="r")
+        root = path if isinstance(path, zarr.Group) else zarr.open_group(zarr_store(path), mode="r")
         return [d.line() for d in scan(root)]
     except Exception as err:  # noqa: BLE001 - a store that does not open is damage too
         return [f"store: cannot be read ({_first_line(err)}); collect again into a new output"]
@@ -177,7 +178,7 @@ def _open(path: Path, report: Report) -> zarr.Group | None:
         )
         return None
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = zarr.open_group(zarr_store(path), mode="r")
     except (OSError, ValueError, json.JSONDecodeError) as err:
         report.problems.append(f"store: cannot be opened ({_first_line(err)})")
         return None

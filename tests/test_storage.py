@@ -1,0 +1,153 @@
+"""Outputs on object storage, against a real S3 server on 127.0.0.1 (tests/s3_server.py):
+the lock (conditional create, lease, heartbeat, stale takeover), whole-object writes, the
+bad-input lines (unreachable endpoint, missing bucket, denied credentials, unsupported
+scheme) and labelled arrays through ``xarray.open_zarr("s3://...")``. The whole pipeline on
+S3 is tests/test_s3_pipeline.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+from s3_server import s3_server
+
+from crossmodal.store import location
+from crossmodal.store.datasets import write_dataset
+from crossmodal.store.location import LocationError, check_reachable, register, upath
+from crossmodal.store.lock import LEASE_ENV, LOCK_NAME, LockError, ObjectLock, output_lock
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def url(s3):
+    out = f"s3://{s3.bucket()}/run/store.zarr"
+    register(out, s3.options)
+    return out
+
+
+def test_lock_refuses_a_live_holder_and_releases(url):
+    messages: list[str] = []
+    first = output_lock(url, "collect", echo=messages.append)
+    assert isinstance(first, ObjectLock)
+    with first:
+        assert upath(url).joinpath(LOCK_NAME).exists()
+        with pytest.raises(LockError) as err:
+            ObjectLock(url, "collect").acquire()
+        line = str(err.value)
+        assert "\n" not in line and line.startswith(f"output {url!r} is locked by collect run pid")
+        assert line.endswith("wait for it to finish or choose another output")
+    assert not upath(url).joinpath(LOCK_NAME).exists() and not messages
+    with ObjectLock(url, "reduce"):  # free again
+        pass
+
+
+def test_heartbeat_keeps_the_lease_and_a_dead_holder_is_taken_over(url, monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "2")  # heartbeat every 0.5 s; stale after 2 s (+1 s margin)
+    with ObjectLock(url, "collect"):
+        time.sleep(3.5)  # > the lease and its margin: only the heartbeat keeps it
+        with pytest.raises(LockError, match="is locked by collect run"):
+            ObjectLock(url, "collect").acquire()
+    dead = ObjectLock(url, "collect")
+    dead.acquire()
+    dead._stop.set()  # a killed run: no more heartbeats, the object stays
+    dead._thread.join()
+    time.sleep(3.5)
+    messages: list[str] = []
+    with ObjectLock(url, "collect", echo=messages.append) as taker:
+        assert taker.took_over is not None and taker.took_over.job == "collect"
+    assert len(messages) == 1 and messages[0].startswith(f"taking over the stale lock of {url!r}")
+    assert "sent no heartbeat" in messages[0] and "resumes what it left" in messages[0]
+
+
+def test_a_writer_that_fails_leaves_the_old_object_whole(url):
+    target = upath(url).parent / "table.parquet"
+    location.write_whole(target, lambda p: p.write_bytes(b"old" * 1000))
+
+    def half(p):
+        p.write_bytes(b"new")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        location.write_whole(target, half)
+    assert target.read_bytes() == b"old" * 1000
+
+
+def test_bad_input_one_line_each(s3, url, monkeypatch):
+    cases = {
+        "s3://no-such-bucket-here/x.zarr": "output bucket must exist, got 'no-such-bucket-here'",
+        "ftp://host/x.zarr": "scheme ftp:// is not supported",
+        "gs://bucket/x.zarr": "scheme gs:// is not supported",
+        "hdfs://nn/x.zarr": "scheme hdfs:// is not supported",
+    }
+    for out, words in cases.items():
+        with pytest.raises(LocationError) as err:
+            register(out, s3.options)
+            check_reachable(out)
+        assert words in str(err.value) and "\n" not in str(err.value)
+    register("s3://elsewhere/x.zarr", {"endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(LocationError, match="endpoint_url must be a reachable S3 endpoint"):
+        check_reachable("s3://elsewhere/x.zarr")
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # IAM auth on
+    with pytest.raises(LocationError, match="got denied .403.; set AWS_ACCESS_KEY_ID"):
+        check_reachable(url)
+
+
+def test_collect_refuses_a_missing_bucket_before_any_actor(s3, tmp_path, monkeypatch):
+    from helpers import collect_config, local_collect
+
+    from crossmodal.collect import collector
+    from crossmodal.organism import organism_path
+
+    started = []
+    monkeypatch.setattr(collector.Collector, "__init__", lambda *a, **k: started.append(a))
+    raw = collect_config(organism_path(), "s3://missing-bucket-zz/c.zarr")
+    raw["storage_options"] = s3.options
+    with pytest.raises(LocationError, match="output bucket must exist"):
+        local_collect(monkeypatch, raw)
+    assert not started
+
+
+def test_open_zarr_on_the_url_gives_labelled_arrays(s3, url):
+    ds = xr.Dataset(
+        {"ap": (("unit", "language"), np.arange(6.0).reshape(3, 2))},
+        coords={"unit": [10, 11, 12], "language": ["eng", "deu"]},
+    )
+    write_dataset(location.zarr_store(url), "selectivity/decoder", ds)
+    got = xr.open_zarr(
+        url, group="selectivity/decoder", consolidated=False, storage_options=s3.options
+    )
+    assert got["ap"].dims == ("unit", "language")
+    assert [str(v) for v in got["language"].values] == ["eng", "deu"]
+    np.testing.assert_array_equal(got["ap"].sel(unit=11).values, [2.0, 3.0])
+
+
+def test_reduce_cli_takes_a_store_url_and_checks_it_first(s3, monkeypatch):
+    from click.testing import CliRunner
+
+    from crossmodal.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # the CLI's endpoint: the AWS chain
+    monkeypatch.delenv(location.OPTIONS_ENV, raising=False)
+    result = CliRunner().invoke(main, ["reduce", "s3://no-bucket-cli/x.zarr"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "output bucket must exist, got 'no-bucket-cli'" in lines[0]
+
+
+def test_steering_output_on_a_url_is_refused_in_one_line():
+    with pytest.raises(LocationError) as err:
+        location.refuse_url_output("s3://bucket/steer")
+    assert str(err.value).startswith("steer output must be one of [a local path, a shared volume]")
+    location.refuse_url_output("results/steer")  # a local path passes
