@@ -22,10 +22,11 @@ cut further: the time is in the real vocabulary and the 33 examples, not in the 
 The planner's memory estimate and refusals at the real shapes (no weights) are in
 tests/test_actor_memory.py.
 
-Only the documented full run (configs/large-shapes.yaml as shipped; not yet run, see
-docs/benchmarks.md, "Real shapes on CPU, the GPU check, bf16") covers the 24 decoder layers:
-492,544 units, 6.2 GB of statistics and edges per work unit, 2.3B weights per actor, the
-store's size against the dry run's estimate and the exact pass at that unit count.
+Only the documented full run (configs/pipeline-large-shapes.yaml: configs/large-shapes.yaml
+as shipped, then reduce, steer and report; run on 2026-12-06, measured in docs/benchmarks.md,
+"Real shapes on CPU, the GPU check, bf16") covers the 24 decoder layers: 492,544 units, 6.2 GB
+of statistics and edges per work unit, 2.3B weights per actor, the store's size against the
+dry run's estimate, the exact pass and steering at that unit count.
 """
 
 from __future__ import annotations
