@@ -105,6 +105,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if given:  # the pipeline's options win over the stage configs' own
         collect = replace(collect, storage_options=options)
         steer = replace(steer, storage_options=options) if steer is not None else None
+    elif steer is not None and StorageOptions.of(steer.storage_options) == StorageOptions():
+        # a steer config without its own options reaches the store the way collect does
+        steer = replace(steer, storage_options=collect.storage_options)
     out = raw["report"]["out"]
     return PipelineConfig(
         collect=collect,
@@ -150,7 +153,7 @@ def run_pipeline(
     if config.steer is not None:
         echo("== steer ==")
         grid = replace(config.steer, selectivity=replace(config.steer.selectivity, path=str(store)))
-        steer_out = Path(run_steer(grid, **stage)["output"])
+        steer_out = upath(run_steer(grid, **stage)["output"])
     echo("== report ==")
     res = results.open(store)
     out = config.report_out and upath(resolve_output(str(config.report_out), config.output_root))
@@ -175,7 +178,7 @@ def _check_report_out(config: PipelineConfig) -> None:
         check_reachable(out)
 
 
-def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:
+def headline_numbers(res: Any, steer_out: Any) -> dict[str, Any]:
     """Step-1 same-language overlap vs random, control steering vs random units, throughput."""
     out: dict[str, Any] = {}
     ov = res.overlap()
@@ -197,9 +200,9 @@ def headline_numbers(res: Any, steer_out: Path | None) -> dict[str, Any]:
     if seconds > 0:
         out["capture_examples_per_s"] = examples / seconds
     if steer_out is not None and (steer_out / "summary.parquet").is_file():
-        import pandas as pd
+        from crossmodal.store.location import read_parquet
 
-        summary = pd.read_parquet(steer_out / "summary.parquet")
+        summary = read_parquet(steer_out / "summary.parquet")
         out["control_steering"] = steering_headline(summary)
     return out
 

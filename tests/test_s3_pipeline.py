@@ -1,9 +1,10 @@
 """The organism pipeline with every output on ``s3://`` (a real S3 server on 127.0.0.1,
 tests/s3_server.py), against the same pipeline on local disk:
 
-- collect (Ray actors writing their shards to the bucket) -> reduce -> report gives the
-  same arrays, sets table and report as the local run; ``xarray.open_zarr`` on the URL is
-  labelled;
+- collect (Ray actors writing their shards to the bucket) -> reduce -> steer -> report gives
+  the same arrays, sets table, steering tables and report as the local run;
+  ``xarray.open_zarr`` on the URL is labelled, ``pandas.read_parquet`` reads the steering
+  tables from their URL;
 - a second collect on a store whose lock a live run holds is refused in one line;
 - a collect driver killed mid-run (after its second work unit was recorded) leaves a lock
   that goes stale after its lease; the re-run takes it over and ends with the clean run's
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 import yaml
@@ -32,6 +34,7 @@ from s3_server import s3_server
 from crossmodal.fleet.faults import DIR_ENV, ENV, FAULT_EXIT_CODE
 from crossmodal.organism import organism_path
 from crossmodal.pipeline import load_pipeline, run_pipeline
+from crossmodal.store import results
 from crossmodal.store.location import read_parquet, register, upath, zarr_store
 from crossmodal.store.lock import LEASE_ENV, LockError, ObjectLock
 
@@ -53,10 +56,34 @@ def _pipeline(tmp: Path, output: str, report: str, options: dict | None) -> Path
     if options:
         raw["storage_options"] = options
     (tmp / "collect.yaml").write_text(yaml.safe_dump(raw))
+    (tmp / "steer.yaml").write_text(yaml.safe_dump(_steer(output)))
     pipe = {"collect": "collect.yaml", "reduce": {"k": 8, "scopes": ["all"]}}
+    pipe["steer"] = "steer.yaml"
     pipe["report"] = {"out": report}
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump(pipe))
     return tmp / "pipeline.yaml"
+
+
+def _steer(store: str) -> dict:
+    """The smallest steering grid (one cell and its random control, two inputs), its output
+    beside the store (on s3:// when the store is)."""
+    raw = {
+        "model": str(organism_path()),
+        "selectivity": {"path": store, "group": "selectivity/decoder"},
+        "roles": ["representation"],  # x2en: the task SMALL collects
+        "unit_modalities": ["text"],
+        "input_modalities": ["text"],
+        "steps": [1],
+        "languages": ["deu"],
+        "set_sizes": [2],
+        "random_seeds": [0],
+        "n_inputs": 2,
+        "max_new_tokens": 8,
+        "lid": {"backends": ["organism"]},
+        "output": store.rsplit("/", 1)[0] + "/steer",
+        "actors": {"count": 1, "num_cpus": 0.5, "num_gpus": 0},
+    }
+    return raw  # no storage_options: the pipeline gives it the collect config's
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +145,34 @@ def test_pipeline_on_s3_equals_the_local_run(runs, s3):
     assert local["headline"] == remote["headline"] or _same_headline(local, remote)
     ds = xr.open_zarr(url, group="stats/decoder", consolidated=False, storage_options=s3.options)
     assert "unit" in ds.dims and "language" in ds.dims and ds.sizes["unit"] > 0
+
+
+def test_steering_on_s3_equals_the_local_run(runs, s3):
+    """The steer stage wrote its parts, tables and grid to the bucket, linked the run from
+    the store's attrs (relative to the store's folder), and its tables equal the local run's
+    (pandas reads them straight from the URL)."""
+    local, remote, url, _ = runs
+    steer = url.rsplit("/", 1)[0] + "/steer"
+    assert remote["steer"] == steer and local["steer"].endswith("/steer")
+    files = {p.name for p in upath(steer).rglob("*") if p.is_file()}
+    assert {"grid.json", "results.parquet", "summary.parquet"} <= files
+    assert not any(name.endswith(".tmp") for name in files)
+    assert results.open(url).attrs["steering"]["runs"].keys() == {"steer"}
+    assert [str(r) for r in results.open(url).steering_runs()] == [steer]
+    for table in ("summary", "results"):
+        here = pd.read_parquet(Path(local["steer"]) / f"{table}.parquet")
+        there = pd.read_parquet(f"{steer}/{table}.parquet", storage_options=s3.options)
+        pd.testing.assert_frame_equal(here, there)
+    assert "control_steering" in remote["headline"]
+    report = {p.name for p in upath(remote["report"]).rglob("*") if p.is_file()}
+    assert "steering.md" in report
+
+
+def test_no_local_folder_is_named_after_a_store_object():
+    """No code used str() of a Zarr store object as a local path (it once made folders
+    named "<FsspecStore(...)>" in the working directory)."""
+    for where in (Path.cwd(), REPO):
+        assert not [p.name for p in where.iterdir() if p.name.startswith("<")]
 
 
 def _same_headline(a, b) -> bool:

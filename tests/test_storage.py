@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,9 @@ def test_open_zarr_on_the_url_gives_labelled_arrays(s3, url):
     assert got["ap"].dims == ("unit", "language")
     assert [str(v) for v in got["language"].values] == ["eng", "deu"]
     np.testing.assert_array_equal(got["ap"].sel(unit=11).values, [2.0, 3.0])
+    # the store object is opened as it is, never str()'d into a local path (that once made
+    # folders named "<FsspecStore(...)>/selectivity/decoder" in the working directory)
+    assert not [p.name for p in Path.cwd().iterdir() if p.name.startswith("<")]
 
 
 def test_reduce_cli_takes_a_store_url_and_checks_it_first(s3, monkeypatch):
@@ -146,8 +150,36 @@ def test_reduce_cli_takes_a_store_url_and_checks_it_first(s3, monkeypatch):
     assert len(lines) == 1 and "output bucket must exist, got 'no-bucket-cli'" in lines[0]
 
 
-def test_steering_output_on_a_url_is_refused_in_one_line():
-    with pytest.raises(LocationError) as err:
-        location.refuse_url_output("s3://bucket/steer")
-    assert str(err.value).startswith("steer output must be one of [a local path, a shared volume]")
-    location.refuse_url_output("results/steer")  # a local path passes
+def test_steer_parts_on_a_url_are_whole_objects_and_resume_reads_them(s3):
+    """Steering part files on s3://: one object each, read back for resume (done cells) and
+    consolidation; a temporary-looking object is not a part."""
+    import pyarrow as pa
+
+    from crossmodal.steer.parts import PARTS, done_cells, part_name, read_parts, write_part
+
+    bucket = s3.bucket()
+    out = f"s3://{bucket}/study/steer"
+    register(out, s3.options)
+    cells = [_Cell("b"), _Cell("a")]
+    table = pa.table({"cell_id": ["a", "b"], "input_id": [0, 0]})
+    name = write_part(upath(out) / PARTS, cells, table)
+    assert name == part_name(cells) and upath(out).joinpath(PARTS, name).is_file()
+    upath(out).joinpath(PARTS, "._x.parquet.1.tmp").write_bytes(b"half")
+    assert done_cells(out) == {"a", "b"}
+    assert [t.equals(table) for t in read_parts(out)] == [True]
+    assert done_cells(f"s3://{bucket}/study/none") == set()
+
+
+class _Cell:
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
+def test_a_steering_run_is_linked_relative_to_its_store_where_it_can_be():
+    from crossmodal.steer.driver import run_link
+
+    assert run_link("s3://b/study/steer", "s3://b/study/c.zarr") == "steer"
+    assert run_link("s3://b/steer", "s3://b/c.zarr") == "steer"
+    assert run_link("s3://other/steer", "s3://b/c.zarr") == "s3://other/steer"
+    assert run_link("/data/steer", "/data/c.zarr") == "steer"
+    assert run_link("s3://b/steer", "/data/c.zarr") == "s3://b/steer"

@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy.stats import binomtest
 
+from crossmodal.store.location import read_parquet, upath
+
 ROLES = ("representation", "control")
 MODALITIES = ("speech", "text")
 _PANEL = ("input_modality", "set_kind", "scope", "k", "forcing")
@@ -41,14 +43,14 @@ def share_interval(share: float, n: int, level: float = CONFIDENCE) -> tuple[flo
 
 def load_run(output: str | Path) -> tuple[pd.DataFrame, dict]:
     """``summary.parquet`` and ``grid.json`` of a steer output directory."""
-    out = Path(output)
+    out = upath(output)  # a local path or an s3:// URL (store/location.py)
     summary, grid = out / "summary.parquet", out / "grid.json"
     if not summary.is_file() or not grid.is_file():
         raise ValueError(
             f"output must be a finished steer directory (summary.parquet, grid.json), got "
             f"{str(out)!r}; run `crossmodal steer CONFIG` first"
         )
-    return pd.read_parquet(summary), json.loads(grid.read_text())
+    return read_parquet(summary), json.loads(grid.read_text())
 
 
 def _random_curve(random: pd.DataFrame, sel: pd.Series, share: str) -> tuple[float, float, float]:

@@ -21,14 +21,17 @@ Resume and exactly-once: a cell is done when a part file holds it. A worker kill
 leaves no part and its task is run again; a task retried after its part landed rewrites the
 same file with the same rows. :func:`consolidate` keeps one row per (cell, input) from the
 parts of the current grid. Every file the driver writes (``grid.json``, the two tables) is
-written to a temporary name and renamed, and the driver reaches a named write boundary
+written whole (on disk to a temporary name, then renamed; at an ``s3://`` output one object
+PUT, :func:`crossmodal.store.location.write_whole`; the workers' parts alike), and the driver reaches a named write boundary
 (:data:`BOUNDARIES`) between every two writes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,8 +49,16 @@ from crossmodal.steer.grid import Cell, SteerConfig, expand, tasks
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, done_cells, read_parts
 from crossmodal.steer.source import check_grid_values, check_sets, selectivity_digest
 from crossmodal.steer.worker import SteerWorker, open_selectivity
-from crossmodal.store.location import refuse_url_output, register, zarr_store
-from crossmodal.store.lock import OutputLock
+from crossmodal.store.location import (
+    check_reachable,
+    is_url,
+    register,
+    resolve,
+    upath,
+    write_whole,
+    zarr_store,
+)
+from crossmodal.store.lock import output_lock
 from crossmodal.store.output_root import resolve_output
 
 __all__ = ["BOUNDARIES", "consolidate", "done_cells", "run_steer"]
@@ -63,11 +74,10 @@ BOUNDARIES = (
 workers' part files are atomic (:mod:`crossmodal.steer.parts`)."""
 
 
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a temporary name beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _replace(path: Any, write: Callable[[Path], object]) -> None:
+    """``write`` ``path`` whole: on disk to a temporary name beside it, then renamed; on
+    ``s3://`` one object PUT (:func:`crossmodal.store.location.write_whole`)."""
+    write_whole(path, write)
 
 
 PROVENANCE_KEY = b"crossmodal"
@@ -125,12 +135,11 @@ def provenance(config: SteerConfig, digest: str) -> dict[str, Any]:
     code runs from a checkout), the source and its digest."""
     from crossmodal import __version__
 
-    source = Path(str(config.selectivity.path))
     return {
         "config": config.to_dict(),
         "code_version": __version__,
         "code_commit": _git_commit(),
-        "store": str(source.resolve()),
+        "store": resolve(str(config.selectivity.path)),
         "store_digest": digest,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -157,7 +166,7 @@ def _git_commit() -> str | None:
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """The provenance a steering table carries in its Parquet file metadata."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = _read_schema(path).metadata or {}
     if PROVENANCE_KEY not in meta:
         raise ValueError(
             f"path must be one of [a steering table written by this version], got {str(path)!r} "
@@ -166,18 +175,25 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
     return json.loads(meta[PROVENANCE_KEY])
 
 
+def _read_schema(path: str | Path) -> pa.Schema:
+    """The Parquet schema (with file metadata) of a local path or a URL."""
+    if not is_url(path):
+        return pq.read_schema(path)
+    return pq.read_schema(io.BytesIO(upath(path).read_bytes()))
+
+
 def consolidate(
     config: SteerConfig,
     cells: Sequence[Cell],
     fault: FaultPoint | None = None,
     digest: str = "",
-) -> tuple[Path, Path]:
+) -> tuple[Any, Any]:
     """``results.parquet`` (one row per cell and input, this grid only) and ``summary.parquet``
     (each written whole, then renamed), typed and with provenance (``digest``: the source's
     content digest)."""
     from crossmodal.steer.metrics import summarize
 
-    out = Path(config.output)
+    out = upath(config.output)
     wanted = {c.id for c in cells}
     tables = read_parts(out)
     frame = pa.concat_tables(tables, promote_options="default").to_pandas() if tables else None
@@ -236,16 +252,19 @@ def run_steer(
         ``{"output", "cells", "ran", "resumed", "results", "summary", "seconds"}``.
     """
     config = resolve_outputs(config)
-    refuse_url_output(config.output)
+    register(config.output, config.storage_options)  # an s3:// output: its endpoint, region
     register(config.selectivity.path, config.storage_options)
-    out = Path(config.output)
-    with OutputLock(out, "steer", echo=echo):  # one writer per output (lock.py)
+    check_reachable(config.output)  # a URL: endpoint, bucket, credentials, one line each
+    out = upath(config.output)
+    if not is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "steer", echo=echo):  # one writer per output (lock.py)
         return _steer(config, out, address=address, show_progress=progress, echo=echo)
 
 
 def _steer(
     config: SteerConfig,
-    out: Path,
+    out: Any,
     *,
     address: str | None,
     show_progress: bool,
@@ -265,7 +284,7 @@ def _steer(
     done = done_cells(out) & {c.id for c in cells}
     pending = tasks([c for c in cells if c.id not in done], config.cells_per_task)
     summary: dict[str, Any] = {
-        "output": str(out.resolve()),
+        "output": resolve(config.output),
         "cells": len(cells),
         "ran": 0,
         "resumed": len(done),
@@ -319,29 +338,44 @@ def _grid_json(config: SteerConfig, cells: Sequence[Cell]) -> str:
 
 STEERING_ATTR = "steering"
 """The store's root attribute listing its steering runs: ``{"runs": {output: {"summary",
-"results", "finished"}}}`` (paths relative to the folder that holds the store)."""
+"results", "finished"}}}`` (paths relative to the folder that holds the store; a run in
+another bucket, or on the other side of local vs ``s3://``: its absolute path or URL)."""
 
 
-def link_run(config: SteerConfig, out: Path, echo: Callable[[str], None] = print) -> bool:
+def link_run(config: SteerConfig, out: Any, echo: Callable[[str], None] = print) -> bool:
     """Record the finished run in its source store's root attrs (a collect store only;
     others have no attrs to link from); whether it did. Re-running rewrites the same entry."""
     import zarr
 
-    source = Path(str(config.selectivity.path))
-    if not (source.is_dir() and (source / "zarr.json").is_file()):
+    source = upath(str(config.selectivity.path))
+    if not (source / "zarr.json").is_file():
         return False
     root = zarr.open_group(zarr_store(source), mode="r+")
     if "layout_version" not in root.attrs:
         return False
-    # relative to the store's folder: a store moved together with its runs keeps its links
-    run = Path(os.path.relpath(out.resolve(), source.resolve().parent))
-    with OutputLock(source, "steer", echo=echo):  # the store's one writer while linking
+    run = run_link(str(out), str(source))
+    with output_lock(source, "steer", echo=echo):  # the store's one writer while linking
         links = dict(root.attrs.get(STEERING_ATTR) or {})
         runs = dict(links.get("runs") or {})
-        runs[run.as_posix()] = {
-            "summary": (run / "summary.parquet").as_posix(),
-            "results": (run / "results.parquet").as_posix(),
+        runs[run] = {
+            "summary": posixpath.join(run, "summary.parquet"),
+            "results": posixpath.join(run, "results.parquet"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         root.attrs[STEERING_ATTR] = {**links, "runs": runs}
     return True
+
+
+def run_link(out: str, source: str) -> str:
+    """How the store at ``source`` names the run at ``out``: relative to the folder that
+    holds the store when both are local or in one bucket (a store moved together with its
+    runs keeps its links), else the run's absolute path or URL."""
+    from crossmodal.store.location import split
+
+    if not is_url(out) and not is_url(source):
+        local = Path(os.path.relpath(Path(out).resolve(), Path(source).resolve().parent))
+        return local.as_posix()
+    if is_url(out) and is_url(source) and split(out)[0] == split(source)[0]:
+        parent = posixpath.dirname(split(source)[1].rstrip("/"))
+        return posixpath.relpath(split(out)[1], parent or ".")
+    return resolve(out)

@@ -1,7 +1,8 @@
 """Part files: one Parquet file of rows per finished steering task, the unit of resume.
 
-A worker writes ``<output>/parts/<name>.parquet`` for each task it finishes, to a temporary
-name first and then renamed, so a part either holds a whole task or does not exist. The name
+A worker writes ``<output>/parts/<name>.parquet`` for each task it finishes, whole
+(:func:`crossmodal.store.location.write_whole`: on disk to a temporary name, then renamed; on
+``s3://`` one object PUT), so a part either holds a whole task or does not exist. The name
 hashes the task's cell ids: a task retried after its part landed rewrites the same file with
 the same rows. A cell is done when a part holds it (:func:`done_cells`); the driver keeps one
 row per (cell, input) when it consolidates (docs/design.md, "Crash safety and resume").
@@ -10,14 +11,16 @@ row per (cell, input) when it consolidates (docs/design.md, "Crash safety and re
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crossmodal.steer.grid import Cell
+from crossmodal.store.location import is_url, upath, write_whole
 
 PARTS = "parts"
 """The folder of part files under a steer output directory."""
@@ -44,26 +47,40 @@ def part_name(cells: Sequence[Cell]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16] + ".parquet"
 
 
-def write_part(folder: Path, cells: Sequence[Cell], table: pa.Table) -> str:
-    """Write ``table`` as the part of ``cells`` under ``folder`` (atomically); its file name."""
+def write_part(folder: Any, cells: Sequence[Cell], table: pa.Table) -> str:
+    """Write ``table`` as the part of ``cells`` under ``folder`` (a local path or a URL), whole;
+    its file name."""
     name = part_name(cells)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
+    folder = upath(folder)
+    if not is_url(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_whole(folder / name, lambda p: pq.write_table(table, p))
     return name
 
 
+def _part_files(output: str | Path) -> list[Any]:
+    """The finished part files under ``output`` (temporary files skipped), by name."""
+    parts = upath(output) / PARTS
+    if not parts.is_dir():
+        return []
+    return sorted((p for p in parts.iterdir() if p.name.endswith(".parquet")), key=lambda p: p.name)
+
+
+def read_table(path: Any, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet file at a local path, or at a URL (read whole: a part is one small table)."""
+    if not is_url(path):
+        return pq.read_table(path, columns=columns)
+    return pq.read_table(io.BytesIO(path.read_bytes()), columns=columns)
+
+
 def read_parts(output: str | Path) -> list[pa.Table]:
-    """Every finished part under ``output``, in file-name order (temporary files skipped)."""
-    parts = Path(output) / PARTS
-    return [pq.read_table(p) for p in sorted(parts.glob("*.parquet"))] if parts.is_dir() else []
+    """Every finished part under ``output``, in file-name order."""
+    return [read_table(p) for p in _part_files(output)]
 
 
 def done_cells(output: str | Path) -> set[str]:
     """Cell ids held by the finished part files under ``output``."""
-    parts = Path(output) / PARTS
     done: set[str] = set()
-    for path in sorted(parts.glob("*.parquet")) if parts.is_dir() else []:
-        done.update(pq.read_table(path, columns=["cell_id"]).column("cell_id").to_pylist())
+    for path in _part_files(output):
+        done.update(read_table(path, ["cell_id"]).column("cell_id").to_pylist())
     return done

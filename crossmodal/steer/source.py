@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -26,7 +26,7 @@ import zarr
 
 from crossmodal.steer.grid import ROLE_TASK, Cell, SelectivitySource, SteerConfig
 from crossmodal.steer.parts import CELL_FIELDS
-from crossmodal.store.location import zarr_store
+from crossmodal.store.location import upath, zarr_store
 
 STEER_PASSES = ("selectivity", "exact", "sets")
 """The reduce passes a steering grid depends on, in the order reduce runs them."""
@@ -48,7 +48,7 @@ def selectivity_digest(source: SelectivitySource) -> str:
     Raises:
         SelectivityError: missing store, or a reduce that has not finished what steering reads.
     """
-    path = Path(str(source.path))
+    path = upath(str(source.path))  # a local path or an s3:// URL (store/location.py)
     if not path.exists():
         raise SelectivityError(
             f"selectivity.path must be an existing store, got {str(path)!r}; run the collect "
@@ -63,7 +63,7 @@ def selectivity_digest(source: SelectivitySource) -> str:
     return dataset_digest(open_selectivity(source))
 
 
-def _reduced_digest(path: Path, group: str, log: dict) -> str:
+def _reduced_digest(path: Any, group: str, log: dict) -> str:
     """The digest reduce recorded for ``group``, once the passes steering reads are done."""
     parts = group.split("/")
     if len(parts) < 2 or parts[0] != "selectivity":

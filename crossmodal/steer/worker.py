@@ -27,6 +27,7 @@ from crossmodal.steer.grid import Cell, SelectivitySource, SteerConfig
 from crossmodal.steer.lid import get_identifier, lid_columns
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, write_part
 from crossmodal.steer.units import CellForcing, UnitForcing
+from crossmodal.store.location import upath
 
 References = dict[str, dict[str, str]]
 """Reference texts by language, then by input id."""
@@ -34,7 +35,7 @@ References = dict[str, dict[str, str]]
 
 def open_selectivity(source: SelectivitySource) -> xr.Dataset:
     """The selectivity Dataset: a Zarr group (``xr.open_zarr``) or a NetCDF file."""
-    path = Path(str(source.path))
+    path = upath(str(source.path))  # a local path or an s3:// URL (store/location.py)
     if not path.exists():
         raise ValueError(
             f"selectivity.path must be an existing store, got {str(path)!r}; run the collect "
@@ -98,7 +99,7 @@ class SteerWorker:
         self.identifiers = {b: get_identifier(b, self._lid_path(b)) for b in config.lid.backends}
         speech = "speech" in config.input_modalities
         self.inputs, self.references = input_records(config, speech)
-        self.out_dir = Path(config.output) / PARTS
+        self.out_dir = upath(config.output) / PARTS
         self._fault = FaultPoint("steer_worker", config.output)  # CROSSMODAL_FAULT (faults.py)
 
     def _lid_path(self, backend: str) -> str | None:

@@ -324,15 +324,3 @@ def upload_tree(local: Any, dest: Any) -> list[Any]:
         target.write_bytes(file.read_bytes())
         out.append(target)
     return out
-
-
-def refuse_url_output(output: Any) -> None:
-    """Steering results go to a local or shared path only (the steer stage writes its part
-    files, tables and grid through local paths): a URL is refused in one line, before any
-    actor starts."""
-    if is_url(output):
-        raise LocationError(
-            f"steer output must be one of [a local path, a shared volume], got {str(output)!r}; "
-            "write steering results to a local or shared path (the collect store it reads "
-            "may stay on s3://)"
-        )

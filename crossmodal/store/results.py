@@ -51,7 +51,7 @@ import xarray as xr
 import zarr
 
 from crossmodal.store.datasets import read_dataset
-from crossmodal.store.location import read_parquet, upath, zarr_store
+from crossmodal.store.location import is_url, read_parquet, upath, zarr_store
 from crossmodal.store.names import (
     CONCENTRATION,
     OVERLAP_KINDS,
@@ -283,7 +283,12 @@ class Results:
         """The steer output directories that read this store, as the steer driver linked them
         in the root attribute ``steering`` (existing ones, in the order they were linked)."""
         runs = (self.attrs.get("steering") or {}).get("runs") or {}
-        paths = [self.path.parent / run for run in runs]  # relative to the store's folder
+        # relative to the store's folder; a run elsewhere (another bucket, local vs URL):
+        # its absolute path or URL (steer/driver.py, run_link)
+        paths = [
+            upath(run) if is_url(run) or Path(run).is_absolute() else self.path.parent / run
+            for run in runs
+        ]
         return [p for p in paths if p.is_dir()]
 
     def steering(self, run: str | Path | None = None, table: str = "summary") -> pd.DataFrame:
