@@ -15,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -23,6 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import free_ports  # noqa: E402
 
 from crossmodal.fleet.head import wait_ready  # noqa: E402
 from crossmodal.model.load import LoadedModel, build_random_model  # noqa: E402
@@ -40,12 +40,6 @@ def tiny_model() -> LoadedModel:
 
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_alive(pgid: int) -> list[str]:
@@ -82,7 +76,7 @@ def ray_head(tmp_path_factory):
     the dashboard URL for ``ray job submit``, and the environment to run clients with.
     """
     ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent = free_ports(4)
     temp = Path(f"/tmp/cmray{os.getpid()}")  # short: unix socket paths are limited
     env = {**os.environ, **RAY_ENV}
     cmd = [

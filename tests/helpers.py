@@ -1,5 +1,6 @@
 """Builders several test modules share: tiny model directories, small configs, the collect
-driver without Ray, a synthetic selectivity store and a lock held by another process.
+driver without Ray, a synthetic selectivity store, a lock held by another process and free
+ports for Ray processes.
 
 Import as ``from helpers import ...``: tests/ holds no ``__init__.py``, so pytest (``prepend``
 import mode) puts tests/ on ``sys.path`` when it loads tests/conftest.py, before any test
@@ -8,6 +9,8 @@ module, whichever tests are selected.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import warnings
@@ -20,6 +23,16 @@ import pytest
 import xarray as xr
 
 from crossmodal.organism import ORGANISM_LANGUAGES
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: all are held open while choosing, so none
+    repeats (Ray refuses a port given to two of its components)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def build_model_dir(

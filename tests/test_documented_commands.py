@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from documented import Block, documented_blocks, named_files
+from helpers import free_ports
 
 from crossmodal.cli import main
 
@@ -35,12 +35,6 @@ BLOCKS = documented_blocks(REPO)
 TIMEOUT_S = 300
 LONG_TIMEOUT_S = 1800
 """The block that does the demo's work (collect, reduce, steer, report: ~3 min on 2 cores)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _venv_view(dest: Path) -> None:
@@ -72,7 +66,8 @@ def fresh_repo(tmp_path_factory):
     _venv_view(root / ".venv")
     ray_tmp = Path(f"/tmp/cmdoc{os.getpid()}")  # short: unix socket paths are limited
     ray_tmp.mkdir(exist_ok=True)
-    ports = {k: str(_free_port()) for k in ("PORT", "DASHBOARD_PORT", "CLIENT_PORT", "AGENT_PORT")}
+    names = ("PORT", "DASHBOARD_PORT", "CLIENT_PORT", "AGENT_PORT")
+    ports = {k: str(p) for k, p in zip(names, free_ports(len(names)), strict=True)}
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CROSSMODAL_"))},
         "PATH": f"{root / '.venv' / 'bin'}:{os.environ['PATH']}",

@@ -39,6 +39,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import zarr
+from helpers import free_ports
 
 from crossmodal.fleet.faults import NODE_ROOT_ENV, node_view
 from crossmodal.fleet.shared import CHECK_PREFIX, check_output_shared, is_local
@@ -51,12 +52,6 @@ FAST_HEALTH_CHECK = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
     """Every port a node opens, free ones: several nodes share this machine."""
     names = (
@@ -67,7 +62,7 @@ def _node_ports() -> list[str]:
         "runtime-env-agent-port",
         "metrics-export-port",
     )
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={port}" for name, port in zip(names, free_ports(len(names)), strict=True)]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -89,7 +84,8 @@ class LocalCluster:
     temp dir and one process group per node; :meth:`kill` loses a whole node."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.port, client, dashboard = free_ports(3)
+        self.root = root
         self.address = f"127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -103,8 +99,8 @@ class LocalCluster:
         head = [
             "--head",
             f"--port={self.port}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-port={_free_port()}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-port={dashboard}",
             "--include-dashboard=false",
         ]
         self._start("head", head, FAST_HEALTH_CHECK)
@@ -136,12 +132,16 @@ class LocalCluster:
 
     def alive(self) -> int:
         """How many nodes the GCS counts alive (a short-lived driver connection)."""
-        script = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+        script = (
+            "import ray; ray.init(log_to_driver=False); "
+            "print('alive', sum(n['Alive'] for n in ray.nodes()))"
+        )
         env = {**self.env, "RAY_ADDRESS": self.address}
         out = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
         )
-        return int(out.stdout.strip() or 0)
+        counts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("alive ")]
+        return int(counts[-1]) if counts else 0  # Ray may print its own lines too
 
     def wait_alive(self, n: int, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -359,20 +359,25 @@ def test_steer_survives_losing_a_worker_node(cluster, steer_root, capfd):
 
 @pytest.mark.integration
 def test_an_output_a_node_does_not_see_is_refused_before_any_actor(
-    cluster, model_dir, steer_root, tmp_path
+    cluster, model_dir, steer_root, tmp_path, monkeypatch
 ):
-    """A fourth node whose filesystem is elsewhere (the test switch): collect and steer
-    refuse in one line, exit status 2, before any actor starts; nothing is recorded."""
-    from helpers import steer_config
+    """A fourth node whose filesystem is elsewhere (the test switch): collect, a standalone
+    reduce and steer refuse in one line, exit status 2, before any actor or task starts;
+    nothing is recorded."""
+    from helpers import local_collect, steer_config
 
     from crossmodal.collect.config import load_config
     from crossmodal.collect.driver import run_collect
     from crossmodal.errors import explain
     from crossmodal.fleet.shared import UnsharedOutputError
+    from crossmodal.reduce.driver import run_reduce
     from crossmodal.steer.driver import run_steer
     from crossmodal.steer.parts import done_cells
 
     _three_nodes(cluster)
+    collected = tmp_path / "collected.zarr"  # finished without Ray, before the fourth node
+    local_collect(monkeypatch, _collect_raw(model_dir, collected))
+    monkeypatch.undo()  # the collects below use Ray again
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     cluster.add_worker("private", {NODE_ROOT_ENV: str(elsewhere)})
@@ -391,6 +396,11 @@ def test_an_output_a_node_does_not_see_is_refused_before_any_actor(
         manifest = zarr.open_group(str(out), mode="r")["manifest"].attrs.asdict()
         assert manifest["parts"] == {} and manifest["edges"] == {}
         assert not list(out.rglob(f"{CHECK_PREFIX}*"))  # the check file is gone
+        with pytest.raises(UnsharedOutputError) as err:
+            run_reduce(collected, address=cluster.address, progress=False, echo=lambda _: None)
+        assert explain(err.value).line.startswith(f"output {str(collected)!r} is a local path")
+        assert "reduce" not in zarr.open_group(str(collected), mode="r").attrs
+        assert not list(collected.rglob(f"{CHECK_PREFIX}*"))
         steer = steer_config(steer_root, "unshared", actors={**STEER_ACTORS, "count": 1})
         with pytest.raises(UnsharedOutputError, match="1 of 4 Ray nodes do not see"):
             run_steer(steer, address=cluster.address, progress=False, echo=lambda _: None)

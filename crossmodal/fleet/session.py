@@ -99,7 +99,9 @@ class RaySession:
     ``address=None`` joins the cluster of a ``ray job submit`` (or a session already
     initialised in this process) and otherwise starts an in-process Ray; ``"auto"`` joins
     a running head. Connecting is lazy: a stage with nothing left to do never starts Ray.
-    ``progress=False`` silences the actors' progress bars (:data:`QUIET`).
+    ``progress=False`` silences the actors' progress bars (:data:`QUIET`). ``output``: where
+    the session's tasks and actors write; a local path every alive node must see, checked
+    once on connecting (:mod:`crossmodal.fleet.shared`).
 
     Example::
 
@@ -107,9 +109,13 @@ class RaySession:
             ray = session.connect()
     """
 
-    def __init__(self, address: str | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self, address: str | None = None, *, progress: bool = True, output: Any = None
+    ) -> None:
         self.address = address
         self.progress = progress
+        self.output = output
+        self._checked: set[str] = set()
         self.started = False
         self._ray: ModuleType | None = None
         self._reaper: Any = None  # a crossmodal.fleet.reaper.Reaper
@@ -132,7 +138,17 @@ class RaySession:
 
                     self._reaper = Reaper(str(Path(ray.__file__).parent))  # in-process Ray
             self._ray = ray
+            if self.output is not None:
+                self._check_shared(self.output)
         return self._ray
+
+    def _check_shared(self, output: Any) -> None:
+        """:func:`~crossmodal.fleet.shared.check_output_shared`, once per output."""
+        from crossmodal.fleet.shared import check_output_shared
+
+        if str(output) not in self._checked:
+            check_output_shared(self._ray, output)
+            self._checked.add(str(output))
 
     def close(self) -> None:
         if self.started and self._ray is not None:
@@ -162,9 +178,8 @@ class RaySession:
         (checked first on a cluster of several, :mod:`crossmodal.fleet.shared`).
         """
         from crossmodal.fleet.pool import ActorFleet
-        from crossmodal.fleet.shared import check_output_shared
 
         ray = self.connect()
         if output is not None:
-            check_output_shared(ray, output)
+            self._check_shared(output)
         return ActorFleet(ray, cls, args, spec, count=count, echo=echo)

@@ -237,7 +237,7 @@ def run_reduce(
     with output_lock(path, "reduce", echo=echo):  # one writer per store (lock.py)
         job = ReduceJob(root, path, k, scopes, widen, num_cpus, progress, echo)
         job.decide_every_unit(every_unit_budget)
-        with RaySession(address) as session:
+        with RaySession(address, output=path) as session:  # a local path: shared by all nodes
             job.selectivity(session)
             job.exact(session)
         csv_root = upath(csv_dir) if csv_dir else upath(path).parent / f"{upath(path).stem}-csv"
