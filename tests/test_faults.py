@@ -17,7 +17,10 @@ executes the work units.
 - a steering actor dies after 1 batch: results and summary tables are identical to a
   fault-free run;
 - the steering driver stops after 1 task (in-process executor, a kill that raises, no
-  Ray): the re-run redoes exactly the other tasks, tables identical.
+  Ray): the re-run redoes exactly the other tasks, tables identical;
+- the steering driver dies at each of its write boundaries, locally and with its output in
+  a bucket of the local S3 server (tests/s3_server.py): the re-run completes, tables
+  identical, no temporary object left.
 Edge cases listed: the killed unit is mid-way (no part written) and is recorded exactly
 once; the driver dies between two units with its lock held; markers make every fault
 one-shot even though restarted processes count from 0.
@@ -31,7 +34,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +44,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
+from s3_server import S3Server, s3_server
 
 from crossmodal.fleet.faults import (
     DIR_ENV,
@@ -324,9 +330,10 @@ def steer_root(model_dir, tmp_path_factory) -> Path:
     return root
 
 
-def _frames(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    res = pd.read_parquet(out / "results.parquet")
-    summ = pd.read_parquet(out / "summary.parquet")
+def _frames(out: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results and summary tables of the run at ``out`` (a Path or a UPath)."""
+    with (out / "results.parquet").open("rb") as f, (out / "summary.parquet").open("rb") as g:
+        res, summ = pd.read_parquet(f), pd.read_parquet(g)
     res = res.sort_values(["cell_id", "input_id"]).reset_index(drop=True)
     summ = summ.sort_values("cell_id").reset_index(drop=True)
     return res, summ
@@ -351,7 +358,7 @@ def steer_reference(steer_root):
     return worker, cells, _frames(Path(ref.output))
 
 
-def _same_tables(out: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def _same_tables(out: Any, reference: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     got = _frames(out)
     pd.testing.assert_frame_equal(got[0], reference[0])
     pd.testing.assert_frame_equal(got[1], reference[1])
@@ -443,23 +450,39 @@ def test_write_boundary_fault_fires_at_the_armed_arrival(tmp_path):
     assert fired == ["sigkill"]
 
 
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
 @pytest.mark.integration
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_steer_driver_killed_at_every_write_boundary_resumes(
-    steer_root, steer_reference, monkeypatch
+    steer_root, steer_reference, monkeypatch, request, where
 ):
     """For each of the steer driver's write boundaries (grid.json, a task's part landed,
     results.parquet, summary.parquet): it dies there once; the same call again completes
-    with tables identical to a fault-free run, and no temporary file is left."""
+    with tables identical to a fault-free run, and no temporary file is left; the same
+    with the output in a bucket of the local S3 server."""
     from helpers import steer_config as _config
 
     from crossmodal.steer import driver as steer
+    from crossmodal.store.location import register, upath
 
     _in_process_steer(monkeypatch)
+    server = request.getfixturevalue("s3") if where == "s3" else None
+    bucket = server.bucket() if server else None
     for boundary in steer.BOUNDARIES:
-        config = _config(steer_root, f"at_{boundary.replace('.', '_')}")
+        name = f"at_{boundary.replace('.', '_')}"
+        extra = (
+            {"output": f"s3://{bucket}/{name}", "storage_options": server.options} if server else {}
+        )
+        config = _config(steer_root, name, **extra)
+        register(config.output, server.options if server else None)
         monkeypatch.setenv(ENV, f"driver:at={boundary}")
         with pytest.raises(_Died):
             steer.run_steer(config, progress=False, echo=lambda _: None)
         steer.run_steer(config, progress=False, echo=lambda _: None)
-        _same_tables(Path(config.output), steer_reference[2])
-        assert not list(Path(config.output).glob(".*.tmp")), boundary
+        _same_tables(upath(config.output), steer_reference[2])
+        assert not [p for p in upath(config.output).rglob("*") if p.name.endswith(".tmp")]

@@ -13,8 +13,9 @@ Integration (marked):
   directory shows one); a worker node is killed right after the first work unit is
   recorded; the run finishes on the two nodes left and the store (every array, attribute
   and manifest entry, parts kept) is identical to a clean in-process run;
-- steer: the same for the steering fleet: three SteerWorkers on three nodes, a worker node
-  killed after the first task landed; results and summary tables identical to a clean run;
+- steer: the same for the steering fleet, its output in a bucket of the local S3 server
+  (tests/s3_server.py): three SteerWorkers on three nodes, a worker node killed after the
+  first part landed; results and summary tables identical to a clean local run;
 - a node that does not see the local output (``CROSSMODAL_FAULT_NODE_ROOT``, the test switch
   in crossmodal/fleet/faults.py) makes collect and steer refuse in one line naming the fix,
   before any actor starts; the store records no work.
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +41,7 @@ import pandas as pd
 import pytest
 import zarr
 from helpers import free_ports
+from s3_server import S3Server, s3_server
 
 from crossmodal.fleet.faults import NODE_ROOT_ENV, node_view
 from crossmodal.fleet.shared import CHECK_PREFIX, check_output_shared, is_local
@@ -182,7 +184,15 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def s3() -> Iterator[S3Server]:
+    """The local S3 server (tests/s3_server.py), started before the cluster so every node's
+    environment holds its (dummy) credentials, as a cloud node's provider chain would."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
     c = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.add_worker("w1")
@@ -317,14 +327,20 @@ def steer_root(model_dir, tmp_path_factory) -> Path:
 STEER_ACTORS = {"count": 3, "num_cpus": 0.25, "num_gpus": 0, "max_restarts": 1}
 
 
-def _tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    res = pd.read_parquet(out / "results.parquet").sort_values(["cell_id", "input_id"])
-    summ = pd.read_parquet(out / "summary.parquet").sort_values("cell_id")
-    return res.reset_index(drop=True), summ.reset_index(drop=True)
+def _tables(out: str, options: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results and summary tables of the steering run at ``out`` (a path or a URL)."""
+    res = pd.read_parquet(f"{out}/results.parquet", storage_options=options)
+    summ = pd.read_parquet(f"{out}/summary.parquet", storage_options=options)
+    return (
+        res.sort_values(["cell_id", "input_id"]).reset_index(drop=True),
+        summ.sort_values("cell_id").reset_index(drop=True),
+    )
 
 
 @pytest.mark.integration
-def test_steer_survives_losing_a_worker_node(cluster, steer_root, capfd):
+def test_steer_survives_losing_a_worker_node(cluster, steer_root, s3, capfd):
+    """The steering output is on the local S3 server: part files land in the bucket from
+    every node, and the resubmitted tasks' parts replace nothing already there."""
     from helpers import steer_config
 
     from crossmodal.steer.driver import consolidate, run_steer
@@ -332,6 +348,7 @@ def test_steer_survives_losing_a_worker_node(cluster, steer_root, capfd):
     from crossmodal.steer.parts import done_cells
     from crossmodal.steer.source import selectivity_digest
     from crossmodal.steer.worker import SteerWorker
+    from crossmodal.store.location import register
 
     _three_nodes(cluster)
     clean = steer_config(steer_root, "clean", cells_per_task=1)
@@ -342,7 +359,11 @@ def test_steer_survives_losing_a_worker_node(cluster, steer_root, capfd):
     consolidate(clean, cells)
 
     actors = {**STEER_ACTORS, "max_task_retries": 1}
-    config = steer_config(steer_root, "nodes", cells_per_task=1, actors=actors)
+    url = f"s3://{s3.bucket()}/nodes"
+    register(url, s3.options)  # for the watcher's listing of the parts
+    config = steer_config(
+        steer_root, "nodes", cells_per_task=1, actors=actors, output=url, storage_options=s3.options
+    )
     killer = _kill_when(cluster, lambda: len(done_cells(config.output)) >= 1, "SteerWorker")
     result = run_steer(config, address=cluster.address, progress=False, echo=lambda _: None)
     killer.join(timeout=5)
@@ -350,7 +371,7 @@ def test_steer_survives_losing_a_worker_node(cluster, steer_root, capfd):
     assert len(killer.watch.spread) == 3, killer.watch.spread  # one SteerWorker per node
     assert result["ran"] == len(cells) and len(tasks(cells, 1)) >= 6
     assert "ran again on a restarted SteerWorker actor" in capfd.readouterr().err
-    for got, want in zip(_tables(Path(config.output)), _tables(Path(clean.output)), strict=True):
+    for got, want in zip(_tables(url, s3.options), _tables(clean.output), strict=True):
         pd.testing.assert_frame_equal(got, want)
 
 
