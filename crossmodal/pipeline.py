@@ -232,6 +232,20 @@ def steering_headline(summary: Any) -> dict[str, float]:
     }
 
 
+def _steering_line(c: Mapping[str, Any]) -> str:
+    """The headline's steering line; a grid without that comparison says so (no ``nan%``)."""
+    if c.get("n_selected_cells", 1) == 0 or c.get("n_random_cells", 1) == 0:
+        return (
+            "steering: this grid has no control units found on speech forced on text, or no "
+            "random units to compare with (roles, unit_modalities, random_seeds); every cell "
+            "is in summary.parquet"
+        )
+    return (
+        "control units found on speech, forced on text: output in the target language "
+        f"{c['selected_target_share']:.0%} vs random units {c['random_target_share']:.0%}"
+    )
+
+
 def format_headline(result: Mapping[str, Any]) -> str:
     """The lines ``make demo`` ends with."""
     h = result["headline"]
@@ -246,11 +260,7 @@ def format_headline(result: Mapping[str, Any]) -> str:
                 f"(other languages {v['offdiag_mean']:.1f})"
             )
     if "control_steering" in h:
-        c = h["control_steering"]
-        lines.append(
-            "control units found on speech, forced on text: output in the target language "
-            f"{c['selected_target_share']:.0%} vs random units {c['random_target_share']:.0%}"
-        )
+        lines.append(_steering_line(h["control_steering"]))
     if "capture_examples_per_s" in h:
         lines.append(f"capture throughput: {h['capture_examples_per_s']:.1f} examples/s per actor")
     return "\n".join(lines)

@@ -77,3 +77,21 @@ def test_format_headline_lists_paths_and_numbers() -> None:
     )
     assert "same language 12.0 units vs random 0.50" in text
     assert "70% vs random units 5%" in text and "42.0 examples/s" in text
+
+
+def test_headline_of_a_grid_without_cross_modal_control_cells_says_so() -> None:
+    import pandas as pd
+
+    summary = pd.DataFrame(  # representation units only: nothing to compare
+        {
+            "kind": ["selected", "random"],
+            "role": ["representation", "representation"],
+            "unit_modality": ["text", "text"],
+            "input_modality": ["text", "text"],
+            "target_share": [0.4, 0.1],
+        }
+    )
+    h = {"control_steering": steering_headline(summary)}
+    text = format_headline({"store": "s.zarr", "report": "r", "headline": h})
+    assert "nan" not in text
+    assert "this grid has no control units found on speech forced on text" in text
