@@ -245,7 +245,7 @@ def load_model(
     if path is not None:
         _check_model_dir(path)
         if (path / RANDOM_MARKER).is_file():
-            return _load_random_dir(path, device=device, dtype=dtype)
+            return _load_random_dir(path, device=device, dtype=dtype, source=text)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     where = str(path) if path is not None else text
@@ -491,7 +491,11 @@ def write_random_model_dir(
 
 
 def _load_random_dir(
-    path: Path, *, device: str | torch.device | None, dtype: str | torch.dtype
+    path: Path,
+    *,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype,
+    source: str | None = None,
 ) -> LoadedModel:
     config = SeamlessM4Tv2Config.from_pretrained(str(path))
     seed = int(json.loads((path / RANDOM_MARKER).read_text())["seed"])
@@ -501,7 +505,7 @@ def _load_random_dir(
     loaded = LoadedModel(
         model=model.to(dev),
         processor=SeamlessM4TProcessor.from_pretrained(str(path)),
-        source=str(path),
+        source=str(path) if source is None or not is_url(source) else source,
         revision=f"random:seed={seed}",
         lang_to_code_id=dict(model.generation_config.text_decoder_lang_to_code_id or {}),
     )
