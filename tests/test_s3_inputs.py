@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -261,3 +262,15 @@ def test_collect_refuses_missing_data_at_a_url_before_any_actor(s3, tmp_path):
         f"under it); only --dry-run works without the data (upload it: aws s3 sync DIR {data})"
     )
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_cache_without_room_is_refused_before_downloading(s3, cache, monkeypatch):
+    url = _folder(s3, {"a.bin": b"x" * 1000})
+    monkeypatch.setattr(inputs.shutil, "disk_usage", lambda _: SimpleNamespace(free=10))
+    with pytest.raises(LocationError) as err:
+        inputs.sync_folder(url)
+    assert str(err.value) == (
+        f"input cache must have one of [>= 0.00 GB free] for {url!r}, got 0.00 GB at "
+        f"{str(cache)!r}; free space or set CROSSMODAL_CACHE to a larger disk"
+    )
+    assert list(cache.iterdir()) == []

@@ -113,6 +113,7 @@ def sync_folder(
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(final)
+    _check_space(url, chosen, final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_host()}.{os.getpid()}.", dir=final.parent))
     try:
         _download(url, chosen, tmp)
@@ -124,6 +125,17 @@ def sync_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _check_space(url: str, objects: Sequence[Object], where: Path) -> None:
+    """Refuse a download the cache's disk cannot hold, before any byte is written."""
+    need, free = sum(o.size for o in objects), shutil.disk_usage(where).free
+    if need > free:
+        raise LocationError(
+            f"input cache must have one of [>= {need / 1e9:.2f} GB free] for {url!r}, got "
+            f"{free / 1e9:.2f} GB at {str(where)!r}; free space or set {CACHE_ENV} to a "
+            "larger disk"
+        )
 
 
 def _slug(url: str) -> str:
