@@ -39,7 +39,15 @@ from crossmodal.store import names
 from crossmodal.store.collect_store import CollectStore, now, skipped_examples
 from crossmodal.store.integrity import repairable, scan
 from crossmodal.store.layout import StoreError
-from crossmodal.store.location import check_reachable, is_local, register, resolve, upath
+from crossmodal.store.location import (
+    check_reachable,
+    is_local,
+    is_url,
+    register,
+    register_inputs,
+    resolve,
+    upath,
+)
 from crossmodal.store.lock import output_lock
 from crossmodal.store.output_root import resolve_output
 
@@ -94,6 +102,10 @@ def _language_table(config: CollectConfig) -> dict[str, int] | None:
         from crossmodal.organism import organism_path
 
         source = organism_path()
+    elif is_url(source):  # its configs, synced once into the cache (store/inputs.py)
+        from crossmodal.model.load import model_files
+
+        source = model_files(str(source))
     try:
         gen = GenerationConfig.from_pretrained(
             source, revision=config.revision, local_files_only=True
@@ -122,6 +134,10 @@ def _model_dir(config: CollectConfig) -> Path | None:
         from crossmodal.organism import organism_path
 
         return Path(organism_path())
+    if is_url(config.model):
+        from crossmodal.model.load import model_files
+
+        return model_files(config.model)
     path = Path(config.model).expanduser()
     return path if (path / "config.json").is_file() else None
 
@@ -199,6 +215,7 @@ def run_collect(
     start = time.time()
     config = config.with_output(resolve_output(config.output, config.output_root))
     register(config.output, config.storage_options)  # an s3:// output: its endpoint, region
+    register_inputs(config)  # s3:// model and data: the same options, checked up front
     plan = build_plan(config)
     index = unit_index(config)
     echo(format_plan(plan, family_sizes(index), source))
@@ -212,11 +229,7 @@ def run_collect(
     }
     if dry_run:
         return out
-    if plan.estimated:
-        raise ValueError(
-            f"data.path must be one of [an existing dataset directory], got "
-            f"{config.data.path!r}; only --dry-run works without the data"
-        )
+    _refuse_estimated(config, plan)
     store = upath(out["store"])
     _check_before_actors(config, plan, index)
     check_reachable(store)  # a URL: endpoint, bucket, credentials, one line each
@@ -229,6 +242,17 @@ def run_collect(
         output_lock(store, "collect", echo=echo),  # one writer per store (store/lock.py)
     ):
         return _collect(run, index, address)
+
+
+def _refuse_estimated(config: CollectConfig, plan: Plan) -> None:
+    """A plan made without the data (its counts estimated) runs only as a dry run."""
+    if plan.estimated:
+        url = is_url(config.data.path)
+        raise ValueError(
+            f"data.path must be one of [an existing dataset directory], got "
+            f"{config.data.path!r}{' (no objects under it)' * url}; only --dry-run works "
+            "without the data" + f" (upload it: aws s3 sync DIR {config.data.path})" * url
+        )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from crossmodal.data.languages import SPEECH_INPUT_CODES, TEXT_INPUT_CODES, TEXT
 from crossmodal.data.sources import SkipReport, id_key, open_source
 from crossmodal.model.units import UnitIndex
 from crossmodal.store import names
+from crossmodal.store.location import is_url, upath
 
 # Sentences per language and FLEURS split (the dataset's published sizes), for plans
 # without the data; real counts are a little lower where recordings failed quality control.
@@ -126,7 +127,7 @@ def _source_ids(
     """Ids per language from the data source (text only, no audio), or None without data;
     with the records the source skipped while listing them (empty text, malformed rows)."""
     data = config.data
-    if data.source != ORGANISM_SOURCE and (data.path is None or not Path(data.path).is_dir()):
+    if data.source != ORGANISM_SOURCE and (data.path is None or not upath(data.path).is_dir()):
         return None, SkipReport()
     source = open_source(
         data.source,
@@ -327,6 +328,10 @@ def model_config(config: CollectConfig) -> Any:
         from crossmodal.organism import organism_path
 
         return SeamlessM4Tv2Config.from_pretrained(organism_path())
+    if is_url(source):  # its configs, synced once into the cache (store/inputs.py)
+        from crossmodal.model.load import model_files
+
+        return SeamlessM4Tv2Config.from_pretrained(model_files(source))
     if Path(source).expanduser().is_dir():
         return SeamlessM4Tv2Config.from_pretrained(Path(source).expanduser())
     try:  # the local cache first: no network when the config is already there

@@ -72,7 +72,7 @@ def load_audio(
     else:
         label = name or str(source)
         try:
-            data = Path(source).read_bytes()
+            data = (source if hasattr(source, "read_bytes") else Path(source)).read_bytes()
         except FileNotFoundError:
             raise AudioError(f"{label}: file not found", "missing") from None
         except OSError as err:
@@ -134,7 +134,7 @@ def iter_tar_audio(
     """
     remaining = set(names)
     try:
-        with tarfile.open(archive, mode="r|gz") as tar:
+        with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
             for member in tar:
                 name = PurePosixPath(member.name).name
                 if not member.isfile() or name not in remaining:

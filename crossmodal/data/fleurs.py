@@ -35,6 +35,7 @@ from crossmodal.data.audio import AudioError, iter_audio_files, iter_tar_audio, 
 from crossmodal.data.languages import SEAMLESS_TO_FLEURS, validate_language
 from crossmodal.data.records import TARGET_SAMPLING_RATE, Record
 from crossmodal.data.sources import Bounds, DataError, SkipReport, validate_split
+from crossmodal.store.location import is_url, upath
 
 TEXT_FIELDS = ("raw", "normalized")
 AUDIO_LAYOUTS = ("auto", "extracted", "tar")
@@ -63,6 +64,12 @@ class ParquetColumns:
     path: str = "path"
 
 
+def _parquet(path: Path) -> pq.ParquetFile:
+    """A Parquet file; one at a URL through s3fs (ranged reads: its footer, then only the
+    row groups and columns read)."""
+    return pq.ParquetFile(path.open("rb") if is_url(path) else path)
+
+
 def _fail(field: str, allowed: object, got: object, fix: str) -> DataError:
     return DataError(f"{field} must be one of {allowed}, got {got!r}; {fix}")
 
@@ -82,10 +89,10 @@ class _FleursLoader:
     ) -> None:
         if text_field not in TEXT_FIELDS:
             raise _fail("text_field", list(TEXT_FIELDS), text_field, "'raw' keeps punctuation")
-        self.root = Path(root)
+        self.root = upath(root)  # a URL: s3fs, with the registered storage_options
         self.audio = audio
         self.text_field = text_field
-        self.audio_root = None if audio_root is None else Path(audio_root)
+        self.audio_root = None if audio_root is None else upath(audio_root)
         self.one_per_id = one_per_id
         self.bounds = bounds
         self.skipped = SkipReport()
@@ -190,7 +197,7 @@ class _FleursLoader:
 
     def _audio_root_dir(self, language: str, config: str, split: str) -> Path:
         """``AUDIO_ROOT/<code>/<split>`` or ``AUDIO_ROOT/<config>/<split>``, whichever exists."""
-        root = Path(self.audio_root or ".")
+        root = self.audio_root or upath(".")
         for directory in (root / language / split, root / config / split):
             if directory.is_dir():
                 return directory
@@ -376,7 +383,7 @@ class FleursParquetSource(_FleursLoader):
         needed = [c.id, c.raw_text if self.text_field == "raw" else c.normalized_text]
         needed += [c.audio] if self.audio and self.audio_root is None else []
         for path in self._files(config, split):
-            names = pq.read_schema(path).names
+            names = _parquet(path).schema_arrow.names
             for col in needed:
                 if col not in names:
                     raise _fail("column", names, col, f"set ParquetColumns for {path}")
@@ -400,7 +407,7 @@ class FleursParquetSource(_FleursLoader):
         c = self.columns
         text_col = c.raw_text if self.text_field == "raw" else c.normalized_text
         for path in self._files(config, split):
-            handle = pq.ParquetFile(path)
+            handle = _parquet(path)
             names = handle.schema_arrow.names
             value_col = c.audio if with_audio else text_col  # present: see _check_split
             is_struct = c.audio in names and handle.schema_arrow.field(c.audio).type.num_fields > 0

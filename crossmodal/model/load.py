@@ -28,6 +28,8 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
+from crossmodal.store.location import is_url
+
 REFERENCE_MODEL = "facebook/seamless-m4t-v2-large"
 ORGANISM = "organism"
 DTYPES = {
@@ -131,22 +133,71 @@ def _check_model_dir(path: Path) -> None:
             f"model directory {str(path)!r} does not exist; pass a hub id such as "
             f"{REFERENCE_MODEL!r}, an existing directory, or {ORGANISM!r}"
         )
+    check_model_files(str(path), {p.name for p in path.iterdir() if p.is_file()})
+
+
+def check_model_files(where: str, names: set[str]) -> None:
+    """The files a model directory (local, or the top-level objects at a URL) must hold.
+
+    Raises:
+        ModelLoadError: one line naming ``where`` and every missing file.
+    """
     missing = []
-    if not (path / "config.json").is_file():
+    if "config.json" not in names:
         missing.append("config.json")
-    if not any((path / name).is_file() for name in (*_WEIGHT_FILES, RANDOM_MARKER)):
+    if not names & {*_WEIGHT_FILES, RANDOM_MARKER}:
         missing.append("weights (" + " or ".join(_WEIGHT_FILES[::2]) + ")")
     # transformers 5 saves the feature extractor inside processor_config.json; 4.x wrote
     # preprocessor_config.json (the hub's seamless-m4t-v2-large still has the latter).
-    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
+    if not names & set(_PROCESSOR_FILES):
         missing.append("processor config (" + " or ".join(_PROCESSOR_FILES) + ")")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not names & set(_TOKENIZER_FILES):
         missing.append("tokenizer (" + " or ".join(_TOKENIZER_FILES) + ")")
     if missing:
         raise ModelLoadError(
-            f"model directory {str(path)!r} is incomplete: missing {', '.join(missing)}; "
+            f"model directory {where!r} is incomplete: missing {', '.join(missing)}; "
             "save it with model.save_pretrained() and processor.save_pretrained()"
+            + (f" and upload it (aws s3 sync DIR {where})" if is_url(where) else "")
         )
+
+
+def _is_weights(name: str) -> bool:
+    """A weight file (shards included): left out of :func:`model_files`' copy."""
+    return name.endswith((".safetensors", ".bin")) or name in _WEIGHT_FILES
+
+
+def synced_model_dir(url: str, *, weights: bool = True) -> Path:
+    """The local copy of the model directory at ``url`` (crossmodal/store/inputs.py: synced
+    once per node into the cache, downloaded again when an object changes); without
+    ``weights``, only its configs and processor (what the driver's checks and the planner
+    read, a few MB of a 9 GB model).
+
+    Raises:
+        ModelLoadError: no objects under ``url``, or files a model directory needs missing.
+        LocationError: an unreachable endpoint, a missing bucket or denied credentials.
+    """
+    from crossmodal.store.inputs import list_folder, sync_folder
+
+    objects = list_folder(url, role="model")
+    if not objects:
+        raise ModelLoadError(
+            f"model directory {url!r} does not exist (no objects under it); upload it "
+            f"(aws s3 sync DIR {url}) or fix the URL"
+        )
+    check_model_files(url, {o.name for o in objects if "/" not in o.name})
+    keep = None if weights else (lambda name: not _is_weights(name))
+    return sync_folder(url, objects, keep=keep, role="model")
+
+
+def model_files(source: str) -> Path | None:
+    """A local directory holding ``source``'s configs and processor (weights maybe not): its
+    own path, the organism's, a URL's synced copy without weights; None for a hub id or
+    ``random:<size>``."""
+    if source.startswith(RANDOM_PREFIX):
+        return None
+    if is_url(source):
+        return synced_model_dir(source, weights=False)
+    return _model_path(source)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -160,6 +211,8 @@ def _model_path(text: str) -> Path | None:
         from crossmodal.organism import organism_path
 
         return organism_path()
+    if is_url(text):
+        return synced_model_dir(text)
     if Path(text).expanduser().exists() or _looks_like_path(text):
         return Path(text).expanduser()
     return None
@@ -192,7 +245,7 @@ def load_model(
     if path is not None:
         _check_model_dir(path)
         if (path / RANDOM_MARKER).is_file():
-            return _load_random_dir(path, device=device, dtype=dtype)
+            return _load_random_dir(path, device=device, dtype=dtype, source=text)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     where = str(path) if path is not None else text
@@ -206,7 +259,7 @@ def load_model(
         ) from err
     model = _prepare(model.to(dev))
     commit = getattr(model.config, "_commit_hash", None)
-    rev = commit or revision or ("local:" + str(path.resolve()) if path else "unknown")
+    rev = commit or revision or _local_revision(text, path)
     loaded = LoadedModel(
         model=model,
         processor=processor,
@@ -216,6 +269,16 @@ def load_model(
     )
     check_vocabulary(loaded)
     return loaded
+
+
+def _local_revision(text: str, path: Path | None) -> str:
+    """A directory's provenance: its path; a URL's: the URL and its cache key (the digest of
+    every object's ETag, crossmodal/store/inputs.py)."""
+    if path is None:
+        return "unknown"
+    if is_url(text):
+        return f"{text}#{path.name.rsplit('-', 1)[-1]}"
+    return "local:" + str(path.resolve())
 
 
 def check_vocabulary(loaded: LoadedModel) -> None:
@@ -428,7 +491,11 @@ def write_random_model_dir(
 
 
 def _load_random_dir(
-    path: Path, *, device: str | torch.device | None, dtype: str | torch.dtype
+    path: Path,
+    *,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype,
+    source: str | None = None,
 ) -> LoadedModel:
     config = SeamlessM4Tv2Config.from_pretrained(str(path))
     seed = int(json.loads((path / RANDOM_MARKER).read_text())["seed"])
@@ -438,7 +505,7 @@ def _load_random_dir(
     loaded = LoadedModel(
         model=model.to(dev),
         processor=SeamlessM4TProcessor.from_pretrained(str(path)),
-        source=str(path),
+        source=str(path) if source is None or not is_url(source) else source,
         revision=f"random:seed={seed}",
         lang_to_code_id=dict(model.generation_config.text_decoder_lang_to_code_id or {}),
     )

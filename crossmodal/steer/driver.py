@@ -53,6 +53,7 @@ from crossmodal.store.location import (
     check_reachable,
     is_url,
     register,
+    register_inputs,
     resolve,
     upath,
     write_whole,
@@ -254,6 +255,7 @@ def run_steer(
     config = resolve_outputs(config)
     register(config.output, config.storage_options)  # an s3:// output: its endpoint, region
     register(config.selectivity.path, config.storage_options)
+    register_inputs(config)  # s3:// model and data: the same options, checked up front
     check_reachable(config.output)  # a URL: endpoint, bucket, credentials, one line each
     out = upath(config.output)
     if not is_url(out):

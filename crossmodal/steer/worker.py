@@ -27,7 +27,7 @@ from crossmodal.steer.grid import Cell, SelectivitySource, SteerConfig
 from crossmodal.steer.lid import get_identifier, lid_columns
 from crossmodal.steer.parts import CELL_FIELDS, PARTS, write_part
 from crossmodal.steer.units import CellForcing, UnitForcing
-from crossmodal.store.location import upath
+from crossmodal.store.location import is_url, upath
 
 References = dict[str, dict[str, str]]
 """Reference texts by language, then by input id."""
@@ -107,6 +107,10 @@ class SteerWorker:
         if backend != "organism":
             return self.config.lid.model_path
         model_dir = Path(self.config.model)
+        if is_url(self.config.model):  # the synced copy of its configs (store/inputs.py)
+            from crossmodal.model.load import model_files
+
+            model_dir = model_files(self.config.model)
         return str(model_dir) if (model_dir / "organism_lexicon.json").is_file() else None
 
     def __call__(self, cells: Sequence[Cell]) -> dict[str, Any]:

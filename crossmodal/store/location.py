@@ -104,6 +104,33 @@ def register(output: Any, options: Mapping[str, Any] | StorageOptions | None) ->
         os.environ[OPTIONS_ENV] = json.dumps(shared, sort_keys=True)
 
 
+def input_urls(config: Any) -> dict[str, str]:
+    """The URLs a stage config reads from (``model``, ``data.path``, ``data.audio_root``):
+    config field -> URL."""
+    data = getattr(config, "data", None)
+    fields = {
+        "model": getattr(config, "model", None),
+        "data.path": getattr(data, "path", None),
+        "data.audio_root": getattr(data, "audio_root", None),
+    }
+    return {name: str(value) for name, value in fields.items() if value and is_url(value)}
+
+
+def register_inputs(config: Any) -> None:
+    """Register the config's ``storage_options`` for each input URL it names and check each
+    up front, one line each (scheme, endpoint, bucket, read access), before any actor starts.
+    Data URLs are read through s3fs (data/fleurs.py); a model URL is synced into the local
+    cache by each process that loads it (store/inputs.py)."""
+    for role, url in input_urls(config).items():
+        if scheme(url) not in SUPPORTED:
+            raise LocationError(
+                f"{role} must be one of [a local path, an s3:// URL], got {url!r} (scheme "
+                f"{scheme(url)}:// is not supported); copy it to s3:// or to a local path"
+            )
+        register(url, config.storage_options)
+        check_reachable(url, write=False, role=role)
+
+
 def options_for(output: Any) -> StorageOptions:
     """The options registered for ``output``'s bucket in this process, else in
     :data:`OPTIONS_ENV` (a Ray worker), else defaults (the provider chain alone)."""
@@ -252,10 +279,11 @@ def error_code(err: Exception) -> str:
     return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def check_reachable(output: Any, *, write: bool = True) -> None:
+def check_reachable(output: Any, *, write: bool = True, role: str = "output") -> None:
     """For a URL: the endpoint answers, the bucket exists, the credentials may list it (and
     write it, when ``write``); each failure one :class:`LocationError` line naming the value
-    and the fix, before any actor starts. A local path: nothing to check."""
+    and the fix, before any actor starts. A local path: nothing to check. ``role`` names the
+    value in the lines (``output``, ``model``, ``data.path``)."""
     if not is_url(output):
         return
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -269,17 +297,17 @@ def check_reachable(output: Any, *, write: bool = True) -> None:
             client.put_object(Bucket=bucket, Key=probe, Body=b"")
             client.delete_object(Bucket=bucket, Key=probe)
     except NoCredentialsError:
-        raise LocationError(_credentials_line(output, "none found")) from None
+        raise LocationError(_credentials_line(output, "none found", write)) from None
     except ClientError as err:
         code = error_code(err)
         if code in ("404", "NoSuchBucket"):
             raise LocationError(
-                f"output bucket must exist, got {bucket!r} at {where} (no such bucket); "
+                f"{role} bucket must exist, got {bucket!r} at {where} (no such bucket); "
                 "create it first (aws s3 mb s3://" + bucket + ") or fix the URL"
             ) from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise LocationError(_credentials_line(output, f"denied ({code})")) from None
-        raise LocationError(f"output {str(output)!r} at {where}: {err}; check it") from None
+            raise LocationError(_credentials_line(output, f"denied ({code})", write)) from None
+        raise LocationError(f"{role} {str(output)!r} at {where}: {err}; check it") from None
     except BotoCoreError as err:  # EndpointConnectionError, timeouts, bad URL
         raise LocationError(
             f"storage_options.endpoint_url must be a reachable S3 endpoint, got {where} "
@@ -292,7 +320,14 @@ def _endpoint(output: Any) -> str:
     return repr(opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
 
 
-def _credentials_line(output: Any, what: str) -> str:
+def _credentials_line(output: Any, what: str, write: bool = True) -> str:
+    if not write:  # an input: reading is all it needs (or storage_options.anon for a public one)
+        return (
+            f"credentials for {str(output)!r} must allow reading it, got {what}; set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance or pod "
+            "role) to credentials with s3:ListBucket, s3:GetObject on it, or "
+            "storage_options.anon: true for a public bucket"
+        )
     return (
         f"credentials for {str(output)!r} must allow reading and writing it, got {what}; set "
         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance or pod role) "

@@ -1,0 +1,276 @@
+"""Inputs on object storage, against a real S3 server on 127.0.0.1 (tests/s3_server.py):
+
+- the input cache (crossmodal/store/inputs.py): a folder is downloaded once, again when an
+  object changes (its ETag), never left half written by a download that fails, and the
+  temporary folders of dead processes are removed;
+- a model directory at an ``s3://`` URL loads the same weights as the local directory, and a
+  missing or incomplete one, an unreachable endpoint or an unsupported scheme is refused in
+  one line naming the value and the fix;
+- FLEURS (raw layout, Parquet copy, alternative audio root) read from ``s3://`` gives the same
+  records and skips as the local copy;
+- a collect whose model and data both come from ``s3://`` writes the same store as the run
+  on the local copies (integration).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from s3_server import s3_server
+
+from crossmodal.model.load import ModelLoadError, load_model, model_files
+from crossmodal.organism import organism_path
+from crossmodal.store import inputs
+from crossmodal.store.location import LocationError, register, register_inputs, upath, upload_tree
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own input cache."""
+    monkeypatch.setenv(inputs.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache" / "inputs"
+
+
+def _folder(s3, files: dict[str, bytes]) -> str:
+    url = f"s3://{s3.bucket()}/in/folder"
+    register(url, s3.options)
+    for name, data in files.items():
+        upath(f"{url}/{name}").write_bytes(data)
+    return url
+
+
+def _organism_url(s3) -> str:
+    url = f"s3://{s3.bucket()}/models/organism"
+    register(url, s3.options)
+    upload_tree(Path(organism_path()), upath(url))
+    return url
+
+
+def test_a_folder_is_downloaded_once_and_again_when_an_object_changes(s3, cache, monkeypatch):
+    url = _folder(s3, {"a.json": b"{}", "sub/b.bin": b"1234"})
+    first = inputs.sync_folder(url)
+    assert (first / "a.json").read_bytes() == b"{}" and (
+        first / "sub/b.bin"
+    ).read_bytes() == b"1234"
+    calls, real = [], inputs._download
+    monkeypatch.setattr(inputs, "_download", lambda *a: calls.append(a))
+    assert inputs.sync_folder(url) == first and not calls  # cached: nothing downloaded
+    monkeypatch.setattr(inputs, "_download", real)
+    upath(f"{url}/sub/b.bin").write_bytes(b"5678")  # a new ETag
+    second = inputs.sync_folder(url)
+    assert second != first and (second / "sub/b.bin").read_bytes() == b"5678"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, second.name])
+
+
+def test_a_failed_download_leaves_no_entry_and_dead_temporaries_are_removed(s3, cache, monkeypatch):
+    url = _folder(s3, {"a.json": b"{}", "b.json": b"[]"})
+    real = inputs._stream
+
+    def breaks(body, target):
+        if target.name == "b.json":
+            raise ConnectionError("cut")
+        return real(body, target)
+
+    monkeypatch.setattr(inputs, "_stream", breaks)
+    with pytest.raises(ConnectionError):
+        inputs.sync_folder(url)
+    assert list(cache.iterdir()) == []  # neither an entry nor a temporary folder
+    monkeypatch.setattr(inputs, "_stream", real)
+    name = f"{inputs._slug(url)}-{inputs.cache_key(url, inputs.list_folder(url))}"
+    dead = cache / f".{name}.{inputs._host()}.999999999.x"  # a killed process's half download
+    (dead / "a.json").parent.mkdir(parents=True)
+    entry = inputs.sync_folder(url)
+    assert entry.name == name and not dead.exists() and (entry / "b.json").read_bytes() == b"[]"
+
+
+def test_an_object_changed_while_downloading_is_one_line(s3):
+    url = _folder(s3, {"a.json": b"{}"})
+    listed = inputs.list_folder(url)
+    upath(f"{url}/a.json").write_bytes(b"{ }")
+    with pytest.raises(LocationError) as err:
+        inputs.sync_folder(url, listed)
+    line = str(err.value)
+    assert "\n" not in line and f"{url}/a.json must stay as listed" in line
+    assert line.endswith("run again once the upload to it has finished")
+
+
+def test_a_model_at_a_url_loads_the_local_weights(s3):
+    url = _organism_url(s3)
+    remote, local = load_model(url, device="cpu"), load_model(str(organism_path()), device="cpu")
+    a, b = remote.model.state_dict(), local.model.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert remote.lang_to_code_id == local.lang_to_code_id and remote.source == url
+    assert remote.revision.startswith(url + "#")
+    meta = model_files(url)  # the driver's copy: configs and processor, no weights
+    assert (meta / "config.json").is_file() and not (meta / "model.safetensors").exists()
+
+
+def test_missing_and_incomplete_model_urls_are_one_line(s3):
+    bucket = s3.bucket()
+    missing = f"s3://{bucket}/models/none"
+    register(missing, s3.options)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(missing, device="cpu")
+    assert str(err.value) == (
+        f"model directory {missing!r} does not exist (no objects under it); upload it "
+        f"(aws s3 sync DIR {missing}) or fix the URL"
+    )
+    partial = f"s3://{bucket}/models/partial"
+    upath(f"{partial}/config.json").write_bytes(
+        (Path(organism_path()) / "config.json").read_bytes()
+    )
+    with pytest.raises(ModelLoadError) as err:
+        load_model(partial, device="cpu")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"model directory {partial!r} is incomplete")
+    assert "missing weights" in line and line.endswith(f"(aws s3 sync DIR {partial})")
+
+
+class _Config:
+    """What register_inputs reads of a stage config."""
+
+    def __init__(self, model: str, path: str | None, options: dict) -> None:
+        from types import SimpleNamespace
+
+        from crossmodal.store.location import StorageOptions
+
+        self.model = model
+        self.data = SimpleNamespace(path=path, audio_root=None)
+        self.storage_options = StorageOptions.of(options)
+
+
+def test_input_urls_are_checked_up_front(s3):
+    with pytest.raises(LocationError) as err:
+        register_inputs(_Config("organism", "gs://b/fleurs", {}))
+    assert str(err.value) == (
+        "data.path must be one of [a local path, an s3:// URL], got 'gs://b/fleurs' (scheme "
+        "gs:// is not supported); copy it to s3:// or to a local path"
+    )
+    with pytest.raises(LocationError) as err:
+        register_inputs(_Config("s3://absent-bucket/m", None, s3.options))
+    assert str(err.value).startswith("model bucket must exist, got 'absent-bucket'")
+    dead = {"endpoint_url": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    with pytest.raises(LocationError) as err:
+        register_inputs(_Config("organism", "s3://unreached-bucket/fleurs", dead))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("storage_options.endpoint_url must be a reachable")
+
+
+def test_fleurs_at_a_url_reads_like_the_local_copy(s3, tmp_path):
+    from fleurs_fixture import build_fleurs
+
+    from crossmodal.data.fleurs import FleursParquetSource, FleursSource
+
+    fx = build_fleurs(tmp_path)
+    url = f"s3://{s3.bucket()}/fleurs"
+    register(url, s3.options)
+    for local, name in ((fx.root, "raw"), (fx.parquet_root, "parquet"), (fx.audio_root, "re")):
+        upload_tree(local, upath(f"{url}/{name}"))
+    pairs = [
+        (FleursSource(fx.root), FleursSource(f"{url}/raw")),
+        (FleursParquetSource(fx.parquet_root), FleursParquetSource(f"{url}/parquet")),
+        (
+            FleursSource(fx.root, audio_root=fx.audio_root),
+            FleursSource(f"{url}/raw", audio_root=f"{url}/re"),
+        ),
+    ]
+    for local, remote in pairs:
+        for language in ("eng", "deu", "cmn") if local.audio_root is None else ("eng",):
+            a, b = list(local.records(language, "test")), list(remote.records(language, "test"))
+            assert [(r.id, r.text) for r in a] == [(r.id, r.text) for r in b] and a
+            assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b, strict=True))
+        assert local.skipped.counts == remote.skipped.counts and remote.skipped.total
+        assert local.skipped.ids == remote.skipped.ids
+
+
+def _collect(tmp: Path, model: str, data: str, options: dict | None) -> Path:
+    from crossmodal.collect.config import load_config
+    from crossmodal.collect.driver import run_collect
+
+    raw = {
+        "model": model,
+        "dtype": "float32",
+        "languages": ["eng", "deu", "cmn"],
+        "tasks": ["x2en"],
+        "modalities": ["speech", "text"],
+        "families": ["decoder"],
+        "steps": [1, 3],
+        "n_bins": 8,
+        "pilot_size": 3,
+        "batch_size": 2,
+        "max_new_tokens": 4,
+        "data": {"source": "fleurs_parquet", "path": data},
+        "output": str(tmp / "c.zarr"),
+        "shard_size": 2,
+        "keep_parts": False,
+        "actors": {"count": 1, "num_cpus": 0.5, "max_restarts": 1, "max_task_retries": 1},
+    }
+    if options:
+        raw["storage_options"] = options
+    (tmp / "collect.yaml").write_text(yaml.safe_dump(raw))
+    run_collect(load_config(tmp / "collect.yaml"), echo=lambda _: None, progress=False)
+    return tmp / "c.zarr"
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(store), mode="r")
+    return {k: np.asarray(v[...]) for k, v in root.members(max_depth=None) if hasattr(v, "dtype")}
+
+
+@pytest.mark.integration
+def test_collect_with_model_and_data_from_s3_equals_the_local_run(s3, tmp_path, monkeypatch):
+    from fleurs_fixture import build_fleurs
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    fx = build_fleurs(tmp_path / "data")
+    model = _organism_url(s3)
+    data = model.rsplit("/", 2)[0] + "/fleurs"
+    upload_tree(fx.parquet_root, upath(data))
+    (tmp_path / "local").mkdir()
+    (tmp_path / "s3").mkdir()
+    local = _collect(tmp_path / "local", str(organism_path()), str(fx.parquet_root), None)
+    remote = _collect(tmp_path / "s3", model, data, s3.options)
+    a, b = _arrays(local), _arrays(remote)
+    assert a.keys() == b.keys() and a["stats/decoder/n_examples"].sum() > 0
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    entries = [p for p in (tmp_path / "cache" / "inputs").iterdir()]
+    assert len(entries) == 2 and not any(p.name.startswith(".") for p in entries)  # full + configs
+
+
+def test_collect_refuses_missing_data_at_a_url_before_any_actor(s3, tmp_path):
+    data = f"s3://{s3.bucket()}/fleurs-absent"
+    with pytest.raises(ValueError) as err:
+        _collect(tmp_path, str(organism_path()), data, s3.options)
+    assert str(err.value) == (
+        f"data.path must be one of [an existing dataset directory], got {data!r} (no objects "
+        f"under it); only --dry-run works without the data (upload it: aws s3 sync DIR {data})"
+    )
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_cache_without_room_is_refused_before_downloading(s3, cache, monkeypatch):
+    url = _folder(s3, {"a.bin": b"x" * 1000})
+    monkeypatch.setattr(inputs.shutil, "disk_usage", lambda _: SimpleNamespace(free=10))
+    with pytest.raises(LocationError) as err:
+        inputs.sync_folder(url)
+    assert str(err.value) == (
+        f"input cache must have one of [>= 0.00 GB free] for {url!r}, got 0.00 GB at "
+        f"{str(cache)!r}; free space or set CROSSMODAL_CACHE to a larger disk"
+    )
+    assert list(cache.iterdir()) == []
