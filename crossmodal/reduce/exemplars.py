@@ -16,8 +16,9 @@ examples competes: the ``language`` column says which language each exemplar is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -184,33 +185,100 @@ def _pair_frames(store: str, family: str) -> dict[tuple[str, str, int, str], xr.
     return out
 
 
+SLOT_DIMS = ("pooling", "task", "modality", "step")
+"""The dims of ``exemplars/<family>`` before ``unit``: one exact-pass slot of a pair."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What ``exemplars/<family>`` holds: the written pairs, the units of the final top and
+    bottom sets, the slot labels and the exemplars kept per side (``n``)."""
+
+    pairs: dict[tuple[str, str, int, str], xr.Dataset]
+    units: np.ndarray
+    labels: dict[str, np.ndarray]
+    n: int
+
+    @classmethod
+    def of(cls, store: str, family: str, sets: xr.DataArray) -> _Layout:
+        pairs = _pair_frames(store, family)
+        top_bottom = sets.sel(kind=list(SIDES)).values
+        units = np.unique(top_bottom[top_bottom >= 0])
+        n = max([ds.sizes["rank"] for ds in pairs.values()], default=N_EXEMPLARS)
+        return cls(pairs, units, {d: sets[d].values for d in SLOT_DIMS}, n)
+
+    def shape(self, slot_dims: Sequence[str] = SLOT_DIMS) -> tuple[int, ...]:
+        return (*(len(self.labels[d]) for d in slot_dims), self.units.size, len(SIDES), self.n)
+
+    def slots(self, sets: xr.DataArray, pooling: str | None = None) -> Iterator[tuple]:
+        """``(at, cols, ds)`` per written pair slot (of ``pooling`` only, when given): its
+        positions along :data:`SLOT_DIMS`, the columns of its chosen units and their
+        extremes (``ds``, unit-selected)."""
+        for (task, modality, step, pool), ds in self.pairs.items():
+            labels = self.labels
+            if pool not in labels["pooling"] or task not in labels["task"]:
+                continue
+            if pooling is not None and pool != pooling:
+                continue
+            at = tuple(
+                int(np.flatnonzero(labels[d] == v)[0])
+                for d, v in zip(SLOT_DIMS, (pool, task, modality, step), strict=True)
+            )
+            chosen = sets.isel(dict(zip(SLOT_DIMS, at, strict=True))).sel(kind=list(SIDES)).values
+            keep = np.intersect1d(chosen[chosen >= 0], ds["unit"].values)
+            yield at, np.searchsorted(self.units, keep), ds.sel(unit=keep).load()
+
+
 def exemplar_dataset(store: str, family: str, sets: xr.DataArray) -> xr.Dataset:
     """``[pooling, task, modality, step, unit, side, rank]`` exemplars of the units of the
     final top and bottom sets (any scope and language) of each (pooling, task, modality,
-    step): ``value`` (NaN where none) and the texts of :data:`TEXTS` ("" where none)."""
-    pairs = _pair_frames(store, family)
-    top_bottom = sets.sel(kind=list(SIDES)).values
-    units = np.unique(top_bottom[top_bottom >= 0])
-    dims = ("pooling", "task", "modality", "step")
-    labels = {d: sets[d].values for d in dims}
-    n = max([ds.sizes["rank"] for ds in pairs.values()], default=N_EXEMPLARS)
-    shape = (*(len(v) for v in labels.values()), units.size, len(SIDES), n)
-    value = np.full(shape, np.nan, np.float32)
-    texts = {name: np.full(shape, "", dtype=object) for name in TEXTS}
-    for (task, modality, step, pooling), ds in pairs.items():
-        if pooling not in labels["pooling"] or task not in labels["task"]:
-            continue
-        at = tuple(
-            int(np.flatnonzero(labels[d] == v)[0])
-            for d, v in zip(dims, (pooling, task, modality, step), strict=True)
-        )
-        chosen = sets.isel(dict(zip(dims, at, strict=True))).sel(kind=list(SIDES)).values
-        keep = np.intersect1d(chosen[chosen >= 0], ds["unit"].values)
-        _fill(value, texts, at, np.searchsorted(units, keep), ds.sel(unit=keep).load())
-    full = (*dims, "unit", "side", "rank")
-    data = {"value": (full, value), **{k: (full, v.astype(str)) for k, v in texts.items()}}
-    coords = {**labels, "unit": units, "side": list(SIDES), "rank": np.arange(n)}
-    return xr.Dataset(data, coords=coords).assign_attrs(n=int(n))
+    step): ``value`` (NaN where none) and the texts of :data:`TEXTS` ("" where none), all in
+    memory (:func:`write_exemplars` writes the same group a pooling at a time)."""
+    lay = _Layout.of(store, family, sets)
+    value = np.full(lay.shape(), np.nan, np.float32)
+    texts = {name: np.full(lay.shape(), "", dtype=object) for name in TEXTS}
+    for at, cols, ds in lay.slots(sets):
+        _fill(value, texts, at, cols, ds)
+    full = (*SLOT_DIMS, "unit", "side", "rank")
+    data = {"value": (full, value), **{k: (full, v) for k, v in texts.items()}}
+    return xr.Dataset(data, coords=_coords(lay)).assign_attrs(n=int(lay.n))
+
+
+def _coords(lay: _Layout) -> dict[str, Any]:
+    return {**lay.labels, "unit": lay.units, "side": list(SIDES), "rank": np.arange(lay.n)}
+
+
+def write_exemplars(store: str, family: str, sets: xr.DataArray) -> str:
+    """Write ``exemplars/<family>`` (:func:`exemplar_dataset`) from the pairs the exact pass
+    wrote; returns the group. Memory: the float32 values, and the texts of one pooling at a
+    time (object arrays of the strings: never fixed-width copies, which take the longest
+    text's width in every cell; docs/benchmarks.md, "Reduce driver memory at the real
+    shapes")."""
+    lay = _Layout.of(store, family, sets)
+    value = np.full(lay.shape(), np.nan, np.float32)
+    for at, cols, ds in lay.slots(sets):
+        value[(*at, cols)] = ds["value"].transpose("unit", "side", "rank").values
+    full = (*SLOT_DIMS, "unit", "side", "rank")
+    group = exemplars_group(family)
+    ds = xr.Dataset({"value": (full, value)}, coords=_coords(lay)).assign_attrs(n=int(lay.n))
+    write_dataset(store, group, ds)
+    g = zarr.open_group(zarr_store(store), path=group, mode="r+")
+    shape = lay.shape()
+    arrays = {
+        name: g.create_array(
+            name, shape=shape, dtype=str, dimension_names=list(full), attributes={}, overwrite=True
+        )  # fmt: skip
+        for name in TEXTS
+    }  # as :func:`crossmodal.store.datasets.put_array` creates a text array
+    one = lay.shape(SLOT_DIMS[1:])
+    for p, pooling in enumerate(lay.labels["pooling"]):
+        texts = {name: np.full(one, "", dtype=object) for name in TEXTS}
+        spare = np.zeros(one, np.float32)  # _fill's values of this pooling (already written)
+        for at, cols, pair in lay.slots(sets, pooling):
+            _fill(spare, texts, at[1:], cols, pair)
+        for name, arr in arrays.items():
+            arr[p] = texts[name]
+    return group
 
 
 def _fill(
@@ -230,10 +298,3 @@ def _fill(
         col = np.asarray(ds[name].values, dtype=object)
         picked = np.where(has, col[np.clip(row, 0, max(0, col.size - 1))] if col.size else "", "")
         texts[name][(*at, cols)] = picked
-
-
-def write_exemplars(store: str, family: str, sets: xr.DataArray) -> xr.Dataset:
-    """Write ``exemplars/<family>`` from the pairs the exact pass wrote; returns it."""
-    ds = exemplar_dataset(store, family, sets)
-    write_dataset(store, exemplars_group(family), ds)
-    return ds
