@@ -187,14 +187,20 @@ def _pairs_store(path, units: np.ndarray, poolings, tasks, steps) -> None:
         write_pair(str(path), "decoder", f"{task}/speech", pair)
 
 
-def test_write_exemplars_a_pooling_at_a_time_equals_the_whole_dataset(tmp_path):
-    """write_exemplars (texts written one pooling at a time, as object arrays) writes the
-    same group, array for array (dtype, chunks, values, attrs), as writing the whole
-    in-memory exemplar_dataset."""
+@pytest.mark.parametrize("one_slot_blocks", [False, True])
+def test_write_exemplars_by_blocks_equals_the_whole_dataset(tmp_path, monkeypatch, one_slot_blocks):
+    """write_exemplars (texts written a block of chunks at a time, as object arrays; also
+    one slot at a time, blocks smaller than a chunk) writes the same group, array for array
+    (dtype, chunks, values, attrs), as writing the whole in-memory exemplar_dataset."""
     import zarr
 
+    from crossmodal.reduce import exemplars
     from crossmodal.reduce.exemplars import exemplar_dataset, write_exemplars
     from crossmodal.store.datasets import write_dataset
+
+    if one_slot_blocks:
+        whole = exemplars._chunk_blocks
+        monkeypatch.setattr(exemplars, "_chunk_blocks", lambda s, c: whole(s, (1,) * len(s)))
 
     poolings, tasks, steps = ["prefix_mean", "last"], ["x2en", "en2x"], [1, 6]
     units = np.arange(30, dtype=np.int64) * 3
@@ -260,3 +266,15 @@ def test_with_unit_coords_equals_selecting_the_view():
         np.testing.assert_array_equal(got[c].values, sel[c].values)
     with pytest.raises(KeyError, match="99"):
         with_unit_coords(half.assign_coords(unit=[7, 2, 99, 0]), view)
+
+
+def test_chunk_blocks_tile_the_leading_dims_along_chunks():
+    from crossmodal.reduce.exemplars import _chunk_blocks
+
+    blocks = list(_chunk_blocks((2, 3, 5), (1, 2, 5, 7, 9)))
+    assert len(blocks) == 2 * 2 * 1
+    seen = np.zeros((2, 3, 5), int)
+    for b in blocks:
+        seen[b] += 1
+        assert all(s.start % c == 0 for s, c in zip(b, (1, 2, 5), strict=True))
+    assert (seen == 1).all()

@@ -16,6 +16,8 @@ examples competes: the ``language`` column says which language each exemplar is.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,20 +212,23 @@ class _Layout:
     def shape(self, slot_dims: Sequence[str] = SLOT_DIMS) -> tuple[int, ...]:
         return (*(len(self.labels[d]) for d in slot_dims), self.units.size, len(SIDES), self.n)
 
-    def slots(self, sets: xr.DataArray, pooling: str | None = None) -> Iterator[tuple]:
-        """``(at, cols, ds)`` per written pair slot (of ``pooling`` only, when given): its
-        positions along :data:`SLOT_DIMS`, the columns of its chosen units and their
-        extremes (``ds``, unit-selected)."""
-        for (task, modality, step, pool), ds in self.pairs.items():
-            labels = self.labels
-            if pool not in labels["pooling"] or task not in labels["task"]:
-                continue
-            if pooling is not None and pool != pooling:
+    def slots(self, sets: xr.DataArray, within: tuple[slice, ...] | None = None) -> Iterator:
+        """``(at, cols, ds)`` per written pair slot (inside the block ``within`` of
+        :data:`SLOT_DIMS` positions only, when given): its positions along
+        :data:`SLOT_DIMS`, the columns of its chosen units and their extremes (``ds``,
+        unit-selected)."""
+        labels = self.labels
+        for (task, modality, step, pooling), ds in self.pairs.items():
+            if pooling not in labels["pooling"] or task not in labels["task"]:
                 continue
             at = tuple(
                 int(np.flatnonzero(labels[d] == v)[0])
-                for d, v in zip(SLOT_DIMS, (pool, task, modality, step), strict=True)
+                for d, v in zip(SLOT_DIMS, (pooling, task, modality, step), strict=True)
             )
+            if within is not None and not all(
+                b.start <= a < b.stop for a, b in zip(at, within, strict=True)
+            ):
+                continue
             chosen = sets.isel(dict(zip(SLOT_DIMS, at, strict=True))).sel(kind=list(SIDES)).values
             keep = np.intersect1d(chosen[chosen >= 0], ds["unit"].values)
             yield at, np.searchsorted(self.units, keep), ds.sel(unit=keep).load()
@@ -250,10 +255,10 @@ def _coords(lay: _Layout) -> dict[str, Any]:
 
 def write_exemplars(store: str, family: str, sets: xr.DataArray) -> str:
     """Write ``exemplars/<family>`` (:func:`exemplar_dataset`) from the pairs the exact pass
-    wrote; returns the group. Memory: the float32 values, and the texts of one pooling at a
-    time (object arrays of the strings: never fixed-width copies, which take the longest
-    text's width in every cell; docs/benchmarks.md, "Reduce driver memory at the real
-    shapes")."""
+    wrote; returns the group. Memory: the float32 values, and the texts of one block of
+    whole chunks along :data:`SLOT_DIMS` at a time, as object arrays of the strings (never
+    fixed-width copies, which take the longest text's width in every cell: 10.6 GB at
+    492,544 units; docs/benchmarks.md, "Reduce driver memory at the real shapes")."""
     lay = _Layout.of(store, family, sets)
     value = np.full(lay.shape(), np.nan, np.float32)
     for at, cols, ds in lay.slots(sets):
@@ -267,18 +272,31 @@ def write_exemplars(store: str, family: str, sets: xr.DataArray) -> str:
     arrays = {
         name: g.create_array(
             name, shape=shape, dtype=str, dimension_names=list(full), attributes={}, overwrite=True
-        )  # fmt: skip
+        )
         for name in TEXTS
     }  # as :func:`crossmodal.store.datasets.put_array` creates a text array
-    one = lay.shape(SLOT_DIMS[1:])
-    for p, pooling in enumerate(lay.labels["pooling"]):
+    for block in _chunk_blocks(shape[: len(SLOT_DIMS)], arrays[TEXTS[0]].chunks):
+        one = (*(b.stop - b.start for b in block), *shape[len(SLOT_DIMS) :])
+        if not math.prod(one):
+            continue  # nothing to write (no units): as put_array, which skips empty data
         texts = {name: np.full(one, "", dtype=object) for name in TEXTS}
-        spare = np.zeros(one, np.float32)  # _fill's values of this pooling (already written)
-        for at, cols, pair in lay.slots(sets, pooling):
-            _fill(spare, texts, at[1:], cols, pair)
+        spare = np.zeros(one, np.float32)  # _fill's values of this block (already written)
+        for at, cols, pair in lay.slots(sets, block):
+            _fill(
+                spare, texts, tuple(a - b.start for a, b in zip(at, block, strict=True)), cols, pair
+            )
         for name, arr in arrays.items():
-            arr[p] = texts[name]
+            arr[block] = texts[name]
     return group
+
+
+def _chunk_blocks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """The blocks of whole chunks along the leading dims ``shape`` (chunk sizes ``chunks``):
+    each write of one block replaces whole chunks (no read-modify-write)."""
+    chunks = chunks[: len(shape)]
+    grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+    for starts in itertools.product(*grid):
+        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(starts, chunks, shape, strict=True))
 
 
 def _fill(
