@@ -238,7 +238,7 @@ def exemplar_dataset(store: str, family: str, sets: xr.DataArray) -> xr.Dataset:
     """``[pooling, task, modality, step, unit, side, rank]`` exemplars of the units of the
     final top and bottom sets (any scope and language) of each (pooling, task, modality,
     step): ``value`` (NaN where none) and the texts of :data:`TEXTS` ("" where none), all in
-    memory (:func:`write_exemplars` writes the same group a pooling at a time)."""
+    memory (:func:`write_exemplars` writes the same group a block of chunks at a time)."""
     lay = _Layout.of(store, family, sets)
     value = np.full(lay.shape(), np.nan, np.float32)
     texts = {name: np.full(lay.shape(), "", dtype=object) for name in TEXTS}

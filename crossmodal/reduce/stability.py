@@ -93,7 +93,10 @@ def with_unit_coords(ap_half: xr.DataArray, view: xr.Dataset) -> xr.DataArray:
     ids = np.asarray(ap_half["unit"].values)
     pos = pd.Index(np.asarray(view["unit"].values)).get_indexer(ids)
     if np.any(pos < 0):
-        raise KeyError(f"units {ids[pos < 0][:5].tolist()} are not in the view's unit index")
+        raise KeyError(
+            f"ap_half units must be one of [the view's units], got {ids[pos < 0][:5].tolist()}; "
+            "pass the selectivity view of the store the exact pass measured"
+        )
     return ap_half.assign_coords(
         {c: ("unit", np.asarray(view[c].values)[pos]) for c in UNIT_COORDS}
     )
