@@ -159,3 +159,122 @@ def test_pair_exemplars_do_not_grow_with_examples():
 
     small, large = size(100), size(400)
     assert abs(large - small) < 0.05 * small
+
+
+def _pairs_store(path, units: np.ndarray, poolings, tasks, steps) -> None:
+    """A store holding only ``exact/decoder/exemplars``: one written pair per (task, speech)
+    with random extremes and texts of varied lengths (and one slot left without a pair)."""
+    import zarr
+
+    from crossmodal.reduce.exact import Slot
+    from crossmodal.reduce.exemplars import write_pair
+
+    zarr.open_group(str(path), mode="w", zarr_format=3)
+    rng = np.random.default_rng(1)
+    for task in tasks:
+        pair = PairExemplars()
+        for part in range(2):
+            extremes = {}
+            for step in steps:
+                for pooling in poolings:
+                    if (task, step, pooling) == (tasks[-1], steps[-1], poolings[-1]):
+                        continue  # a slot the exact pass did not measure: "" and NaN
+                    ex = Extremes.empty(units, 3)
+                    ex.update(rng.normal(size=(6, units.size)), np.arange(6))
+                    extremes[("decoder", Slot(step, pooling))] = ex
+            texts = [(f"{task}{part}-{r}", "é" * (r + 1), "long " * r) for r in range(6)]
+            pair.add(part, ["deu", "spa"][part], extremes, texts)
+        write_pair(str(path), "decoder", f"{task}/speech", pair)
+
+
+@pytest.mark.parametrize("one_slot_blocks", [False, True])
+def test_write_exemplars_by_blocks_equals_the_whole_dataset(tmp_path, monkeypatch, one_slot_blocks):
+    """write_exemplars (texts written a block of chunks at a time, as object arrays; also
+    one slot at a time, blocks smaller than a chunk) writes the same group, array for array
+    (dtype, chunks, values, attrs), as writing the whole in-memory exemplar_dataset."""
+    import zarr
+
+    from crossmodal.reduce import exemplars
+    from crossmodal.reduce.exemplars import exemplar_dataset, write_exemplars
+    from crossmodal.store.datasets import write_dataset
+
+    if one_slot_blocks:
+        whole = exemplars._chunk_blocks
+        monkeypatch.setattr(exemplars, "_chunk_blocks", lambda s, c: whole(s, (1,) * len(s)))
+
+    poolings, tasks, steps = ["prefix_mean", "last"], ["x2en", "en2x"], [1, 6]
+    units = np.arange(30, dtype=np.int64) * 3
+    rng = np.random.default_rng(2)
+    shape = (1, 2, 2, 1, 2, 2, 3, 8)  # scope, pooling, task, modality, step, language, kind, rank
+    ids = np.where(rng.random(shape) < 0.7, rng.choice(units, size=shape), -1)
+    sets = xr.DataArray(
+        ids,
+        dims=("scope", "pooling", "task", "modality", "step", "language", "kind", "rank"),
+        coords={"scope": ["all"], "pooling": poolings, "task": tasks, "modality": ["speech"],
+                "step": steps, "language": ["deu", "spa"], "kind": ["top", "bottom", "both"]},
+    )  # fmt: skip
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for store in (a, b):
+        _pairs_store(store, units, poolings, tasks, steps)
+    write_exemplars(str(a), "decoder", sets)
+    write_dataset(str(b), "exemplars/decoder", exemplar_dataset(str(b), "decoder", sets))
+    ga, gb = (zarr.open_group(str(s), path="exemplars/decoder", mode="r") for s in (a, b))
+    assert dict(ga.attrs) == dict(gb.attrs) and sorted(ga.array_keys()) == sorted(gb.array_keys())
+    for name in gb.array_keys():
+        x, y = ga[name], gb[name]
+        assert (x.dtype, x.shape, x.chunks, dict(x.attrs)) == (
+            y.dtype,
+            y.shape,
+            y.chunks,
+            dict(y.attrs),
+        )
+        assert x.metadata.dimension_names == y.metadata.dimension_names
+        u, v = (np.asarray(z[...], dtype=object if z.dtype.kind == "T" else None) for z in (x, y))
+        assert np.array_equal(u, v, equal_nan=x.dtype.kind == "f"), name
+    texts = np.asarray(ga["input"][...], dtype=object)
+    assert (texts == "").any() and (texts != "").any()  # some cells empty, some filled
+
+
+def test_with_exact_ap_leaves_a_store_view_lazy_and_equals_where(tmp_path):
+    """On a store-backed view, with_exact_ap gives np.where(finite exact, exact, view) and
+    loads nothing into the view (its AP arrays stay on disk)."""
+    from crossmodal.store.datasets import read_dataset, write_dataset
+
+    view = synthetic_selectivity(seed=3, n_units=40)
+    write_dataset(str(tmp_path / "s.zarr"), "sel", view)
+    lazy = read_dataset(str(tmp_path / "s.zarr"), "sel")
+    exact = (view["ap"].isel(unit=slice(5, 30)) * 0.5).copy()
+    exact[0, 0, 0, 1, :4] = np.nan
+    out = with_exact_ap(lazy, exact)
+    full = exact.reindex(unit=view["unit"].values).values
+    for name in ("ap", "ap_lo", "ap_hi"):
+        want = np.where(np.isfinite(full), full, view[name].values)
+        np.testing.assert_array_equal(out[name].values, want)
+        assert out[name].dtype == view[name].dtype
+        assert not lazy[name].variable._in_memory
+
+
+def test_with_unit_coords_equals_selecting_the_view():
+    from crossmodal.reduce.labels import UNIT_COORDS
+    from crossmodal.reduce.stability import with_unit_coords
+
+    view = synthetic_selectivity(seed=4, n_units=30)
+    half = xr.DataArray(np.zeros((2, 4)), dims=("half", "unit"), coords={"unit": [7, 2, 29, 0]})
+    got = with_unit_coords(half, view)
+    sel = view.sel(unit=[7, 2, 29, 0])
+    for c in UNIT_COORDS:
+        np.testing.assert_array_equal(got[c].values, sel[c].values)
+    with pytest.raises(KeyError, match="99"):
+        with_unit_coords(half.assign_coords(unit=[7, 2, 99, 0]), view)
+
+
+def test_chunk_blocks_tile_the_leading_dims_along_chunks():
+    from crossmodal.reduce.exemplars import _chunk_blocks
+
+    blocks = list(_chunk_blocks((2, 3, 5), (1, 2, 5, 7, 9)))
+    assert len(blocks) == 2 * 2 * 1
+    seen = np.zeros((2, 3, 5), int)
+    for b in blocks:
+        seen[b] += 1
+        assert all(s.start % c == 0 for s, c in zip(b, (1, 2, 5), strict=True))
+    assert (seen == 1).all()

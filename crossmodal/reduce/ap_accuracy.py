@@ -49,14 +49,21 @@ def fits_every_unit(need: int, free: int, budget: int = EVERY_UNIT_BYTES) -> boo
 
 def with_exact_ap(view: xr.Dataset, exact_ap: xr.DataArray) -> xr.Dataset:
     """``view`` with ``ap``, ``ap_lo``, ``ap_hi`` replaced by ``exact_ap`` (one pooling,
-    ``[task, modality, step, language, unit]`` over a subset of units) where it is finite."""
-    ap = view["ap"].load()
-    exact = exact_ap.reindex(unit=view["unit"].values).transpose(*ap.dims).values
+    ``[task, modality, step, language, unit]`` over a subset of units) where it is finite.
+
+    Memory: the three new arrays, the exact AP over the view's units and one array being
+    read; ``view`` itself is not loaded (a store-backed view stays lazy, docs/benchmarks.md,
+    "Reduce driver memory at the real shapes")."""
+    dims = view["ap"].dims
+    exact = exact_ap.reindex(unit=view["unit"].values).transpose(*dims).values
     have = np.isfinite(exact)
     out = {}
     for name in ("ap", "ap_lo", "ap_hi"):
-        v = view[name].load()
-        out[name] = v.copy(data=np.where(have, exact, v.values))
+        # a shallow copy reads the store without caching the values in ``view``
+        v = view[name].copy(deep=False)
+        values = np.array(v.values, dtype=np.result_type(v.dtype, exact.dtype), copy=True)
+        np.copyto(values, exact, where=have)
+        out[name] = v.copy(data=values)
     return view.assign(out)
 
 

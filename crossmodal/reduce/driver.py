@@ -477,8 +477,13 @@ class ReduceJob:
             table = sets_table(self.views[f], sets, exact_ap, f)
             meta = {"crossmodal.sets": json.dumps({"store": self.path, **self.params})}
             path = write_sets_table(table, sets_table_path(self.path, f), meta)
+            del table
             self.out["sets_tables"].append(str(path))
             views = exact_views(self.views[f], exact, self.every_unit)
+            # what follows reads exact lazily (ap_half): the loaded AP goes (docs/benchmarks.md,
+            # "Reduce driver memory at the real shapes"), as the table did once written
+            del exact_ap
+            exact = res.exact(f)
             clear_csvs(csv_root / f)
             if csv:
                 self.out["csv"] += write_csvs(views, sets, csv_root / f)

@@ -16,8 +16,11 @@ examples competes: the ``language`` column says which language each exemplar is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -184,33 +187,116 @@ def _pair_frames(store: str, family: str) -> dict[tuple[str, str, int, str], xr.
     return out
 
 
+SLOT_DIMS = ("pooling", "task", "modality", "step")
+"""The dims of ``exemplars/<family>`` before ``unit``: one exact-pass slot of a pair."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What ``exemplars/<family>`` holds: the written pairs, the units of the final top and
+    bottom sets, the slot labels and the exemplars kept per side (``n``)."""
+
+    pairs: dict[tuple[str, str, int, str], xr.Dataset]
+    units: np.ndarray
+    labels: dict[str, np.ndarray]
+    n: int
+
+    @classmethod
+    def of(cls, store: str, family: str, sets: xr.DataArray) -> _Layout:
+        pairs = _pair_frames(store, family)
+        top_bottom = sets.sel(kind=list(SIDES)).values
+        units = np.unique(top_bottom[top_bottom >= 0])
+        n = max([ds.sizes["rank"] for ds in pairs.values()], default=N_EXEMPLARS)
+        return cls(pairs, units, {d: sets[d].values for d in SLOT_DIMS}, n)
+
+    def shape(self, slot_dims: Sequence[str] = SLOT_DIMS) -> tuple[int, ...]:
+        return (*(len(self.labels[d]) for d in slot_dims), self.units.size, len(SIDES), self.n)
+
+    def slots(self, sets: xr.DataArray, within: tuple[slice, ...] | None = None) -> Iterator:
+        """``(at, cols, ds)`` per written pair slot (inside the block ``within`` of
+        :data:`SLOT_DIMS` positions only, when given): its positions along
+        :data:`SLOT_DIMS`, the columns of its chosen units and their extremes (``ds``,
+        unit-selected)."""
+        labels = self.labels
+        for (task, modality, step, pooling), ds in self.pairs.items():
+            if pooling not in labels["pooling"] or task not in labels["task"]:
+                continue
+            at = tuple(
+                int(np.flatnonzero(labels[d] == v)[0])
+                for d, v in zip(SLOT_DIMS, (pooling, task, modality, step), strict=True)
+            )
+            if within is not None and not all(
+                b.start <= a < b.stop for a, b in zip(at, within, strict=True)
+            ):
+                continue
+            chosen = sets.isel(dict(zip(SLOT_DIMS, at, strict=True))).sel(kind=list(SIDES)).values
+            keep = np.intersect1d(chosen[chosen >= 0], ds["unit"].values)
+            yield at, np.searchsorted(self.units, keep), ds.sel(unit=keep).load()
+
+
 def exemplar_dataset(store: str, family: str, sets: xr.DataArray) -> xr.Dataset:
     """``[pooling, task, modality, step, unit, side, rank]`` exemplars of the units of the
     final top and bottom sets (any scope and language) of each (pooling, task, modality,
-    step): ``value`` (NaN where none) and the texts of :data:`TEXTS` ("" where none)."""
-    pairs = _pair_frames(store, family)
-    top_bottom = sets.sel(kind=list(SIDES)).values
-    units = np.unique(top_bottom[top_bottom >= 0])
-    dims = ("pooling", "task", "modality", "step")
-    labels = {d: sets[d].values for d in dims}
-    n = max([ds.sizes["rank"] for ds in pairs.values()], default=N_EXEMPLARS)
-    shape = (*(len(v) for v in labels.values()), units.size, len(SIDES), n)
-    value = np.full(shape, np.nan, np.float32)
-    texts = {name: np.full(shape, "", dtype=object) for name in TEXTS}
-    for (task, modality, step, pooling), ds in pairs.items():
-        if pooling not in labels["pooling"] or task not in labels["task"]:
-            continue
-        at = tuple(
-            int(np.flatnonzero(labels[d] == v)[0])
-            for d, v in zip(dims, (pooling, task, modality, step), strict=True)
+    step): ``value`` (NaN where none) and the texts of :data:`TEXTS` ("" where none), all in
+    memory (:func:`write_exemplars` writes the same group a block of chunks at a time)."""
+    lay = _Layout.of(store, family, sets)
+    value = np.full(lay.shape(), np.nan, np.float32)
+    texts = {name: np.full(lay.shape(), "", dtype=object) for name in TEXTS}
+    for at, cols, ds in lay.slots(sets):
+        _fill(value, texts, at, cols, ds)
+    full = (*SLOT_DIMS, "unit", "side", "rank")
+    data = {"value": (full, value), **{k: (full, v) for k, v in texts.items()}}
+    return xr.Dataset(data, coords=_coords(lay)).assign_attrs(n=int(lay.n))
+
+
+def _coords(lay: _Layout) -> dict[str, Any]:
+    return {**lay.labels, "unit": lay.units, "side": list(SIDES), "rank": np.arange(lay.n)}
+
+
+def write_exemplars(store: str, family: str, sets: xr.DataArray) -> str:
+    """Write ``exemplars/<family>`` (:func:`exemplar_dataset`) from the pairs the exact pass
+    wrote; returns the group. Memory: the float32 values, and the texts of one block of
+    whole chunks along :data:`SLOT_DIMS` at a time, as object arrays of the strings (never
+    fixed-width copies, which take the longest text's width in every cell: 10.6 GB at
+    492,544 units; docs/benchmarks.md, "Reduce driver memory at the real shapes")."""
+    lay = _Layout.of(store, family, sets)
+    value = np.full(lay.shape(), np.nan, np.float32)
+    for at, cols, ds in lay.slots(sets):
+        value[(*at, cols)] = ds["value"].transpose("unit", "side", "rank").values
+    full = (*SLOT_DIMS, "unit", "side", "rank")
+    group = exemplars_group(family)
+    ds = xr.Dataset({"value": (full, value)}, coords=_coords(lay)).assign_attrs(n=int(lay.n))
+    write_dataset(store, group, ds)
+    g = zarr.open_group(zarr_store(store), path=group, mode="r+")
+    shape = lay.shape()
+    arrays = {
+        name: g.create_array(
+            name, shape=shape, dtype=str, dimension_names=list(full), attributes={}, overwrite=True
         )
-        chosen = sets.isel(dict(zip(dims, at, strict=True))).sel(kind=list(SIDES)).values
-        keep = np.intersect1d(chosen[chosen >= 0], ds["unit"].values)
-        _fill(value, texts, at, np.searchsorted(units, keep), ds.sel(unit=keep).load())
-    full = (*dims, "unit", "side", "rank")
-    data = {"value": (full, value), **{k: (full, v.astype(str)) for k, v in texts.items()}}
-    coords = {**labels, "unit": units, "side": list(SIDES), "rank": np.arange(n)}
-    return xr.Dataset(data, coords=coords).assign_attrs(n=int(n))
+        for name in TEXTS
+    }  # as :func:`crossmodal.store.datasets.put_array` creates a text array
+    for block in _chunk_blocks(shape[: len(SLOT_DIMS)], arrays[TEXTS[0]].chunks):
+        one = (*(b.stop - b.start for b in block), *shape[len(SLOT_DIMS) :])
+        if not math.prod(one):
+            continue  # nothing to write (no units): as put_array, which skips empty data
+        texts = {name: np.full(one, "", dtype=object) for name in TEXTS}
+        spare = np.zeros(one, np.float32)  # _fill's values of this block (already written)
+        for at, cols, pair in lay.slots(sets, block):
+            _fill(
+                spare, texts, tuple(a - b.start for a, b in zip(at, block, strict=True)), cols, pair
+            )
+        for name, arr in arrays.items():
+            arr[block] = texts[name]
+    return group
+
+
+def _chunk_blocks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """The blocks of whole chunks along the leading dims ``shape`` (chunk sizes ``chunks``):
+    each write of one block replaces whole chunks (no read-modify-write)."""
+    chunks = chunks[: len(shape)]
+    grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+    for starts in itertools.product(*grid):
+        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(starts, chunks, shape, strict=True))
 
 
 def _fill(
@@ -230,10 +316,3 @@ def _fill(
         col = np.asarray(ds[name].values, dtype=object)
         picked = np.where(has, col[np.clip(row, 0, max(0, col.size - 1))] if col.size else "", "")
         texts[name][(*at, cols)] = picked
-
-
-def write_exemplars(store: str, family: str, sets: xr.DataArray) -> xr.Dataset:
-    """Write ``exemplars/<family>`` from the pairs the exact pass wrote; returns it."""
-    ds = exemplar_dataset(store, family, sets)
-    write_dataset(store, exemplars_group(family), ds)
-    return ds

@@ -30,7 +30,8 @@ def exact_views(
     views: Mapping[str, xr.Dataset], exact: xr.Dataset, every_unit: bool
 ) -> dict[str, xr.Dataset]:
     """The selectivity views the sets pass works with: every unit's exact AP when the exact
-    pass measured every unit, else the histogram views unchanged."""
+    pass measured every unit, else the histogram views unchanged (``exact["ap"]`` is read
+    once: the driver has already loaded it for the sets)."""
     if not every_unit:
         return dict(views)
     ap = exact["ap"].load()
@@ -56,13 +57,7 @@ def write_fidelity(
     write_exemplars(store, family, sets)
     written.append(f"exemplars/{family}")
     if "ap_half" in exact:
-        half = exact["ap_half"].load()
-        per = [
-            stability(with_unit_coords(half.sel(pooling=p, drop=True), v), scopes, k).expand_dims(
-                pooling=[p]
-            )
-            for p, v in views.items()
-        ]
+        per = [_pooling_stability(exact["ap_half"], p, v, scopes, k) for p, v in views.items()]
         ds = xr.concat(per, "pooling", combine_attrs="override")
         write_dataset(store, stability_group(family), ds.transpose("pooling", "scope", ...))
         written.append(stability_group(family))
@@ -71,3 +66,12 @@ def write_fidelity(
         if stability_group(family) in g:
             del g[stability_group(family)]
     return written
+
+
+def _pooling_stability(
+    ap_half: xr.DataArray, pooling: str, view: xr.Dataset, scopes: Sequence[str], k: int
+) -> xr.Dataset:
+    """Set stability of one pooling; reads only that pooling's halves (``ap_half`` lazy:
+    one pooling in memory at a time)."""
+    half = ap_half.sel(pooling=pooling, drop=True).load()
+    return stability(with_unit_coords(half, view), scopes, k).expand_dims(pooling=[pooling])

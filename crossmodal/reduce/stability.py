@@ -84,9 +84,22 @@ def stability(ap_half: xr.DataArray, scopes: Sequence[str], k: int) -> xr.Datase
 
 
 def with_unit_coords(ap_half: xr.DataArray, view: xr.Dataset) -> xr.DataArray:
-    """``ap_half`` (exact group: bare unit ids) labelled with the view's unit coordinates."""
-    units = view.sel(unit=ap_half["unit"].values)
-    return ap_half.assign_coords({c: ("unit", units[c].values) for c in UNIT_COORDS})
+    """``ap_half`` (exact group: bare unit ids) labelled with the view's unit coordinates
+    (read from the coordinates alone: the view's AP arrays are neither copied nor loaded).
+
+    Raises:
+        KeyError: a unit of ``ap_half`` the view does not have.
+    """
+    ids = np.asarray(ap_half["unit"].values)
+    pos = pd.Index(np.asarray(view["unit"].values)).get_indexer(ids)
+    if np.any(pos < 0):
+        raise KeyError(
+            f"ap_half units must be one of [the view's units], got {ids[pos < 0][:5].tolist()}; "
+            "pass the selectivity view of the store the exact pass measured"
+        )
+    return ap_half.assign_coords(
+        {c: ("unit", np.asarray(view[c].values)[pos]) for c in UNIT_COORDS}
+    )
 
 
 def stability_frame(ds: xr.Dataset, **where: object) -> pd.DataFrame:
