@@ -114,8 +114,8 @@ class InProcessRay:
 class LocalSession:
     """A stand-in for :class:`crossmodal.fleet.RaySession`: one in-process replica, no Ray."""
 
-    def __init__(self, address: str | None = None) -> None:
-        self.address = address
+    def __init__(self, address: str | None = None, **_: Any) -> None:
+        self.address = address  # output=, progress=: one process sees every path
 
     def connect(self) -> InProcessRay:
         return InProcessRay()
