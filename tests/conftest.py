@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs asks a gs:// bucket's type over gRPC (zonal buckets), which the test GCS server
+# (tests/gcs_server.py) does not speak: one 60 s timeout per bucket. Plain JSON API only.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import shutil  # noqa: E402
 import signal  # noqa: E402

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from gcs_server import gcs_server
 from s3_server import s3_server
 
 from crossmodal.store import location
@@ -29,10 +30,23 @@ def s3():
         yield server
 
 
+@pytest.fixture(scope="module")
+def gcs():
+    with gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["s3", "gs"])
+def service(request):
+    """Each object-storage service in turn: the S3 server, then the GCS one."""
+    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+
+
 @pytest.fixture
-def url(s3):
-    out = f"s3://{s3.bucket()}/run/store.zarr"
-    register(out, s3.options)
+def url(service):
+    scheme = getattr(service, "scheme", "s3")
+    out = f"{scheme}://{service.bucket()}/run/store.zarr"
+    register(out, service.options)
     return out
 
 
@@ -83,11 +97,18 @@ def test_a_writer_that_fails_leaves_the_old_object_whole(url):
     assert target.read_bytes() == b"old" * 1000
 
 
-def test_bad_input_one_line_each(s3, url, monkeypatch):
+@pytest.fixture
+def s3_url(s3):
+    out = f"s3://{s3.bucket()}/run/store.zarr"
+    register(out, s3.options)
+    return out
+
+
+def test_bad_input_one_line_each(s3, s3_url, monkeypatch):
     cases = {
         "s3://no-such-bucket-here/x.zarr": "output bucket must exist, got 'no-such-bucket-here'",
         "ftp://host/x.zarr": "scheme ftp:// is not supported",
-        "gs://bucket/x.zarr": "scheme gs:// is not supported",
+        "az://container/x.zarr": "scheme az:// is not supported",
         "hdfs://nn/x.zarr": "scheme hdfs:// is not supported",
     }
     for out, words in cases.items():
@@ -102,7 +123,26 @@ def test_bad_input_one_line_each(s3, url, monkeypatch):
 
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # IAM auth on
     with pytest.raises(LocationError, match="got denied .403.; set AWS_ACCESS_KEY_ID"):
-        check_reachable(url)
+        check_reachable(s3_url)
+
+
+def test_bad_gs_input_one_line_each(gcs, monkeypatch):
+    register("gs://no-such-bucket-here/x.zarr", gcs.options)
+    with pytest.raises(LocationError) as err:
+        check_reachable("gs://no-such-bucket-here/x.zarr")
+    assert str(err.value).startswith("output bucket must exist, got 'no-such-bucket-here' at ")
+    assert "gcloud storage buckets create gs://no-such-bucket-here" in str(err.value)
+    register("gs://elsewhere/x.zarr", {"endpoint_url": "http://127.0.0.1:9", "anon": True})
+    with pytest.raises(LocationError, match="endpoint_url must be a reachable GCS endpoint"):
+        check_reachable("gs://elsewhere/x.zarr")
+    missing = f"gs://{gcs.bucket()}/x.zarr"  # not anonymous: the provider chain finds nothing
+    register(missing, {"endpoint_url": gcs.endpoint})
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")
+    with pytest.raises(LocationError) as err:
+        check_reachable(missing)
+    line = str(err.value)
+    assert line.startswith(f"credentials for {missing!r} must allow reading and writing it, got")
+    assert "set GOOGLE_APPLICATION_CREDENTIALS" in line and "\n" not in line
 
 
 def test_collect_refuses_a_missing_bucket_before_any_actor(s3, tmp_path, monkeypatch):
@@ -120,14 +160,17 @@ def test_collect_refuses_a_missing_bucket_before_any_actor(s3, tmp_path, monkeyp
     assert not started
 
 
-def test_open_zarr_on_the_url_gives_labelled_arrays(s3, url):
+def test_open_zarr_on_the_url_gives_labelled_arrays(service, url):
     ds = xr.Dataset(
         {"ap": (("unit", "language"), np.arange(6.0).reshape(3, 2))},
         coords={"unit": [10, 11, 12], "language": ["eng", "deu"]},
     )
     write_dataset(location.zarr_store(url), "selectivity/decoder", ds)
     got = xr.open_zarr(
-        url, group="selectivity/decoder", consolidated=False, storage_options=s3.options
+        url,
+        group="selectivity/decoder",
+        consolidated=False,
+        storage_options=location.fs_kwargs(url),
     )
     assert got["ap"].dims == ("unit", "language")
     assert [str(v) for v in got["language"].values] == ["eng", "deu"]

@@ -31,10 +31,12 @@ from typing import Any
 
 from crossmodal.store.location import (
     LocationError,
-    _endpoint,
     check_reachable,
+    endpoint_name,
     error_code,
+    gcs_client,
     s3_client,
+    scheme,
     split,
 )
 
@@ -44,7 +46,8 @@ _CHUNK = 8 << 20
 
 @dataclass(frozen=True)
 class Object:
-    """One object of a folder: its name relative to the folder, ETag and size."""
+    """One object of a folder: its name relative to the folder, version (the S3 ETag, the
+    GCS generation) and size."""
 
     name: str
     etag: str
@@ -62,6 +65,14 @@ def list_folder(url: str, *, role: str = "input") -> list[Object]:
     check_reachable(url, write=False, role=role)
     bucket, key = split(url)
     prefix = f"{key}/" if key else ""
+    if scheme(url) == "gs":
+        items = gcs_client(url).list(prefix)
+        found = [
+            Object(item["name"][len(prefix) :], str(item["generation"]), int(item["size"]))
+            for item in items
+            if not item["name"].endswith("/")
+        ]
+        return sorted(found, key=lambda o: o.name)
     pages = s3_client(url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     found = [
         Object(item["Key"][len(prefix) :], item["ETag"].strip('"'), int(item["Size"]))
@@ -76,8 +87,12 @@ def missing_folder(url: str, role: str) -> LocationError:
     """The line for a folder URL with no object under it."""
     return LocationError(
         f"{role} must be a folder of objects, got {url!r} with none under it at "
-        f"{_endpoint(url)}; upload it first (aws s3 sync DIR {url}) or fix the URL"
+        f"{endpoint_name(url)}; upload it first ({_copy_command(url)} DIR {url}) or fix the URL"
     )
+
+
+def _copy_command(url: str) -> str:
+    return "gcloud storage rsync -r" if scheme(url) == "gs" else "aws s3 sync"
 
 
 def cache_key(url: str, objects: Sequence[Object]) -> str:
@@ -144,22 +159,21 @@ def _slug(url: str) -> str:
 
 
 def _download(url: str, objects: Sequence[Object], into: Path) -> None:
-    """Each object to ``into/<name>``, streamed, read only if its ETag is still the listed
-    one, its size checked."""
-    client, (bucket, key) = s3_client(url), split(url)
-    prefix = f"{key}/" if key else ""
+    """Each object to ``into/<name>``, streamed, read only if its version (ETag, generation)
+    is still the listed one, its size checked."""
+    open_object = _gcs_reader(url) if scheme(url) == "gs" else _s3_reader(url)
     for obj in objects:
         target = into / obj.name
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            body = client.get_object(Bucket=bucket, Key=prefix + obj.name, IfMatch=obj.etag)
-        except Exception as err:  # botocore ClientError: 412 when it changed since the listing
-            code = error_code(err) or type(err).__name__
+            chunks = open_object(obj)
+        except Exception as err:  # 412 when it changed since the listing
+            code = error_code(err) or getattr(err, "status", "") or type(err).__name__
             raise LocationError(
                 f"input object {url.rstrip('/')}/{obj.name} must stay as listed while it is "
                 f"downloaded, got {code}; run again once the upload to it has finished"
             ) from None
-        written = _stream(body["Body"], target)
+        written = _stream(chunks, target)
         if written != obj.size:
             raise LocationError(
                 f"input object {url.rstrip('/')}/{obj.name} must have its listed {obj.size} "
@@ -167,10 +181,34 @@ def _download(url: str, objects: Sequence[Object], into: Path) -> None:
             )
 
 
-def _stream(body: Any, target: Path) -> int:
+def _s3_reader(url: str) -> Callable[[Object], Any]:
+    """Object -> its bytes in chunks, read with ``IfMatch`` on its listed ETag."""
+    client, (bucket, key) = s3_client(url), split(url)
+    prefix = f"{key}/" if key else ""
+
+    def open_object(obj: Object) -> Any:
+        body = client.get_object(Bucket=bucket, Key=prefix + obj.name, IfMatch=obj.etag)
+        return body["Body"].iter_chunks(_CHUNK)
+
+    return open_object
+
+
+def _gcs_reader(url: str) -> Callable[[Object], Any]:
+    """Object -> its bytes in chunks, read with ``ifGenerationMatch`` on its generation."""
+    client, (_, key) = gcs_client(url), split(url)
+    prefix = f"{key}/" if key else ""
+
+    def open_object(obj: Object) -> Any:
+        response = client.read(prefix + obj.name, obj.etag, stream=True)
+        return response.iter_content(_CHUNK)
+
+    return open_object
+
+
+def _stream(chunks: Any, target: Path) -> int:
     written = 0
     with target.open("wb") as out:
-        for chunk in body.iter_chunks(_CHUNK):
+        for chunk in chunks:
             out.write(chunk)
             written += len(chunk)
     return written

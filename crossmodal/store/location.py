@@ -1,10 +1,12 @@
 """Where an output lives: a local path or an object-storage URL, opened one way everywhere.
 
-An output (the collect store, the steering directory, the report) is a local path or an
-``s3://`` URL. This module is the one place that turns it into what the code writes through:
+An output (the collect store, the steering directory, the report) is a local path, an
+``s3://`` URL (AWS S3 or an S3-compatible service) or a ``gs://`` URL (Google Cloud Storage).
+This module is the one place that turns it into what the code writes through:
 
 - :func:`upath`: a :class:`pathlib.Path` for a local path (unchanged behaviour), a
-  :class:`upath.UPath` over s3fs for a URL (the same ``/``, ``open``, ``exists``, ``glob``);
+  :class:`upath.UPath` over s3fs or gcsfs for a URL (the same ``/``, ``open``, ``exists``,
+  ``glob``);
 - :func:`zarr_store`: the string path for a local store (Zarr's ``LocalStore``, as before), a
   :class:`zarr.storage.FsspecStore` on that UPath's filesystem for a URL.
 
@@ -26,7 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-SUPPORTED = ("s3",)
+SUPPORTED = ("s3", "gs")
+ALLOWED = "[a local path, an s3:// URL, a gs:// URL]"
+"""What an output or input may be, in the one-line refusals."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,15 @@ class StorageOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fsspec(self) -> dict[str, Any]:
-        """Keyword arguments of ``s3fs.S3FileSystem`` (only what is set)."""
+    def fsspec(self, scheme: str = "s3") -> dict[str, Any]:
+        """Keyword arguments of ``s3fs.S3FileSystem`` (``gcsfs.GCSFileSystem`` for ``gs``;
+        it has no region), only what is set."""
         out: dict[str, Any] = {}
+        if scheme == "gs":
+            return {
+                **({"token": "anon"} if self.anon else {}),
+                **({"endpoint_url": self.endpoint_url} if self.endpoint_url else {}),
+            }
         if self.anon:
             out["anon"] = True
         if self.endpoint_url:
@@ -65,7 +75,7 @@ class StorageOptions:
 
 
 def scheme(output: Any) -> str | None:
-    """The URL scheme of ``output`` (``s3``), or None for a local path."""
+    """The URL scheme of ``output`` (``s3``, ``gs``), or None for a local path."""
     m = URL.match(str(output))
     return m.group(1).lower() if m else None
 
@@ -122,11 +132,7 @@ def register_inputs(config: Any) -> None:
     Data URLs are read through s3fs (data/fleurs.py); a model URL is synced into the local
     cache by each process that loads it (store/inputs.py)."""
     for role, url in input_urls(config).items():
-        if scheme(url) not in SUPPORTED:
-            raise LocationError(
-                f"{role} must be one of [a local path, an s3:// URL], got {url!r} (scheme "
-                f"{scheme(url)}:// is not supported); copy it to s3:// or to a local path"
-            )
+        check_scheme(url, role=role)
         register(url, config.storage_options)
         check_reachable(url, write=False, role=role)
 
@@ -141,28 +147,37 @@ def options_for(output: Any) -> StorageOptions:
     return StorageOptions.of(shared.get(bucket))
 
 
-def check_scheme(output: str) -> None:
-    """Raises :class:`LocationError` for a URL scheme outputs cannot use."""
+def check_scheme(output: str, *, role: str = "output") -> None:
+    """Raises :class:`LocationError` for a URL scheme outputs (or inputs: ``role``) cannot
+    use."""
     found = scheme(output)
     if found is not None and found not in SUPPORTED:
+        fix = (
+            "write to s3:// (an S3-compatible service: storage_options.endpoint_url), to gs:// "
+            "or to a local or shared path"
+            if role == "output"
+            else "copy it to s3://, to gs:// or to a local path"
+        )
         raise LocationError(
-            f"output must be one of [a local path, an s3:// URL], got {output!r} (scheme "
-            f"{found}:// is not supported); write to s3:// (an S3-compatible service: "
-            "storage_options.endpoint_url) or to a local or shared path"
+            f"{role} must be one of {ALLOWED}, got {output!r} (scheme {found}:// is not "
+            f"supported); {fix}"
         )
 
 
 def fs_kwargs(output: Any) -> dict[str, Any]:
-    """s3fs keyword arguments for ``output``: the registered options, no listings cache
-    (other processes write the same prefixes: a cached listing would hide their objects),
-    and one request per read (``max_concurrency=1``: s3fs otherwise sends a HEAD before
-    every GET to size it; Zarr's chunks and shards are far below its 50 MB split size)."""
-    return {**options_for(output).fsspec(), "use_listings_cache": False, "max_concurrency": 1}
+    """s3fs (gcsfs) keyword arguments for ``output``: the registered options, no listings
+    cache (other processes write the same prefixes: a cached listing would hide their
+    objects), and for s3fs one request per read (``max_concurrency=1``: s3fs otherwise sends
+    a HEAD before every GET to size it; Zarr's chunks and shards are far below its 50 MB
+    split size)."""
+    found = scheme(output) or "s3"
+    out = {**options_for(output).fsspec(found), "use_listings_cache": False}
+    return out if found == "gs" else {**out, "max_concurrency": 1}
 
 
 def upath(output: Any) -> Any:
     """``output`` as a path object: :class:`pathlib.Path` for a local path (as before), an
-    s3fs-backed :class:`upath.UPath` for an ``s3://`` URL (same API: ``/``, ``open``,
+    s3fs- or gcsfs-backed :class:`upath.UPath` for a URL (same API: ``/``, ``open``,
     ``exists``, ``glob``, ``read_text``...)."""
     from pathlib import Path
 
@@ -185,7 +200,9 @@ def zarr_store(output: Any, *, read_only: bool = False) -> Any:
     if not is_url(output):
         return str(output)
     check_scheme(str(output))
-    key_store = _key_store_class()
+    from zarr.storage import FsspecStore
+
+    key_store = _key_store_class() if scheme(output) == "s3" else FsspecStore
     return key_store.from_url(str(output), storage_options=fs_kwargs(output), read_only=read_only)
 
 
@@ -286,10 +303,13 @@ def check_reachable(output: Any, *, write: bool = True, role: str = "output") ->
     value in the lines (``output``, ``model``, ``data.path``)."""
     if not is_url(output):
         return
+    if scheme(output) == "gs":
+        _check_gcs(output, write=write, role=role)
+        return
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = split(output)
-    client, where = s3_client(output), _endpoint(output)
+    client, where = s3_client(output), endpoint_name(output)
     try:
         client.head_bucket(Bucket=bucket)
         if write:  # a HEAD passes with read-only credentials: try a tiny write too
@@ -315,12 +335,73 @@ def check_reachable(output: Any, *, write: bool = True, role: str = "output") ->
         ) from None
 
 
-def _endpoint(output: Any) -> str:
+def gcs_client(output: Any) -> Any:
+    """A :class:`~crossmodal.store.gcs.GcsClient` of ``output``'s bucket with its registered
+    options and the environment's credentials (the lock, the checks, the input cache)."""
+    from crossmodal.store.gcs import GcsClient
+
     opts = options_for(output)
+    return GcsClient(split(output)[0], endpoint_url=opts.endpoint_url, anon=opts.anon)
+
+
+def _check_gcs(output: Any, *, write: bool, role: str) -> None:
+    """:func:`check_reachable` for a ``gs://`` URL."""
+    import requests
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from crossmodal.store.gcs import GcsError
+
+    bucket, key = split(output)
+    where = endpoint_name(output)
+    try:
+        client = gcs_client(output)
+        client.bucket_exists()
+        if write:  # reading the bucket passes with read-only credentials: try a tiny write
+            probe = f"{key}/.crossmodal-write-check" if key else ".crossmodal-write-check"
+            client.delete(probe, if_generation=client.put(probe, b""))
+    except DefaultCredentialsError:
+        raise LocationError(_credentials_line(output, "none found", write)) from None
+    except GcsError as err:
+        if err.status == 404:
+            raise LocationError(
+                f"{role} bucket must exist, got {bucket!r} at {where} (no such bucket); "
+                f"create it first (gcloud storage buckets create gs://{bucket}) or fix the URL"
+            ) from None
+        if err.status in (401, 403):
+            raise LocationError(
+                _credentials_line(output, f"denied ({err.status})", write)
+            ) from None
+        raise LocationError(f"{role} {str(output)!r} at {where}: {err}; check it") from None
+    except requests.RequestException as err:
+        raise LocationError(
+            f"storage_options.endpoint_url must be a reachable GCS endpoint, got {where} "
+            f"({type(err).__name__}); start the service or fix endpoint_url (or "
+            "STORAGE_EMULATOR_HOST)"
+        ) from None
+
+
+def endpoint_name(output: Any) -> str:
+    """The service ``output`` is on, for messages: its endpoint URL, else the public one."""
+    opts = options_for(output)
+    if scheme(output) == "gs":
+        from crossmodal.store.gcs import endpoint
+
+        return repr(endpoint(opts.endpoint_url))
     return repr(opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
 
 
 def _credentials_line(output: Any, what: str, write: bool = True) -> str:
+    if scheme(output) == "gs":
+        need = "storage.objects.list, storage.objects.get" + (
+            ", storage.objects.create, storage.objects.delete" if write else ""
+        )
+        verb = "reading and writing" if write else "reading"
+        return (
+            f"credentials for {str(output)!r} must allow {verb} it, got {what}; set "
+            "GOOGLE_APPLICATION_CREDENTIALS (or run gcloud auth application-default login, or "
+            f"use a workload identity) to an account with {need} on it"
+            + ("" if write else ", or storage_options.anon: true for a public bucket")
+        )
     if not write:  # an input: reading is all it needs (or storage_options.anon for a public one)
         return (
             f"credentials for {str(output)!r} must allow reading it, got {what}; set "

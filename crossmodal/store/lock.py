@@ -228,37 +228,149 @@ def lease_seconds(environ: dict[str, str] | None = None) -> float:
 
 def output_lock(output: Any, job: str, echo: Callable[[str], None] = print) -> Any:
     """The lock of ``output``: :class:`OutputLock` (``flock``) for a local path,
-    :class:`ObjectLock` (conditional create and a lease) for an ``s3://`` URL."""
+    :class:`ObjectLock` (conditional create and a lease) for an ``s3://`` or ``gs://`` URL."""
     from crossmodal.store.location import is_url
 
     return ObjectLock(output, job, echo) if is_url(output) else OutputLock(output, job, echo)
 
 
+class _Conflict(Exception):
+    """The service refused a conditional write: the object exists, changed, or is gone."""
+
+
+@dataclass(frozen=True)
+class _Found:
+    """The lock object as read: its text, version and age on the service's own clock."""
+
+    text: str
+    version: str
+    age_s: float
+
+
+class _S3LockObject:
+    """The lock object on S3: versions are ETags, "only if absent" is ``If-None-Match: *``."""
+
+    def __init__(self, path: str) -> None:
+        from crossmodal.store.location import s3_client, split
+
+        self.client = s3_client(path)
+        self.bucket, self.key = split(path)
+
+    def _put(self, body: bytes, **condition: str) -> str:
+        from crossmodal.store.location import error_code
+
+        try:
+            out = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)
+        except self.client.exceptions.ClientError as err:
+            conflicts = ("PreconditionFailed", "ConditionalRequestConflict", "404", "NoSuchKey")
+            if error_code(err) in conflicts:
+                raise _Conflict from None
+            raise
+        return out["ETag"]
+
+    def create(self, body: bytes) -> str:
+        return self._put(body, IfNoneMatch="*")
+
+    def replace(self, body: bytes, version: str) -> str:
+        return self._put(body, IfMatch=version)
+
+    def read(self) -> _Found | None:
+        from crossmodal.store.location import error_code
+
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.ClientError as err:
+            if error_code(err) in ("404", "NoSuchKey"):
+                return None
+            raise
+        age = (_server_time(got) - got["LastModified"]).total_seconds()
+        return _Found(got["Body"].read().decode(errors="replace"), got["ETag"], age)
+
+    def version(self) -> str | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key)["ETag"]
+        except self.client.exceptions.ClientError:
+            return None
+
+    def delete(self) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+
+class _GcsLockObject:
+    """The lock object on GCS: versions are generations, "only if absent" is
+    ``ifGenerationMatch=0`` (crossmodal/store/gcs.py)."""
+
+    def __init__(self, path: str) -> None:
+        from crossmodal.store.location import gcs_client, split
+
+        self.client = gcs_client(path)
+        self.key = split(path)[1]
+
+    def _put(self, body: bytes, generation: str) -> str:
+        from crossmodal.store.gcs import GcsError
+
+        try:
+            return self.client.put(self.key, body, if_generation=generation)
+        except GcsError as err:
+            if err.status in (404, 409, 412):
+                raise _Conflict from None
+            raise
+
+    def create(self, body: bytes) -> str:
+        return self._put(body, "0")
+
+    def replace(self, body: bytes, version: str) -> str:
+        return self._put(body, version)
+
+    def read(self) -> _Found | None:
+        from crossmodal.store.gcs import GcsError
+
+        stat = self.client.stat(self.key)
+        if stat is None:
+            return None
+        try:
+            text = self.client.read(self.key, stat.generation).decode(errors="replace")
+        except GcsError as err:  # rewritten or deleted between the two requests
+            if err.status in (404, 412):
+                return self.read()
+            raise
+        return _Found(text, stat.generation, (stat.server_now - stat.updated).total_seconds())
+
+    def version(self) -> str | None:
+        stat = self.client.stat(self.key)
+        return stat.generation if stat else None
+
+    def delete(self) -> None:
+        self.client.delete(self.key)
+
+
 class ObjectLock:
     """Exclusive lock of an output on object storage for one run; a context manager.
 
-    ``<output>/crossmodal.lock`` is created with ``If-None-Match: *`` (the service refuses
-    the create when the object exists, atomically), holding the :class:`LockInfo` JSON and the
-    lease. A heartbeat thread rewrites it every lease/4 with ``If-Match`` on its ETag. When
-    the create is refused, the existing lock is read: last written (the service's own
-    ``Last-Modified``, compared with the service's ``Date``: no client clock involved) less
-    than a lease ago -> the holder is alive -> :class:`LockError` with the local lock's line;
-    older -> the holder died -> taken over with ``If-Match`` on the stale ETag (of two runs
+    ``<output>/crossmodal.lock`` is created only if absent (S3: ``If-None-Match: *``; GCS:
+    ``ifGenerationMatch=0``: the service refuses the create when the object exists,
+    atomically), holding the :class:`LockInfo` JSON and the lease. A heartbeat thread
+    rewrites it every lease/4, only if it is still the version this run wrote (S3:
+    ``If-Match`` on its ETag; GCS: ``ifGenerationMatch`` on its generation). When the create
+    is refused, the existing lock is read: last written (the service's own last-modified
+    time, compared with the service's ``Date``: no client clock involved) less than a lease
+    ago -> the holder is alive -> :class:`LockError` with the local lock's line; older -> the
+    holder died -> taken over with a write conditional on the stale version (of two runs
     taking over at once, one wins) and a one-line message. Released by deleting the object.
     """
 
     def __init__(self, output: Any, job: str, echo: Callable[[str], None] = print) -> None:
-        from crossmodal.store.location import s3_client, split
+        from crossmodal.store.location import scheme
 
         self.output = str(output).rstrip("/")
         self.path = f"{self.output}/{LOCK_NAME}"
-        self.bucket, self.key = split(self.path)
         self.job, self.echo = job, echo
         self.lease = lease_seconds()
-        self.client = s3_client(self.output)
+        gcs = scheme(self.output) == "gs"
+        self.object = _GcsLockObject(self.path) if gcs else _S3LockObject(self.path)
         self.took_over: LockInfo | None = None
         self.lost = False
-        self._etag: str | None = None
+        self._version: str | None = None
         self._stop: Any = None
         self._thread: Any = None
 
@@ -280,24 +392,15 @@ class ObjectLock:
         )
         return json.dumps({**asdict(info), "lease_s": self.lease}).encode()
 
-    def _put(self, **condition: str) -> str:
-        out = self.client.put_object(
-            Bucket=self.bucket, Key=self.key, Body=self._body(), **condition
-        )
-        return out["ETag"]
-
     def acquire(self) -> None:
         """Take the lock (see the class docstring), then start the heartbeat."""
-        from crossmodal.store.location import error_code
-
         self._started = datetime.now(UTC).isoformat(timespec="seconds")
         for _ in range(_RETRIES):
             try:
-                self._etag = self._put(IfNoneMatch="*")
+                self._version = self.object.create(self._body())
                 break
-            except self.client.exceptions.ClientError as err:
-                if error_code(err) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    raise
+            except _Conflict:
+                pass
             if self._take_over_stale():
                 break
         else:
@@ -309,31 +412,22 @@ class ObjectLock:
     def _take_over_stale(self) -> bool:
         """The lock exists: refuse a live holder, take over a stale one (True), or False when
         it vanished meanwhile (create again)."""
-        from crossmodal.store.location import error_code
-
-        try:
-            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except self.client.exceptions.ClientError as err:
-            if error_code(err) in ("404", "NoSuchKey"):
-                return False
-            raise
-        text = got["Body"].read().decode(errors="replace")
-        held, lease = _parse(text), _lease_of(text, self.lease)
-        server_now = _server_time(got)
-        age = (server_now - got["LastModified"]).total_seconds()
-        if age < lease + 1:  # HTTP dates count whole seconds: one second of margin
+        found = self.object.read()
+        if found is None:
+            return False
+        held, lease = _parse(found.text), _lease_of(found.text, self.lease)
+        if found.age_s < lease + 1:  # HTTP dates count whole seconds: one second of margin
             raise LockError(_busy_line(self.output, held, "is locked"))
         try:
-            self._etag = self._put(IfMatch=got["ETag"])
-        except self.client.exceptions.ClientError as err:
-            if error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "404"):
-                return False  # another run took it over first: try again (it will be live)
-            raise
+            self._version = self.object.replace(self._body(), found.version)
+        except _Conflict:
+            return False  # another run took it over first: try again (it will be live)
         self.took_over = held
         who = held.describe() if held else "a run (no owner recorded)"
         self.echo(
             f"taking over the stale lock of {self.output!r}: {who} sent no heartbeat for "
-            f"{age:.0f} s (lease {lease:.0f} s; it did not finish; this run resumes what it left)"
+            f"{found.age_s:.0f} s (lease {lease:.0f} s; it did not finish; this run resumes "
+            "what it left)"
         )
         return True
 
@@ -345,43 +439,35 @@ class ObjectLock:
         self._thread.start()
 
     def _beat(self) -> None:
-        """Renew the lease every lease/4 with ``If-Match``; a refused renewal means another run
-        took the lock over (this one was presumed dead): say so once and stop renewing."""
-        from crossmodal.store.location import error_code
-
+        """Renew the lease every lease/4, only if the lock is still this run's version; a
+        refused renewal means another run took the lock over (this one was presumed dead):
+        say so once and stop renewing."""
         while not self._stop.wait(self.lease / 4):
             try:
-                self._etag = self._put(IfMatch=self._etag or "*")
-            except self.client.exceptions.ClientError as err:
-                if error_code(err) in ("PreconditionFailed", "404", "NoSuchKey"):
-                    self.lost = True
-                    self.echo(
-                        f"lost the lock of {self.output!r}: another run took it over (this one "
-                        f"sent no heartbeat for over {self.lease:.0f} s); stop this run"
-                    )
-                    return
+                self._version = self.object.replace(self._body(), str(self._version))
+            except _Conflict:
+                self.lost = True
+                self.echo(
+                    f"lost the lock of {self.output!r}: another run took it over (this one "
+                    f"sent no heartbeat for over {self.lease:.0f} s); stop this run"
+                )
+                return
             except Exception:  # noqa: BLE001 - a transient network error: the next beat retries
                 continue
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock object if it is still ours (idempotent)."""
-        if self._etag is None:
+        if self._version is None:
             return
         self._stop.set()
         self._thread.join()
-        etag, self._etag = self._etag, None
-        if self.lost:
-            return
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
-        except self.client.exceptions.ClientError:
-            return
-        if head["ETag"] == etag:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        version, self._version = self._version, None
+        if not self.lost and self.object.version() == version:
+            self.object.delete()
 
     @property
     def held(self) -> bool:
-        return self._etag is not None
+        return self._version is not None
 
 
 def _busy_line(output: str, held: LockInfo | None, verb: str) -> str:
