@@ -2,7 +2,9 @@
 
 - the input cache (crossmodal/store/inputs.py): a folder is downloaded once, again when an
   object changes (its ETag), never left half written by a download that fails, and the
-  temporary folders of dead processes are removed;
+  temporary folders of dead processes are removed; a damaged entry (a file cut short, no
+  manifest) is downloaded again under the same name; ``CROSSMODAL_CACHE_MAX_GB`` evicts the
+  least recently used entries but never the one just returned nor one in use;
 - a model directory at an ``s3://`` URL loads the same weights as the local directory, and a
   missing or incomplete one, an unreachable endpoint or an unsupported scheme is refused in
   one line naming the value and the fix;
@@ -15,6 +17,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,6 +99,110 @@ def test_a_failed_download_leaves_no_entry_and_dead_temporaries_are_removed(s3, 
     (dead / "a.json").parent.mkdir(parents=True)
     entry = inputs.sync_folder(url)
     assert entry.name == name and not dead.exists() and (entry / "b.json").read_bytes() == b"[]"
+
+
+def _counting(monkeypatch) -> list:
+    """The calls to inputs._download from now on (each still downloads)."""
+    calls, real = [], inputs._download
+    monkeypatch.setattr(inputs, "_download", lambda *a: (calls.append(a), real(*a))[1])
+    return calls
+
+
+def _no_temporaries(cache: Path) -> bool:
+    return not any(p.name.startswith(".") for p in cache.iterdir())
+
+
+def test_a_damaged_entry_is_downloaded_again_under_the_same_name(s3, cache, monkeypatch, capsys):
+    url = _folder(s3, {"a.json": b"{}", "sub/b.bin": b"1234"})
+    first = inputs.sync_folder(url)
+    assert (first / inputs.MANIFEST).is_file()
+    calls = _counting(monkeypatch)
+    assert inputs.sync_folder(url) == first and not calls  # whole: reused
+    os.truncate(first / "sub/b.bin", 2)  # cut short by hand
+    assert inputs.sync_folder(url) == first and len(calls) == 1
+    assert (first / "sub/b.bin").read_bytes() == b"1234" and _no_temporaries(cache)
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        f"warning: input cache entry {str(first)!r} must hold every listed object whole, got "
+        "'sub/b.bin' with 2 of its listed 4 bytes; downloading it again"
+    )
+    (first / "a.json").unlink()  # removed by hand
+    assert inputs.sync_folder(url) == first and len(calls) == 2
+    assert (first / "a.json").read_bytes() == b"{}"
+    assert "'a.json' missing" in capsys.readouterr().err
+    assert inputs.sync_folder(url) == first and len(calls) == 2  # whole again: reused
+
+
+def test_an_entry_without_a_manifest_is_downloaded_again(s3, cache, monkeypatch, capsys):
+    url = _folder(s3, {"a.json": b"{}"})
+    entry = inputs.sync_folder(url)
+    (entry / inputs.MANIFEST).unlink()  # as an entry of an older version
+    calls = _counting(monkeypatch)
+    assert inputs.sync_folder(url) == entry and len(calls) == 1
+    assert (entry / inputs.MANIFEST).is_file() and (entry / "a.json").read_bytes() == b"{}"
+    assert f"got no {inputs.MANIFEST} (an entry of an older version" in capsys.readouterr().err
+    assert inputs.sync_folder(url) == entry and len(calls) == 1 and _no_temporaries(cache)
+
+
+def _age(entry: Path, seconds: float) -> None:
+    """Make ``entry`` look last used ``seconds`` ago."""
+    then = time.time() - seconds
+    os.utime(entry / inputs.LAST_USED, (then, then))
+
+
+def _three(s3) -> list[str]:
+    urls = [f"s3://{s3.bucket()}/in/f{i}" for i in range(3)]
+    for url in urls:
+        register(url, s3.options)
+        upath(f"{url}/w.bin").write_bytes(b"x" * 1000)
+    return urls
+
+
+def test_the_least_recently_used_entries_are_evicted_over_the_limit(s3, cache, monkeypatch):
+    monkeypatch.setenv(inputs.MAX_ENV, "0.0000025")  # 2,500 bytes: two of the 1,000-byte folders
+    urls = _three(s3)
+    a, b, c = (inputs.sync_folder(url) for url in urls)
+    assert a.is_dir() and b.is_dir()  # over the limit, but all used just now: none evicted
+    _age(b, 2 * 3600)
+    _age(a, 3 * 3600)  # the least recently used
+    assert inputs.sync_folder(urls[2]) == c  # a reuse evicts too
+    assert not a.exists() and b.is_dir() and (c / "w.bin").read_bytes() == b"x" * 1000
+    assert _no_temporaries(cache)
+    _age(b, 3600)
+    _age(c, 2 * 3600)  # now c is the oldest: the next sync of b evicts it, not b
+    monkeypatch.setenv(inputs.MAX_ENV, "0.0000015")
+    assert inputs.sync_folder(urls[1]) == b and b.is_dir() and not c.exists()
+
+
+def test_the_entry_just_returned_is_never_evicted(s3, cache, monkeypatch):
+    monkeypatch.setenv(inputs.MAX_ENV, "0.0000005")  # 500 bytes: less than one folder
+    monkeypatch.setattr(inputs, "IN_USE_S", 0)  # no entry counts as in use
+    urls = _three(s3)
+    first = inputs.sync_folder(urls[0])
+    assert (first / "w.bin").read_bytes() == b"x" * 1000  # alone over the limit, kept
+    second = inputs.sync_folder(urls[1])
+    assert not first.exists() and (second / "w.bin").read_bytes() == b"x" * 1000
+    assert [p.name for p in cache.iterdir()] == [second.name]
+
+
+def test_an_entry_used_while_it_is_moved_aside_is_put_back(s3, cache):
+    entry = inputs.sync_folder(_folder(s3, {"a.json": b"{}"}))
+    assert not inputs._move_aside(entry, still=lambda moved: False)  # used meanwhile
+    assert (entry / "a.json").read_bytes() == b"{}" and _no_temporaries(cache)
+    assert inputs._move_aside(entry, still=lambda moved: True)
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-1", "inf"])
+def test_a_bad_cache_limit_is_one_line_before_any_download(s3, cache, monkeypatch, value):
+    monkeypatch.setenv(inputs.MAX_ENV, value)
+    with pytest.raises(LocationError) as err:
+        inputs.sync_folder(_folder(s3, {"a.json": b"{}"}))
+    assert str(err.value) == (
+        f"CROSSMODAL_CACHE_MAX_GB must be one of [a number of GB > 0, unset for no limit], got "
+        f"{value!r}; fix it or unset CROSSMODAL_CACHE_MAX_GB"
+    )
+    assert not cache.exists()
 
 
 def test_an_object_changed_while_downloading_is_one_line(s3):
