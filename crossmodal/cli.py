@@ -31,7 +31,7 @@ config_argument = click.argument("config", type=click.Path(exists=True, dir_okay
 
 
 class StorePath(click.Path):
-    """A store: an existing local directory, or an ``s3://`` URL (checked by the command)."""
+    """A store: an existing local directory, or an ``s3://`` / ``gs://`` URL (checked by the command)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         from crossmodal.store.location import is_url

@@ -2,8 +2,9 @@
 ``gcp-storage-emulator`` (PyPI), in this process on a free port.
 
 The emulator implements uploads, downloads, listings and deletes, but not request
-preconditions, which the output lock stands on. :class:`_PreconditionRouter` adds the one
-GCS defines for writes and reads (docs: cloud.google.com/storage/docs/request-preconditions):
+preconditions, which the output lock stands on, nor suffix ranges (``Range: bytes=-N``, how
+Zarr reads a shard's index). :class:`_PreconditionRouter` adds both: the precondition GCS
+defines for writes and reads (docs: cloud.google.com/storage/docs/request-preconditions):
 a request with ``ifGenerationMatch=G`` proceeds only if the object's generation is G (``0``:
 only if no object exists), else it is answered ``412 Precondition Failed``. The server
 handles one request at a time, so the check and the write are atomic, as on GCS.
@@ -13,6 +14,7 @@ Clients reach it anonymously (``storage_options.anon``), through ``endpoint_url`
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +66,14 @@ def _router_class():
             url = urlparse(handler.path)
             query = parse_qs(url.query)
             target = _target(url.path, query)
+            suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", handler.headers.get("Range") or "")
+            if suffix and target:  # GCS serves the last N bytes; the emulator only start-end
+                try:
+                    size = int(handler.storage.get_file_obj(*target)["size"])
+                except NotFound:
+                    size = 0
+                del handler.headers["Range"]
+                handler.headers["Range"] = f"bytes={max(size - int(suffix[1]), 0)}-"
             if "ifGenerationMatch" in query and target:
                 try:
                     now = str(handler.storage.get_file_obj(*target)["generation"])
@@ -94,6 +104,9 @@ def gcs_server() -> Iterator[GcsServer]:
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
     server.Router = _router_class()  # RequestHandler looks the name up per request
     running = server.create_server("127.0.0.1", 0, in_memory=True)
+    # In memory there is nothing to persist, but the emulator re-serialises every object's
+    # metadata after each write (quadratic in the objects a run writes): skip it.
+    running._storage._write_config_to_file = lambda: None
     running.start()
     host, port = running._api._httpd.server_address[:2]
     try:

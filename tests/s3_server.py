@@ -27,6 +27,7 @@ class S3Server:
     """A running server: its endpoint, and a fresh bucket per call of :meth:`bucket`."""
 
     endpoint: str
+    scheme: str = "s3"
 
     @property
     def options(self) -> dict[str, str]:

@@ -412,7 +412,7 @@ def test_an_output_a_node_does_not_see_is_refused_before_any_actor(
         assert failure.code == 2 and "\n" not in failure.line
         assert failure.line.startswith(f"output {str(out)!r} is a local path that 1 of 4 Ray ")
         assert failure.line.endswith(
-            "use an s3:// URL for output, or a volume every node mounts at that same path"
+            "use an s3:// or gs:// URL for output, or a volume every node mounts at that same path"
         )
         manifest = zarr.open_group(str(out), mode="r")["manifest"].attrs.asdict()
         assert manifest["parts"] == {} and manifest["edges"] == {}

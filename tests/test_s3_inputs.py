@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from gcs_server import gcs_server
 from s3_server import s3_server
 
 from crossmodal.model.load import ModelLoadError, load_model, model_files
@@ -248,6 +249,31 @@ def test_missing_and_incomplete_model_urls_are_one_line(s3):
     assert "missing weights" in line and line.endswith(f"(aws s3 sync DIR {partial})")
 
 
+def test_a_model_at_a_gs_url_loads_the_local_weights_and_is_refreshed(monkeypatch):
+    """The same from ``gs://`` (tests/gcs_server.py): listed with generations, each object
+    read only at its listed generation; a missing model names the gcloud upload."""
+    with gcs_server() as gcs:
+        url = f"gs://{gcs.bucket()}/models/organism"
+        register(url, gcs.options)
+        upload_tree(Path(organism_path()), upath(url))
+        remote, local = load_model(url, device="cpu"), load_model(str(organism_path()))
+        a, b = remote.model.state_dict(), local.model.state_dict()
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        first = inputs.sync_folder(url)
+        upath(f"{url}/config.json").write_bytes(upath(f"{url}/config.json").read_bytes())
+        assert inputs.sync_folder(url) != first  # a new generation: downloaded again
+        upath(f"{url}/a.json").write_bytes(b"{}")  # a listing no entry was made from
+        listed = inputs.list_folder(url)
+        upath(f"{url}/a.json").write_bytes(b"{ }")
+        with pytest.raises(LocationError, match="a.json must stay as listed .*412"):
+            inputs.sync_folder(url, listed)
+        missing = f"gs://{gcs.bucket()}/models/none"
+        register(missing, gcs.options)
+        with pytest.raises(ModelLoadError) as err:
+            load_model(missing, device="cpu")
+        assert str(err.value).endswith(f"(gcloud storage rsync -r DIR {missing}) or fix the URL")
+
+
 class _Config:
     """What register_inputs reads of a stage config."""
 
@@ -263,10 +289,11 @@ class _Config:
 
 def test_input_urls_are_checked_up_front(s3):
     with pytest.raises(LocationError) as err:
-        register_inputs(_Config("organism", "gs://b/fleurs", {}))
+        register_inputs(_Config("organism", "az://b/fleurs", {}))
     assert str(err.value) == (
-        "data.path must be one of [a local path, an s3:// URL], got 'gs://b/fleurs' (scheme "
-        "gs:// is not supported); copy it to s3:// or to a local path"
+        "data.path must be one of [a local path, an s3:// URL, a gs:// URL], got "
+        "'az://b/fleurs' (scheme az:// is not supported); copy it to s3://, to gs:// or to a "
+        "local path"
     )
     with pytest.raises(LocationError) as err:
         register_inputs(_Config("s3://absent-bucket/m", None, s3.options))

@@ -1,5 +1,6 @@
 """The organism pipeline with every output on ``s3://`` (a real S3 server on 127.0.0.1,
-tests/s3_server.py), against the same pipeline on local disk:
+tests/s3_server.py) and on ``gs://`` (a GCS server, tests/gcs_server.py), against the same
+pipeline on local disk:
 
 - collect (Ray actors writing their shards to the bucket) -> reduce -> steer -> report gives
   the same arrays, sets table, steering tables and report as the local run;
@@ -28,6 +29,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
+from gcs_server import gcs_server
 from helpers import collect_config
 from s3_server import s3_server
 
@@ -35,7 +37,7 @@ from crossmodal.fleet.faults import DIR_ENV, ENV, FAULT_EXIT_CODE
 from crossmodal.organism import organism_path
 from crossmodal.pipeline import load_pipeline, run_pipeline
 from crossmodal.store import results
-from crossmodal.store.location import read_parquet, register, upath, zarr_store
+from crossmodal.store.location import fs_kwargs, read_parquet, register, upath, zarr_store
 from crossmodal.store.lock import LEASE_ENV, LockError, ObjectLock
 
 pytestmark = pytest.mark.integration
@@ -86,24 +88,35 @@ def _steer(store: str) -> dict:
     return raw  # no storage_options: the pipeline gives it the collect config's
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def s3(request):
+    """Each object-storage service in turn (the name stays: S3 first, then GCS)."""
+    with s3_server() if request.param == "s3" else gcs_server() as server:
         yield server
 
 
+QUIET = {"progress": False, "echo": lambda _: None}
+
+
 @pytest.fixture(scope="module")
-def runs(s3, tmp_path_factory):
-    """The same pipeline on local disk and on s3:// (each with its own in-process Ray)."""
-    local_dir, s3_dir = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("s3")
+def local_run(tmp_path_factory):
+    """The pipeline on local disk (in-process Ray), once for both services."""
+    local_dir = tmp_path_factory.mktemp("local")
     local = load_pipeline(
         _pipeline(local_dir, str(local_dir / "c.zarr"), str(local_dir / "rep"), None)
     )
+    return run_pipeline(local, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def runs(local_run, s3, tmp_path_factory):
+    """The same pipeline on local disk and on the service (each with its own in-process Ray)."""
+    s3_dir = tmp_path_factory.mktemp(s3.scheme)
     bucket = s3.bucket()
-    url = f"s3://{bucket}/study/c.zarr"
-    remote = load_pipeline(_pipeline(s3_dir, url, f"s3://{bucket}/study/rep", s3.options))
-    quiet = {"progress": False, "echo": lambda _: None}
-    return run_pipeline(local, **quiet), run_pipeline(remote, **quiet), url, s3_dir
+    url = f"{s3.scheme}://{bucket}/study/c.zarr"
+    report = f"{s3.scheme}://{bucket}/study/rep"
+    remote = load_pipeline(_pipeline(s3_dir, url, report, s3.options))
+    return local_run, run_pipeline(remote, **QUIET), url, s3_dir
 
 
 COLLECTED = ("stats/", "edges/", "concentration/")
@@ -134,7 +147,7 @@ def assert_same_store(a, b, prefixes: tuple[str, ...] = ()) -> None:
 
 def test_pipeline_on_s3_equals_the_local_run(runs, s3):
     local, remote, url, _ = runs
-    assert remote["store"] == url and remote["report"].startswith("s3://")
+    assert remote["store"] == url and remote["report"].startswith(f"{s3.scheme}://")
     assert_same_store(local["store"], url)  # collect and reduce groups alike
     sets_local = read_parquet(Path(local["store"]).parent / "c-sets")
     sets_s3 = read_parquet(upath(url).parent / "c-sets")
@@ -143,7 +156,9 @@ def test_pipeline_on_s3_equals_the_local_run(runs, s3):
     files_s3 = sorted(p.name for p in upath(remote["report"]).rglob("*") if p.is_file())
     assert files_local == files_s3 and "summary.md" in files_s3
     assert local["headline"] == remote["headline"] or _same_headline(local, remote)
-    ds = xr.open_zarr(url, group="stats/decoder", consolidated=False, storage_options=s3.options)
+    ds = xr.open_zarr(
+        url, group="stats/decoder", consolidated=False, storage_options=fs_kwargs(url)
+    )
     assert "unit" in ds.dims and "language" in ds.dims and ds.sizes["unit"] > 0
 
 
@@ -161,7 +176,7 @@ def test_steering_on_s3_equals_the_local_run(runs, s3):
     assert [str(r) for r in results.open(url).steering_runs()] == [steer]
     for table in ("summary", "results"):
         here = pd.read_parquet(Path(local["steer"]) / f"{table}.parquet")
-        there = pd.read_parquet(f"{steer}/{table}.parquet", storage_options=s3.options)
+        there = pd.read_parquet(f"{steer}/{table}.parquet", storage_options=fs_kwargs(steer))
         pd.testing.assert_frame_equal(here, there)
     assert "control_steering" in remote["headline"]
     report = {p.name for p in upath(remote["report"]).rglob("*") if p.is_file()}
@@ -199,7 +214,7 @@ def test_two_concurrent_collects_second_refused(runs, s3, tmp_path):
     from crossmodal.collect.config import load_config
     from crossmodal.collect.driver import run_collect
 
-    url = f"s3://{s3.bucket()}/c.zarr"
+    url = f"{s3.scheme}://{s3.bucket()}/c.zarr"
     raw = collect_config(organism_path(), url, **SMALL)  # type: ignore[arg-type]
     config = load_config({**raw, "storage_options": s3.options})
     results: list[object] = []
@@ -223,7 +238,7 @@ def test_two_concurrent_collects_second_refused(runs, s3, tmp_path):
 
 def test_killed_collect_resumes_to_identical_results(runs, s3, tmp_path):
     local = runs[0]
-    url = f"s3://{s3.bucket()}/c.zarr"
+    url = f"{s3.scheme}://{s3.bucket()}/c.zarr"
     register(url, s3.options)  # for this process's checks of the bucket
     raw = collect_config(organism_path(), url, **SMALL)  # type: ignore[arg-type]
     cfg = tmp_path / "collect.json"

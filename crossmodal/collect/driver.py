@@ -41,6 +41,7 @@ from crossmodal.store.integrity import repairable, scan
 from crossmodal.store.layout import StoreError
 from crossmodal.store.location import (
     check_reachable,
+    copy_command,
     is_local,
     is_url,
     register,
@@ -251,7 +252,7 @@ def _refuse_estimated(config: CollectConfig, plan: Plan) -> None:
         raise ValueError(
             f"data.path must be one of [an existing dataset directory], got "
             f"{config.data.path!r}{' (no objects under it)' * url}; only --dry-run works "
-            "without the data" + f" (upload it: aws s3 sync DIR {config.data.path})" * url
+            "without the data" + f" (upload it: {copy_command(str(config.data.path))})" * url
         )
 
 

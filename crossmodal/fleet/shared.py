@@ -111,6 +111,6 @@ def check_output_shared(ray: ModuleType, output: Any) -> None:
         raise UnsharedOutputError(
             f"output {str(directory)!r} is a local path that {len(blind)} of {total} Ray "
             f"nodes do not see ({names} found no check file there), so their actors' parts "
-            "would be missing at the merge; use an s3:// URL for output, or a "
+            "would be missing at the merge; use an s3:// or gs:// URL for output, or a "
             "volume every node mounts at that same path"
         )

@@ -28,7 +28,7 @@ from transformers import (
     SeamlessM4Tv2Model,
 )
 
-from crossmodal.store.location import is_url
+from crossmodal.store.location import copy_command, is_url
 
 REFERENCE_MODEL = "facebook/seamless-m4t-v2-large"
 ORGANISM = "organism"
@@ -157,7 +157,7 @@ def check_model_files(where: str, names: set[str]) -> None:
         raise ModelLoadError(
             f"model directory {where!r} is incomplete: missing {', '.join(missing)}; "
             "save it with model.save_pretrained() and processor.save_pretrained()"
-            + (f" and upload it (aws s3 sync DIR {where})" if is_url(where) else "")
+            + (f" and upload it ({copy_command(where)})" if is_url(where) else "")
         )
 
 
@@ -182,7 +182,7 @@ def synced_model_dir(url: str, *, weights: bool = True) -> Path:
     if not objects:
         raise ModelLoadError(
             f"model directory {url!r} does not exist (no objects under it); upload it "
-            f"(aws s3 sync DIR {url}) or fix the URL"
+            f"({copy_command(url)}) or fix the URL"
         )
     check_model_files(url, {o.name for o in objects if "/" not in o.name})
     keep = None if weights else (lambda name: not _is_weights(name))

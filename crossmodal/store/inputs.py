@@ -46,6 +46,7 @@ from typing import Any
 from crossmodal.store.location import (
     LocationError,
     check_reachable,
+    copy_command,
     endpoint_name,
     error_code,
     gcs_client,
@@ -105,12 +106,8 @@ def missing_folder(url: str, role: str) -> LocationError:
     """The line for a folder URL with no object under it."""
     return LocationError(
         f"{role} must be a folder of objects, got {url!r} with none under it at "
-        f"{endpoint_name(url)}; upload it first ({_copy_command(url)} DIR {url}) or fix the URL"
+        f"{endpoint_name(url)}; upload it first ({copy_command(url)}) or fix the URL"
     )
-
-
-def _copy_command(url: str) -> str:
-    return "gcloud storage rsync -r" if scheme(url) == "gs" else "aws s3 sync"
 
 
 def cache_key(url: str, objects: Sequence[Object]) -> str:

@@ -335,6 +335,13 @@ def check_reachable(output: Any, *, write: bool = True, role: str = "output") ->
         ) from None
 
 
+def copy_command(url: str) -> str:
+    """The command that uploads a local folder DIR to ``url``, for the fix in messages."""
+    if scheme(url) == "gs":
+        return f"gcloud storage rsync -r DIR {url}"
+    return f"aws s3 sync DIR {url}"
+
+
 def gcs_client(output: Any) -> Any:
     """A :class:`~crossmodal.store.gcs.GcsClient` of ``output``'s bucket with its registered
     options and the environment's credentials (the lock, the checks, the input cache)."""
@@ -358,7 +365,7 @@ def _check_gcs(output: Any, *, write: bool, role: str) -> None:
         client.bucket_exists()
         if write:  # reading the bucket passes with read-only credentials: try a tiny write
             probe = f"{key}/.crossmodal-write-check" if key else ".crossmodal-write-check"
-            client.delete(probe, if_generation=client.put(probe, b""))
+            client.delete(probe, if_generation=client.put(probe, b"ok"))
     except DefaultCredentialsError:
         raise LocationError(_credentials_line(output, "none found", write)) from None
     except GcsError as err:
