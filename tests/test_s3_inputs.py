@@ -11,7 +11,10 @@
 - FLEURS (raw layout, Parquet copy, alternative audio root) read from ``s3://`` gives the same
   records and skips as the local copy;
 - a collect whose model and data both come from ``s3://`` writes the same store as the run
-  on the local copies (integration).
+  on the local copies (integration);
+- on ``gs://`` (a GCS server, tests/gcs_server.py): FLEURS reads like the local copy, and a
+  model directory loads the local weights, is downloaded again when an object's generation
+  changes, and an object replaced mid-download is refused in one line.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ logging.getLogger("werkzeug").setLevel(logging.ERROR)
 def s3():
     with s3_server() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    with gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["s3", "gs"])
+def service(request):
+    """Each object-storage service in turn: the S3 server, then the GCS one."""
+    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")
 
 
 @pytest.fixture(autouse=True)
@@ -249,29 +264,28 @@ def test_missing_and_incomplete_model_urls_are_one_line(s3):
     assert "missing weights" in line and line.endswith(f"(aws s3 sync DIR {partial})")
 
 
-def test_a_model_at_a_gs_url_loads_the_local_weights_and_is_refreshed(monkeypatch):
+def test_a_model_at_a_gs_url_loads_the_local_weights_and_is_refreshed(gcs):
     """The same from ``gs://`` (tests/gcs_server.py): listed with generations, each object
     read only at its listed generation; a missing model names the gcloud upload."""
-    with gcs_server() as gcs:
-        url = f"gs://{gcs.bucket()}/models/organism"
-        register(url, gcs.options)
-        upload_tree(Path(organism_path()), upath(url))
-        remote, local = load_model(url, device="cpu"), load_model(str(organism_path()))
-        a, b = remote.model.state_dict(), local.model.state_dict()
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-        first = inputs.sync_folder(url)
-        upath(f"{url}/config.json").write_bytes(upath(f"{url}/config.json").read_bytes())
-        assert inputs.sync_folder(url) != first  # a new generation: downloaded again
-        upath(f"{url}/a.json").write_bytes(b"{}")  # a listing no entry was made from
-        listed = inputs.list_folder(url)
-        upath(f"{url}/a.json").write_bytes(b"{ }")
-        with pytest.raises(LocationError, match="a.json must stay as listed .*412"):
-            inputs.sync_folder(url, listed)
-        missing = f"gs://{gcs.bucket()}/models/none"
-        register(missing, gcs.options)
-        with pytest.raises(ModelLoadError) as err:
-            load_model(missing, device="cpu")
-        assert str(err.value).endswith(f"(gcloud storage rsync -r DIR {missing}) or fix the URL")
+    url = f"gs://{gcs.bucket()}/models/organism"
+    register(url, gcs.options)
+    upload_tree(Path(organism_path()), upath(url))
+    remote, local = load_model(url, device="cpu"), load_model(str(organism_path()))
+    a, b = remote.model.state_dict(), local.model.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    first = inputs.sync_folder(url)
+    upath(f"{url}/config.json").write_bytes(upath(f"{url}/config.json").read_bytes())
+    assert inputs.sync_folder(url) != first  # a new generation: downloaded again
+    upath(f"{url}/a.json").write_bytes(b"{}")  # a listing no entry was made from
+    listed = inputs.list_folder(url)
+    upath(f"{url}/a.json").write_bytes(b"{ }")
+    with pytest.raises(LocationError, match="a.json must stay as listed .*412"):
+        inputs.sync_folder(url, listed)
+    missing = f"gs://{gcs.bucket()}/models/none"
+    register(missing, gcs.options)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(missing, device="cpu")
+    assert str(err.value).endswith(f"(gcloud storage rsync -r DIR {missing}) or fix the URL")
 
 
 class _Config:
@@ -305,14 +319,14 @@ def test_input_urls_are_checked_up_front(s3):
     assert "\n" not in line and line.startswith("storage_options.endpoint_url must be a reachable")
 
 
-def test_fleurs_at_a_url_reads_like_the_local_copy(s3, tmp_path):
+def test_fleurs_at_a_url_reads_like_the_local_copy(service, tmp_path):
     from fleurs_fixture import build_fleurs
 
     from crossmodal.data.fleurs import FleursParquetSource, FleursSource
 
     fx = build_fleurs(tmp_path)
-    url = f"s3://{s3.bucket()}/fleurs"
-    register(url, s3.options)
+    url = f"{service.scheme}://{service.bucket()}/fleurs"
+    register(url, service.options)
     for local, name in ((fx.root, "raw"), (fx.parquet_root, "parquet"), (fx.audio_root, "re")):
         upload_tree(local, upath(f"{url}/{name}"))
     pairs = [
