@@ -200,9 +200,7 @@ def zarr_store(output: Any, *, read_only: bool = False) -> Any:
     if not is_url(output):
         return str(output)
     check_scheme(str(output))
-    from zarr.storage import FsspecStore
-
-    key_store = _key_store_class() if scheme(output) == "s3" else FsspecStore
+    key_store = _key_store_class()
     return key_store.from_url(str(output), storage_options=fs_kwargs(output), read_only=read_only)
 
 
@@ -211,15 +209,20 @@ def _key_store_class() -> type:
     from zarr.storage import FsspecStore
 
     class KeyStore(FsspecStore):
-        """FsspecStore whose ``exists`` is one HEAD: a Zarr key is an object, never a
-        "directory", so s3fs's LIST fallback after a 404 (for prefixes) is never needed."""
+        """FsspecStore whose ``exists`` is one request: a Zarr key is an object, never a
+        "directory", so the LIST that s3fs and gcsfs send after a 404 (to find a prefix)
+        is never needed (docs/benchmarks.md, "Outputs on object storage")."""
 
         async def exists(self, key: str) -> bool:
             if not key:
                 return bool(await self.fs._exists(self.path))
-            bucket, name, _ = self.fs.split_path(f"{self.path}/{key}")
-            try:  # s3fs maps a 404 to FileNotFoundError; other errors pass up
-                await self.fs._call_s3("head_object", Bucket=bucket, Key=name)
+            path = f"{self.path}/{key}"
+            try:  # both map a 404 to FileNotFoundError; other errors pass up
+                if "gs" in self.fs.protocol:
+                    await self.fs._get_object(path)  # one GET of the object's metadata
+                else:
+                    bucket, name, _ = self.fs.split_path(path)
+                    await self.fs._call_s3("head_object", Bucket=bucket, Key=name)
             except FileNotFoundError:
                 return False
             return True
