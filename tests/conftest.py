@@ -120,3 +120,18 @@ def shipped_organism() -> Path:
         return organism_path()
     except OrganismMissingError as err:
         pytest.fail(str(err))
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A GCS server on 127.0.0.1 for the module (tests/gcs_server.py)."""
+    from gcs_server import gcs_server
+
+    with gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["s3", "gs"])
+def service(request):
+    """Each object-storage service in turn: the module's ``s3`` server, then ``gcs``."""
+    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")

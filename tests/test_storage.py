@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from gcs_server import gcs_server
 from s3_server import s3_server
 
 from crossmodal.store import location
@@ -28,18 +27,6 @@ logging.getLogger("werkzeug").setLevel(logging.ERROR)
 def s3():
     with s3_server() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["s3", "gs"])
-def service(request):
-    """Each object-storage service in turn: the S3 server, then the GCS one."""
-    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")
 
 
 @pytest.fixture
