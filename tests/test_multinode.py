@@ -47,24 +47,24 @@ from crossmodal.fleet.faults import NODE_ROOT_ENV, node_view
 from crossmodal.fleet.shared import CHECK_PREFIX, check_output_shared, is_local
 
 RAY = str(Path(sys.executable).parent / "ray")
+# A killed node refuses the check's connection at once, so it is declared dead after about
+# threshold x period (5 s); a live node starved of CPU (2 cores, a Torch run beside it) must
+# miss threshold checks of timeout each (25 s) in a row before it is wrongly declared dead.
 FAST_HEALTH_CHECK = {
-    "RAY_health_check_period_ms": "500",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "5000",
+    "RAY_health_check_failure_threshold": "5",
 }
 
 
-def _node_ports() -> list[str]:
-    """Every port a node opens, free ones: several nodes share this machine."""
-    names = (
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
-    )
-    return [f"--{name}={port}" for name, port in zip(names, free_ports(len(names)), strict=True)]
+NODE_PORTS = (
+    "node-manager-port",  # first: it names the node in ``ray.nodes()`` (NodeManagerPort)
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -98,6 +98,7 @@ class LocalCluster:
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, subprocess.Popen] = {}  # the live ones
         self.names: list[str] = []  # every node started, in order
+        self.manager_port: dict[str, int] = {}
         head = [
             "--head",
             f"--port={self.port}",
@@ -121,8 +122,11 @@ class LocalCluster:
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> None:
         cmd = [RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0", *args]
         cmd += [f"--temp-dir={self.temp_dir(name)}", "--node-ip-address=127.0.0.1"]
-        cmd += ["--disable-usage-stats", *_node_ports()]
+        ports = free_ports(len(NODE_PORTS))  # several nodes share this machine
+        cmd += ["--disable-usage-stats"]
+        cmd += [f"--{flag}={port}" for flag, port in zip(NODE_PORTS, ports, strict=True)]
         self.names.append(name)
+        self.manager_port[name] = ports[0]
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the node
         self.nodes[name] = subprocess.Popen(
             cmd, env={**self.env, **env}, start_new_session=True, stdout=log, stderr=log
@@ -132,18 +136,22 @@ class LocalCluster:
     def add_worker(self, name: str, env: dict[str, str] | None = None) -> None:
         self._start(name, [f"--address={self.address}"], env or {})
 
-    def alive(self) -> int:
-        """How many nodes the GCS counts alive (a short-lived driver connection)."""
+    def alive_names(self) -> set[str]:
+        """The nodes the GCS counts alive (a short-lived driver connection)."""
         script = (
             "import ray; ray.init(log_to_driver=False); "
-            "print('alive', sum(n['Alive'] for n in ray.nodes()))"
+            "print('alive', *[n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])"
         )
         env = {**self.env, "RAY_ADDRESS": self.address}
         out = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
         )
-        counts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("alive ")]
-        return int(counts[-1]) if counts else 0  # Ray may print its own lines too
+        rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("alive")]
+        ports = {int(port) for port in rows[-1]} if rows else set()  # Ray prints lines too
+        return {name for name, port in self.manager_port.items() if port in ports}
+
+    def alive(self) -> int:
+        return len(self.alive_names())
 
     def wait_alive(self, n: int, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -151,6 +159,15 @@ class LocalCluster:
             if time.time() > deadline:
                 raise RuntimeError(f"expected {n} alive Ray nodes; logs under {self.root}")
             time.sleep(1)
+
+    def replace_lost(self, timeout: float = 60) -> None:
+        """Kill every started node the GCS has not counted alive within ``timeout`` (a node
+        it declared dead never rejoins, even if its processes run on)."""
+        deadline = time.time() + timeout
+        while (lost := set(self.nodes) - self.alive_names()) and time.time() < deadline:
+            time.sleep(1)
+        for name in lost:
+            self.kill(name)
 
     def kill(self, name: str) -> None:
         """SIGKILL the node's process group and every descendant: the whole node at once."""
@@ -232,7 +249,10 @@ def _safe(ready: Callable[[], bool]) -> bool:
 
 
 def _three_nodes(cluster: LocalCluster) -> None:
-    """Back to a head and two workers (a new worker for each one an earlier test killed)."""
+    """Back to a head and two workers: a new worker for each one an earlier test killed or
+    the GCS declared dead."""
+    cluster.replace_lost()
+    assert "head" in cluster.nodes, f"the Ray head was lost; logs under {cluster.root}"
     while len(cluster.nodes) < 3:
         cluster.add_worker(f"w{len(cluster.names)}")
     cluster.wait_alive(3)
