@@ -79,6 +79,14 @@ def test_processor_has_the_real_vocabulary_and_language_ids(processor) -> None:
     assert all(4 <= i <= SPM_PIECES for i in encoded[1:-1])
 
 
+def test_language_ids_match_the_real_checkpoint() -> None:
+    """The tag ids the real ``facebook/seamless-m4t-v2-large`` emits in transformers'
+    integration tests (docs/benchmarks.md, "The real-vocabulary processor"): the target tag
+    after the decoder start for eng, swh and rus, and the source tag of a French input."""
+    ids = language_ids()
+    assert (ids["eng"], ids["fra"], ids["rus"], ids["swh"]) == (256022, 256026, 256074, 256084)
+
+
 def test_random_model_directory_loads_like_a_checkpoint(tmp_path) -> None:
     path = write_random_model_dir(tmp_path / "m", seed=3, **SMALL)
     assert not any(path.glob("*.safetensors"))
