@@ -6,7 +6,7 @@ process group, so nothing can rely on a path only the driver's node sees. Killin
 SIGKILLs its ``ray start`` process group and every descendant of it (Ray's worker processes
 run in groups of their own): its raylet, its agents and its actors die at once, as when a
 machine is lost. The head runs the GCS with a short health check (``RAY_health_check_*``),
-so a dead node is declared dead within about 2 s instead of Ray's default 30 s.
+so a killed node is declared dead within about 5 s instead of Ray's default 30 s.
 
 Integration (marked):
 - collect: three Collector actors land on three different nodes (each node's own log
@@ -160,7 +160,7 @@ class LocalCluster:
                 raise RuntimeError(f"expected {n} alive Ray nodes; logs under {self.root}")
             time.sleep(1)
 
-    def replace_lost(self, timeout: float = 60) -> None:
+    def kill_lost(self, timeout: float = 60) -> None:
         """Kill every started node the GCS has not counted alive within ``timeout`` (a node
         it declared dead never rejoins, even if its processes run on)."""
         deadline = time.time() + timeout
@@ -251,7 +251,7 @@ def _safe(ready: Callable[[], bool]) -> bool:
 def _three_nodes(cluster: LocalCluster) -> None:
     """Back to a head and two workers: a new worker for each one an earlier test killed or
     the GCS declared dead."""
-    cluster.replace_lost()
+    cluster.kill_lost()
     assert "head" in cluster.nodes, f"the Ray head was lost; logs under {cluster.root}"
     while len(cluster.nodes) < 3:
         cluster.add_worker(f"w{len(cluster.names)}")

@@ -17,8 +17,9 @@ builds a stand-in deterministically and caches it:
   256,001..256,098: the model's ``text_decoder_lang_to_code_id`` (``eng`` 256,022, ``deu``
   256,020, ``spa`` 256,081), whose ids are the alphabetical rank after the sentencepiece
   vocabulary (``eng``, ``fra``, ``rus`` and ``swh`` checked against the real checkpoint's
-  output: docs/benchmarks.md, "The real-vocabulary processor"). The model's last three ids (256,099..256,101) have no token: the embedding
-  table is larger than the tokenizer, as the config's vocabulary size says;
+  output: docs/benchmarks.md, "The real-vocabulary processor"). The model's last three ids
+  (256,099..256,101) have no token: the embedding table is larger than the tokenizer, as the
+  config's vocabulary size says;
 - the real feature extractor with its defaults.
 
 Building takes about half a minute; the directory (``processor_dir``) is written once and
