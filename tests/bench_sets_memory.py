@@ -81,6 +81,15 @@ def sets_pass(path: str) -> None:
         f: exact_plan(job.views[f], job.k, job.scopes, job.widen, job.every_unit)
         for f in job.pending
     }
+    plans = [ds for f in job.pending for ds in job.plans[f].plans.values()]
+    used = sum(int((ds["candidate"] >= 0).sum()) for ds in plans)
+    slots = sum(ds["candidate"].size for ds in plans)
+    print(
+        f"selection plans: {sum(ds.nbytes for ds in plans) / 1e9:.2f} GB; candidate slots "
+        f"used {used:,} of {slots:,}; widths {[ds.sizes['slot'] for ds in plans]}",
+        flush=True,
+    )
+    del plans
     PHASE[0] = "sets (other)"
     print(f"resident before the sets pass: {_rss() / 1e9:.2f} GB", flush=True)
     start = time.time()

@@ -470,7 +470,11 @@ class ReduceJob:
         for f in self.pending:
             exact = res.exact(f)
             exact_ap = exact["ap"].load()
-            sets = final_sets(self.plans[f].plans, exact_ap, self.config.poolings, self.scopes)
+            # the selection plans serve this call only: popped, so they are freed before the
+            # analyses (docs/benchmarks.md, "Reduce driver memory at the real shapes")
+            plans = self.plans.pop(f).plans
+            sets = final_sets(plans, exact_ap, self.config.poolings, self.scopes)
+            del plans
             sets = sets.rename("units").assign_attrs(**self.params, exact=True)
             write_dataset(self.path, sets_group(f), sets)
             self.fault.reached("reduce.sets.written")
