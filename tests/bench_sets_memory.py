@@ -82,11 +82,12 @@ def sets_pass(path: str) -> None:
         for f in job.pending
     }
     plans = [ds for f in job.pending for ds in job.plans[f].plans.values()]
-    used = sum(int((ds["candidate"] >= 0).sum()) for ds in plans)
-    slots = sum(ds["candidate"].size for ds in plans)
+    widest = [int(ds["candidate_count"].max()) for ds in plans]
+    rows = sum(ds["candidate_count"].size for ds in plans)
     print(
-        f"selection plans: {sum(ds.nbytes for ds in plans) / 1e9:.2f} GB; candidate slots "
-        f"used {used:,} of {slots:,}; widths {[ds.sizes['slot'] for ds in plans]}",
+        f"selection plans: {sum(ds.nbytes for ds in plans) / 1e9:.2f} GB; "
+        f"{sum(ds.sizes['entry'] for ds in plans):,} candidates in {rows:,} rows; the widest "
+        f"row of each plan: {widest}",
         flush=True,
     )
     del plans

@@ -18,10 +18,13 @@ from crossmodal.reduce.roles import ROLE_TASKS, role_table, roles
 from crossmodal.reduce.selection import (
     CSV_COLUMNS,
     _classify,
+    _tie_ranks,
     exact_units,
     expand_scopes,
     finalize_selection,
+    iter_conditions,
     parse_scope,
+    plan_candidates,
     plan_exact,
     scope_mask,
     select_sets,
@@ -220,6 +223,31 @@ def test_plan_rejects_inverted_bounds() -> None:
     ds["ap_lo"], ds["ap_hi"] = ds["ap_hi"], ds["ap_lo"]
     with pytest.raises(ValueError, match=r"ap_lo must be one of \[<= ap_hi\]"):
         plan_exact(ds, k=5)
+
+
+def test_ragged_candidates_are_each_rows_classification() -> None:
+    """Each (condition, side) row of the ragged plan holds exactly the candidates of that
+    row's own classification, with their bounds; exact_units unions them per pair."""
+    ds = synthetic_selectivity(seed=3, slack=0.05)
+    ids, k = ds["unit"].values, 9
+    plan = plan_exact(ds, k=k)
+    count = plan["candidate_count"]
+    assert int(count.sum()) == plan.sizes["entry"] and int(count.max()) > int(count.min())
+    union: dict[tuple, set[int]] = {}
+    for at in iter_conditions(count, list(count.dims)):
+        cond = {d: i for d, i in at.items() if d != "side"}
+        lo, hi = (ds[n].isel(cond).values for n in ("ap_lo", "ap_hi"))
+        fin = np.flatnonzero(np.isfinite(ds["ap"].isel(cond).values) & np.isfinite(lo + hi))
+        a, b = (lo, hi) if at["side"] == 0 else (-hi, -lo)
+        _, cand = _classify(a[fin], b[fin], _tie_ranks(ids[fin]), k)
+        got, got_lo, got_hi = plan_candidates(plan, at)
+        assert sorted(got.tolist()) == sorted(ids[fin[cand]].tolist())
+        pos = pd.Index(ids).get_indexer(got)
+        np.testing.assert_array_equal(got_lo, lo[pos])
+        np.testing.assert_array_equal(got_hi, hi[pos])
+        key = (str(ds["task"].values[at["task"]]), str(ds["modality"].values[at["modality"]]))
+        union.setdefault(key, set()).update(got.tolist())
+    assert {key: set(v.tolist()) for key, v in exact_units(plan).items()} == union
 
 
 def test_plan_with_exact_bounds_has_no_candidates_and_matches_select_sets() -> None:

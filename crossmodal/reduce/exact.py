@@ -175,12 +175,7 @@ class ExactPlan:
 
 def _plan_units(plan: xr.Dataset, names: Sequence[str]) -> dict[tuple, np.ndarray]:
     """The unit ids of the plan variables ``names``, per (task, modality, step)."""
-    by = ("task", "modality", "step")
-    out: dict[tuple, np.ndarray] = {}
-    for name in names:
-        for key, ids in exact_units(plan[[name]].rename({name: "candidate"}), by).items():
-            out[key] = np.union1d(out.get(key, np.zeros(0, np.int64)), ids)
-    return out
+    return exact_units(plan, ("task", "modality", "step"), members=names)
 
 
 def _by_slot(plans: Mapping[tuple[str, str], xr.Dataset], names: Sequence[str]) -> dict:

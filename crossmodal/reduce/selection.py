@@ -20,7 +20,8 @@ Exact selection (docs/method.md, "Selectivity"): histogram AP only brackets the 
 which lies in ``[ap_lo, ap_hi]``, so the sets histogram AP ranks need not be the sets exact
 AP ranks. :func:`plan_exact` splits each condition's units into certainly in the top-k,
 certainly out, and *candidates* (in the top-k for some values inside the intervals, out for
-others). The reduce job measures exact AP for the candidates and the certain members (its
+others); the candidates of all conditions are stored one after another (ragged), since their
+number varies by orders of magnitude between conditions. The reduce job measures exact AP for the candidates and the certain members (its
 exact pass); :func:`finalize_selection` then returns the sets exact AP would select.
 Membership is exact; within a set, units are ordered by exact AP where it was measured (every
 member, in the reduce job) and by histogram ``ap`` otherwise.
@@ -41,6 +42,8 @@ UNIT = "unit"
 KINDS = ("top", "bottom", "both")
 SIDES = ("top", "bottom")
 _PLAN_VARS = ("certain", "certain_ap", "candidate", "candidate_lo", "candidate_hi")
+CANDIDATE_VARS = _PLAN_VARS[2:]
+"""The plan's ragged variables, over its ``entry`` dim (:func:`plan_exact`)."""
 GROUPS = {
     "all": None,
     "attention": ("self_attn", "cross_attn"),
@@ -284,9 +287,14 @@ def plan_exact(
             histogram bounds and the exact pass; 0 when the bounds are guaranteed).
 
     Returns:
-        Dataset ``[*conditions, side]`` with ``certain`` / ``certain_ap`` (rank dim, k) and
-        ``candidate`` / ``candidate_lo`` / ``candidate_hi`` (slot dim, the most candidates of
-        any condition); ids padded with -1, values with NaN. Memory: k + candidates per row.
+        Dataset with ``certain`` / ``certain_ap`` ``[*conditions, side, rank]`` (k ranks; ids
+        padded with -1, values with NaN) and the candidates, ragged: ``candidate`` /
+        ``candidate_lo`` / ``candidate_hi`` over ``entry``, the rows of ``[*conditions,
+        side]`` one after another in C order, each row's ``candidate_count`` entries from
+        ``candidate_start``. Memory: k per row plus the candidates (a padded layout would be
+        as wide as the condition with the most: 5x the memory at the real shapes,
+        docs/benchmarks.md, "Reduce driver memory at the real shapes"). Read a row with
+        :func:`plan_candidates`.
     """
     check_k(k)
     if not widen >= 0:
@@ -313,14 +321,36 @@ def plan_exact(
             c = c[np.lexsort((ids[c], -sign * v[c]))]
             for name, vals in zip(_PLAN_VARS, (ids[c], v[c], ids[m], lo[m], hi[m]), strict=True):
                 rows[name].append(vals)
-    width = max([1] + [c.size for c in rows["candidate"]])
     out = xr.Dataset()
-    for name, part in rows.items():
-        n, extra = (k, "rank") if name.startswith("certain") else (width, "slot")
-        padded = _pad(part, n, -1 if name in ("certain", "candidate") else np.nan)
-        out[name] = _labelled(ds["ap"], dims, padded, {"side": SIDES, extra: range(n)})
+    for name in ("certain", "certain_ap"):
+        padded = _pad(rows[name], k, -1 if name == "certain" else np.nan)
+        out[name] = _labelled(ds["ap"], dims, padded, {"side": SIDES, "rank": range(k)})
+    count = np.array([c.size for c in rows["candidate"]], dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    for name, flat in (("candidate_start", start), ("candidate_count", count)):
+        out[name] = _labelled(ds["ap"], dims, flat, {"side": SIDES})
+    for name in CANDIDATE_VARS:
+        empty = np.zeros(0, np.int64 if name == "candidate" else np.float64)
+        out[name] = ("entry", np.concatenate([empty, *rows[name]]))
     out.attrs.update(_scope_attrs(k, group, layer), widen=float(widen))
     return out
+
+
+def plan_candidates(plan: xr.Dataset, at: dict[str, int]) -> tuple[np.ndarray, ...]:
+    """One row's candidate ids, ``candidate_lo`` and ``candidate_hi``; ``at``: positions
+    along every dim of ``candidate_count`` (the conditions and ``side``)."""
+    start = int(plan["candidate_start"].isel(at).values)
+    stop = start + int(plan["candidate_count"].isel(at).values)
+    return tuple(np.asarray(plan[n].values[start:stop]) for n in CANDIDATE_VARS)
+
+
+def _entries_at(plan: xr.Dataset, at: dict[str, int]) -> np.ndarray:
+    """Bool ``[entry]``: the candidates of the rows ``at`` selects (positions along some of
+    the row dims; the others are all taken)."""
+    count = plan["candidate_count"]
+    rows = np.zeros(count.shape, dtype=bool)
+    rows[tuple(at.get(d, slice(None)) for d in count.dims)] = True
+    return np.repeat(rows.ravel(), np.asarray(count.values).ravel())
 
 
 def exact_units(
@@ -335,14 +365,21 @@ def exact_units(
     variables to include; ``("candidate", "certain")`` also re-measures the units surely in
     a set, so every member of the final sets has an exact AP (what the reduce job does).
     """
-    cand = plan["candidate"]
-    missing = [d for d in by if d not in cand.dims]
+    rows = plan["candidate_count"]
+    missing = [d for d in by if d not in rows.dims]
     if missing:
-        raise ValueError(f"by must be one of {list(cand.dims)}, got {missing!r}; pick plan dims")
+        raise ValueError(f"by must be one of {list(rows.dims)}, got {missing!r}; pick plan dims")
     out: dict[tuple, np.ndarray] = {}
-    for cond in iter_conditions(cand, list(by)):
-        vals = np.concatenate([np.asarray(plan[m].isel(cond).values).ravel() for m in members])
-        key = tuple(cand[d].values[i].item() for d, i in cond.items())
+    for cond in iter_conditions(rows, list(by)):
+        vals = np.concatenate(
+            [
+                np.asarray(plan[m].values)[_entries_at(plan, cond)]
+                if m == "candidate"
+                else np.asarray(plan[m].isel(cond).values).ravel()
+                for m in members
+            ]
+        )
+        key = tuple(rows[d].values[i].item() for d, i in cond.items())
         out[key] = np.unique(vals[vals >= 0])
     return out
 
@@ -374,9 +411,7 @@ def finalize_selection(plan: xr.Dataset, exact_ap: xr.DataArray) -> xr.DataArray
         sides = []
         for side, sign in enumerate((1.0, -1.0)):
             cert, cert_v = _valid(plan, {**cond, "side": side}, "certain", "certain_ap")
-            cand, lo, hi = _valid(
-                plan, {**cond, "side": side}, "candidate", "candidate_lo", "candidate_hi"
-            )
+            cand, lo, hi = plan_candidates(plan, {**cond, "side": side})
             if exact_row is None and (cand.size or cert.size):
                 exact_row = _exact_row(exact_ap, labels, required=bool(cand.size))
             val = _lookup(exact_row, lookup, cand)
