@@ -254,6 +254,27 @@ def test_with_exact_ap_leaves_a_store_view_lazy_and_equals_where(tmp_path):
         assert not lazy[name].variable._in_memory
 
 
+def test_with_exact_ap_of_every_unit_is_one_shared_array(tmp_path):
+    """When exact AP covers every value the view has (the every-unit exact pass), the three
+    variables are one read-only array, equal to np.where(finite exact, exact, view)."""
+    from crossmodal.store.datasets import read_dataset, write_dataset
+
+    view = synthetic_selectivity(seed=5, n_units=40)  # NaN conditions: en2x/eng, asr/text
+    write_dataset(str(tmp_path / "s.zarr"), "sel", view)
+    lazy = read_dataset(str(tmp_path / "s.zarr"), "sel")
+    exact = (view["ap"] * 0.5).copy()  # finite wherever the view is
+    out = with_exact_ap(lazy, exact)
+    want = exact.values
+    for name in ("ap", "ap_lo", "ap_hi"):
+        np.testing.assert_array_equal(out[name].values, want)
+        assert np.shares_memory(out[name].values, out["ap"].values)
+        assert not out[name].values.flags.writeable
+    exact[0, 0, 0, 1, 3] = np.nan  # one value the view has but exact AP lacks: three arrays
+    out = with_exact_ap(lazy, exact)
+    assert not np.shares_memory(out["ap_lo"].values, out["ap"].values)
+    assert float(out["ap_lo"][0, 0, 0, 1, 3]) == float(view["ap_lo"][0, 0, 0, 1, 3])
+
+
 def test_with_unit_coords_equals_selecting_the_view():
     from crossmodal.reduce.labels import UNIT_COORDS
     from crossmodal.reduce.stability import with_unit_coords

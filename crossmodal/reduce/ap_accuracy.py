@@ -51,19 +51,32 @@ def with_exact_ap(view: xr.Dataset, exact_ap: xr.DataArray) -> xr.Dataset:
     """``view`` with ``ap``, ``ap_lo``, ``ap_hi`` replaced by ``exact_ap`` (one pooling,
     ``[task, modality, step, language, unit]`` over a subset of units) where it is finite.
 
-    Memory: the three new arrays, the exact AP over the view's units and one array being
-    read; ``view`` itself is not loaded (a store-backed view stays lazy, docs/benchmarks.md,
-    "Reduce driver memory at the real shapes")."""
+    Memory: the exact AP over the view's units, one array being read, and the new arrays:
+    three, or one shared read-only array when the exact AP covers every value the view
+    has (the every-unit exact pass: then the three are equal); ``view`` itself is not
+    loaded (a store-backed view stays lazy). docs/benchmarks.md, "Reduce driver memory at
+    the real shapes"."""
     dims = view["ap"].dims
     exact = exact_ap.reindex(unit=view["unit"].values).transpose(*dims).values
     have = np.isfinite(exact)
-    out = {}
+    out: dict[str, xr.DataArray] = {}
+    shared = None  # the overlaid ``ap`` when it is exact AP or NaN everywhere
     for name in ("ap", "ap_lo", "ap_hi"):
         # a shallow copy reads the store without caching the values in ``view``
         v = view[name].copy(deep=False)
-        values = np.array(v.values, dtype=np.result_type(v.dtype, exact.dtype), copy=True)
+        raw = v.values
+        dtype = np.result_type(v.dtype, exact.dtype)
+        covered = bool(np.isnan(raw[~have]).all())  # so the overlay is exact AP or NaN
+        if shared is not None and covered and shared.dtype == dtype:
+            out[name] = v.copy(data=shared)  # equal to the overlaid ``ap``
+            continue
+        values = np.array(raw, dtype=dtype, copy=True)
+        del raw
         np.copyto(values, exact, where=have)
         out[name] = v.copy(data=values)
+        if name == "ap" and covered:
+            shared = values
+            shared.flags.writeable = False  # may back three variables: never written
     return view.assign(out)
 
 

@@ -325,14 +325,22 @@ def plan_exact(
     for name in ("certain", "certain_ap"):
         padded = _pad(rows[name], k, -1 if name == "certain" else np.nan)
         out[name] = _labelled(ds["ap"], dims, padded, {"side": SIDES, "rank": range(k)})
+    out = out.assign(_ragged(rows, ds["ap"], dims))
+    out.attrs.update(_scope_attrs(k, group, layer), widen=float(widen))
+    return out
+
+
+def _ragged(rows: dict[str, list[np.ndarray]], template: xr.DataArray, dims: list[str]) -> dict:
+    """The candidate rows of :func:`plan_exact`, one after another, with start and count."""
     count = np.array([c.size for c in rows["candidate"]], dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    for name, flat in (("candidate_start", start), ("candidate_count", count)):
-        out[name] = _labelled(ds["ap"], dims, flat, {"side": SIDES})
+    out: dict = {
+        name: _labelled(template, dims, flat, {"side": SIDES})
+        for name, flat in (("candidate_start", start), ("candidate_count", count))
+    }
     for name in CANDIDATE_VARS:
         empty = np.zeros(0, np.int64 if name == "candidate" else np.float64)
         out[name] = ("entry", np.concatenate([empty, *rows[name]]))
-    out.attrs.update(_scope_attrs(k, group, layer), widen=float(widen))
     return out
 
 
