@@ -79,11 +79,30 @@ def test_processor_has_the_real_vocabulary_and_language_ids(processor) -> None:
     assert all(4 <= i <= SPM_PIECES for i in encoded[1:-1])
 
 
+# fmt: off
+CONVERSION_ORDER = [
+    "afr", "amh", "arb", "ary", "arz", "asm", "azj", "bel", "ben", "bos", "bul", "cat", "ceb",
+    "ces", "ckb", "cmn", "cmn_Hant", "cym", "dan", "deu", "ell", "eng", "est", "eus", "fin",
+    "fra", "fuv", "gaz", "gle", "glg", "guj", "heb", "hin", "hrv", "hun", "hye", "ibo", "ind",
+    "isl", "ita", "jav", "jpn", "kan", "kat", "kaz", "khk", "khm", "kir", "kor", "lao", "lit",
+    "lug", "luo", "lvs", "mai", "mal", "mar", "mkd", "mlt", "mni", "mya", "nld", "nno", "nob",
+    "npi", "nya", "ory", "pan", "pbt", "pes", "pol", "por", "ron", "rus", "sat", "slk", "slv",
+    "sna", "snd", "som", "spa", "srp", "swe", "swh", "tam", "tel", "tgk", "tgl", "tha", "tur",
+    "ukr", "urd", "uzn", "vie", "yor", "yue", "zlm", "zul",
+]
+# fmt: on
+"""``LARGE_SUPPORTED_LANGUAGES`` of transformers' conversion script for the checkpoint: the
+order its tokenizer adds the tags in (docs/benchmarks.md, "The real-vocabulary processor")."""
+
+
 def test_language_ids_match_the_real_checkpoint() -> None:
-    """The tag ids the real ``facebook/seamless-m4t-v2-large`` emits in transformers'
-    integration tests (docs/benchmarks.md, "The real-vocabulary processor"): the target tag
-    after the decoder start for eng, swh and rus, and the source tag of a French input."""
+    """Every tag id is the conversion script's (one after the sentencepiece vocabulary per
+    tag, in its order), and four are what the real ``facebook/seamless-m4t-v2-large`` emits
+    in transformers' integration tests: the target tag after the decoder start for eng, swh
+    and rus, and the source tag of a French input."""
     ids = language_ids()
+    assert ids == {lang: 256_001 + rank for rank, lang in enumerate(CONVERSION_ORDER)}
+    assert len(ids) == 98 and max(ids.values()) == 256_098 < VOCAB_SIZE
     assert (ids["eng"], ids["fra"], ids["rus"], ids["swh"]) == (256022, 256026, 256074, 256084)
 
 

@@ -29,8 +29,8 @@ Invariants (tested in tests/test_capture.py against :mod:`crossmodal.model.refer
     an exception the model has no hook left. No state survives a run.
   * values are float32 whatever the model dtype: prefix sums in fp16/bf16 lose digits.
   * speech batches run (encoder, generation and replay) under
-    :func:`crossmodal.model.inputs.padding_guard` (HF's speech adapter otherwise reads padded frames),
-    so batched values equal unbatched ones.
+    :func:`crossmodal.model.inputs.padding_guard` (HF's speech adapter otherwise reads padded
+    frames), so batched values equal unbatched ones.
 """
 
 from __future__ import annotations

@@ -7,17 +7,20 @@ see the real sizes. The real tokenizer cannot be downloaded everywhere, so this 
 builds a stand-in deterministically and caches it:
 
 - a sentencepiece BPE model trained on the organism's generated corpus (every language's
-  text; the organism tokenizer's training, so every organism word is one piece), padded with filler pieces to exactly :data:`SPM_PIECES` (256,000) pieces, as the
-  real ``sentencepiece.bpe.model``. Filler pieces are two characters of the Unicode private
+  text; the organism tokenizer's training, so every organism word is one piece), padded
+  with filler pieces to exactly :data:`SPM_PIECES` (256,000) pieces, as the real
+  ``sentencepiece.bpe.model``. Filler pieces are two characters of the Unicode private
   use area, which no corpus text contains, so they never change how text is split; they
   only make the id space real. :class:`SeamlessM4TTokenizer` adds the fairseq offset
   (pad 0, unk 1, <s> 2, </s> 3; pieces at 4..256,000);
 - the 98 text-output language tags of SeamlessM4T v2 (96 languages, ``cmn_Hant`` and
   ``zlm`` included) as added tokens ``__xxx__`` in alphabetical order, which puts them at
   256,001..256,098: the model's ``text_decoder_lang_to_code_id`` (``eng`` 256,022, ``deu``
-  256,020, ``spa`` 256,081), whose ids are the alphabetical rank after the sentencepiece
-  vocabulary (``eng``, ``fra``, ``rus`` and ``swh`` checked against the real checkpoint's
-  output: docs/benchmarks.md, "The real-vocabulary processor"). The model's last three ids
+  256,020, ``spa`` 256,081): the table and order of transformers' conversion script for
+  this checkpoint, whose tokenizer adds the tags in this order after the sentencepiece
+  vocabulary and whose ``text_decoder_lang_to_code_id`` is read from that tokenizer (four
+  ids also checked against the real checkpoint's output: docs/benchmarks.md, "The
+  real-vocabulary processor"). The model's last three ids
   (256,099..256,101) have no token: the embedding table is larger than the tokenizer, as the
   config's vocabulary size says;
 - the real feature extractor with its defaults.

@@ -173,15 +173,13 @@ class ExactPlan:
     members: dict[str, dict[Slot, np.ndarray]] = field(default_factory=dict)
 
 
-def _plan_units(plan: xr.Dataset, names: Sequence[str]) -> dict[tuple, np.ndarray]:
-    """The unit ids of the plan variables ``names``, per (task, modality, step)."""
-    return exact_units(plan, ("task", "modality", "step"), members=names)
-
-
 def _by_slot(plans: Mapping[tuple[str, str], xr.Dataset], names: Sequence[str]) -> dict:
+    """The unit ids of the plan variables ``names``, per "task/modality" and slot, over all
+    plans (poolings and scopes)."""
     union: dict[str, dict[Slot, list[np.ndarray]]] = {}
     for (pooling, _), plan in plans.items():
-        for (task, modality, step), ids in _plan_units(plan, names).items():
+        by = ("task", "modality", "step")
+        for (task, modality, step), ids in exact_units(plan, by, members=names).items():
             if ids.size:
                 slots = union.setdefault(condition_key(task, modality), {})
                 slots.setdefault(Slot(int(step), pooling), []).append(ids)

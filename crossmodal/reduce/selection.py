@@ -21,8 +21,9 @@ which lies in ``[ap_lo, ap_hi]``, so the sets histogram AP ranks need not be the
 AP ranks. :func:`plan_exact` splits each condition's units into certainly in the top-k,
 certainly out, and *candidates* (in the top-k for some values inside the intervals, out for
 others); the candidates of all conditions are stored one after another (ragged), since their
-number varies by orders of magnitude between conditions. The reduce job measures exact AP for the candidates and the certain members (its
-exact pass); :func:`finalize_selection` then returns the sets exact AP would select.
+number varies by orders of magnitude between conditions. The reduce job measures exact AP
+for the candidates and the certain members (its exact pass); :func:`finalize_selection`
+then returns the sets exact AP would select.
 Membership is exact; within a set, units are ordered by exact AP where it was measured (every
 member, in the reduce job) and by histogram ``ap`` otherwise.
 """
