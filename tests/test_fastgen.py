@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crossmodal.model.fastgen import CACHE_KWARG, encode, greedy_generate, hf_generate
 from crossmodal.model.load import LoadedModel, build_random_model, feature_extractor, load_model
@@ -108,6 +109,36 @@ def test_sync_every_trims_to_hf_width(lively, sync_every):
     fast = greedy_generate(lively, batch, "deu", 10, sync_every=sync_every)
     assert torch.equal(fast.sequences, hf)
     assert fast.steps_run >= hf.shape[1] - 2
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (``.item()``, ``bool(t)``,
+    ``int(t)``): a sync per call on CUDA, recorded here on CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make_batch", [text_batch, speech_batch])
+def test_decode_reads_the_device_only_every_sync_every_steps(lively, make_batch):
+    """Padded batches (the cross-attention mask is needed): the host reads grow by one per
+    ``sync_every`` steps, not by one per step (HF's decoder reads the mask at every step)."""
+    batch = make_batch()
+    assert (batch["attention_mask"] == 0).any()
+    enc = encode(lively, batch)
+    reads = {}
+    for steps in (8, 16):
+        with HostReads() as spy:
+            out = greedy_generate(lively, batch, "deu", steps, min_new_tokens=steps,
+                                  encoder_outputs=enc, sync_every=4)  # fmt: skip
+        assert out.steps_run == steps
+        reads[steps] = spy.count
+    assert reads[16] - reads[8] == 16 // 4 - 8 // 4
 
 
 def test_speech_mixed_lengths(lively):

@@ -11,7 +11,10 @@ criteria, and waits for the device once per step. This loop does only what greed
     and on every submodule fire, with the same ``cache`` kwarg HF passes) and ``model.lm_head``;
   * tokens are written into a preallocated ``[batch, 2 + max_new_tokens]`` buffer;
   * the "every row has emitted EOS" test reads the device only every ``sync_every`` steps
-    (default 1 on CPU, 8 on CUDA, where it lets the host queue work ahead of the GPU).
+    (default 1 on CPU, 8 on CUDA, where it lets the host queue work ahead of the GPU);
+  * the cross-attention mask is made once per batch: the decoder would make it at every
+    step, and with SDPA read ``encoder_attention_mask.all()`` from the device to do so, one
+    host sync per step (the only other one; ``tests/test_fastgen.py`` counts them).
 
 Invariants (tested against HF ``generate`` in tests/test_fastgen.py):
   * sequences are ``[decoder_start, lang_tag, tok1, ...]``, rows that emitted EOS are padded
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 from transformers import SeamlessM4Tv2Model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import SeamlessM4Tv2Decoder
 
 from crossmodal.model.load import LoadedModel
@@ -277,12 +281,13 @@ def _decode(
     # config-free caches: no sliding-window layers here, and building them from the config
     # deep-copies it (~2 ms per call)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cross_masks = {q: _cross_attention_mask(dec, hidden, enc_mask, q) for q in (2, 1)}
     step_input = tokens[:, :2]
     for step in range(max_new):
         out = dec(
             input_ids=step_input,
             encoder_hidden_states=hidden,
-            encoder_attention_mask=enc_mask,
+            encoder_attention_mask=cross_masks[step_input.shape[1]],
             use_cache=True,
             **{CACHE_KWARG: cache},
         )
@@ -296,6 +301,23 @@ def _decode(
             return tokens, step + 1, cache.cross_attention_cache
         step_input = tokens[:, 2 + step : 3 + step]
     return tokens, max_new, cache.cross_attention_cache
+
+
+def _cross_attention_mask(
+    dec: SeamlessM4Tv2Decoder, hidden: Tensor, enc_mask: Tensor | None, q_length: int
+) -> Tensor | None:
+    """The decoder's cross-attention mask for ``q_length`` query positions, made once per
+    batch with the decoder's own function: the same mask (or ``None`` when SDPA needs none)
+    that the decoder would make from ``enc_mask`` at every step, reading ``enc_mask.all()``
+    from the device each time. The decoder passes a prepared 4D mask (or ``None``) through."""
+    if enc_mask is None:
+        return None
+    return create_bidirectional_mask(
+        config=dec.config,
+        inputs_embeds=hidden.new_zeros((hidden.shape[0], q_length, 1)),  # shape, dtype, device
+        attention_mask=enc_mask,
+        encoder_hidden_states=hidden,
+    )
 
 
 def _argmax(logits: Tensor) -> Tensor:
