@@ -27,6 +27,7 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -438,8 +439,31 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every measurement of ``cfg``; returns the JSON-ready result."""
+def run_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
+    """:func:`bench_cell`, or the cell with its ``error`` (one line; traceback on stderr):
+    the GPU check runs once in a few minutes of lent time, so a cell that fails (out of
+    memory at the largest batch) must not cost the cells after it."""
+    try:
+        return bench_cell(loaded, modality, batch_size, cfg)
+    except Exception as e:  # noqa: BLE001 - recorded in the result and printed, not hidden
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {
+            "modality": modality,
+            "batch_size": batch_size,
+            "error": f"{type(e).__name__}: {first}",
+        }
+    finally:
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # what a failed cell held, for the next one
+
+
+def run_bench(
+    cfg: BenchConfig, on_cell: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run every measurement of ``cfg``; returns the JSON-ready result. ``on_cell`` gets the
+    result so far after each cell (``bench`` writes it, so a run killed at its time limit
+    still leaves the cells it finished)."""
     transformers.logging.set_verbosity_error()  # the reference's model() calls warn per call
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -448,6 +472,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "command": " ".join(["python -m crossmodal.bench", *sys.argv[1:]]),
         "config": asdict(cfg),
         "machine": machine(),
+        "finished": False,
         "cells": [],
     }
     if cfg.reducer:  # first, so its peak RSS is not the model's
@@ -464,11 +489,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 if cfg.time_limit_s and time.perf_counter() - start > cfg.time_limit_s:
                     cell = {"modality": modality, "batch_size": bs, "skipped": "time limit"}
                 else:
-                    cell = bench_cell(loaded, modality, bs, cfg)
+                    cell = run_cell(loaded, modality, bs, cfg)
                 out["cells"].append(cell)
                 print(format_row(cell), flush=True)
+                if on_cell:
+                    on_cell(out)
         out["goals"] = goals(out["cells"])
     out["load_avg_end"] = os.getloadavg()
+    out["finished"] = True
     return out
 
 
@@ -484,7 +512,7 @@ def goals(cells: Sequence[dict]) -> dict[str, dict[str, Any]]:
     """``"<modality>@<batch>" -> key -> {value, goal, met}`` at each modality's largest batch."""
     out: dict[str, dict[str, Any]] = {}
     for modality in dict.fromkeys(c["modality"] for c in cells):
-        ran = [c for c in cells if c["modality"] == modality and "skipped" not in c]
+        ran = [c for c in cells if c["modality"] == modality and "bare_eps" in c]
         if not ran:
             continue
         cell = max(ran, key=lambda c: c["batch_size"])
@@ -516,8 +544,11 @@ COLUMNS = (
 
 
 def format_row(cell: dict) -> str:
-    """One table row; ``-`` where a cell lacks the measurement (numba off CPU)."""
-    return " ".join(f"{fmt.format(cell[key]) if key in cell else '-':>13}" for key, fmt in COLUMNS)
+    """One table row; ``-`` where a cell lacks the measurement (numba off CPU), then why a
+    cell has none (skipped, error)."""
+    row = " ".join(f"{fmt.format(cell[key]) if key in cell else '-':>13}" for key, fmt in COLUMNS)
+    why = cell.get("error") or cell.get("skipped")
+    return f"{row}  {why}" if why else row
 
 
 def format_table(result: dict, header: bool = False) -> str:
@@ -552,12 +583,19 @@ def bench(out: str | None = None, **options: Any) -> dict[str, Any]:
     defaults = GPU_DEFAULTS if device.startswith("cuda") else {}
     given = {k: v for k, v in options.items() if v is not None}
     cfg = BenchConfig(**{**defaults, **given, "device": device})
-    result = run_bench(cfg)
+    result = run_bench(cfg, on_cell=(lambda partial: _write_json(partial, out)) if out else None)
     print(format_table(result))
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(result, out)
     return result
+
+
+def _write_json(result: dict[str, Any], path: str) -> None:
+    """Write whole or not at all (a run killed mid-write keeps the previous version)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -575,8 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             metavar=f.name.upper(),
             help=_flag_help(f.name, f.default),
         )
-    bench(**vars(parser.parse_args(argv)))
-    return 0
+    result = bench(**vars(parser.parse_args(argv)))
+    return 1 if any("error" in cell for cell in result["cells"]) else 0
 
 
 if __name__ == "__main__":

@@ -506,7 +506,9 @@ def bench(out: str | None, **options: Any) -> None:
     """
     from crossmodal.bench import bench as run_bench
 
-    run_bench(out, **options)
+    result = run_bench(out, **options)
+    if any("error" in cell for cell in result["cells"]):
+        raise SystemExit(1)  # the failed cells' errors are in the table and the JSON
 
 
 if __name__ == "__main__":

@@ -215,3 +215,32 @@ def test_time_limit_skips_the_remaining_cells(tiny_model, monkeypatch):
         {"modality": "text", "batch_size": b, "skipped": "time limit"} for b in (8, 32)
     ]
     assert result["goals"] == {}
+
+
+def test_a_failed_cell_is_recorded_and_the_rest_still_run(tiny_model, monkeypatch, tmp_path):
+    """The GPU check runs once: an error in one cell (out of memory at batch 8 here) is
+    that cell's ``error`` line, the other cells run, the goals skip it, the JSON is written
+    after every cell, and the command exits with 1."""
+    import crossmodal.bench as bench
+
+    out = tmp_path / "check.json"
+    seen = []  # the JSON's cells as each cell starts
+    measured = {"bare_eps": 1.0, **{key: 1.0 for key, *_ in GOALS}}
+
+    def cell(loaded, modality, batch_size, cfg):  # noqa: ANN001, ANN202
+        seen.append(json.loads(out.read_text())["cells"] if out.exists() else None)
+        if batch_size == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return {"modality": modality, "batch_size": batch_size, **measured}
+
+    monkeypatch.setattr(bench, "load", lambda cfg: tiny_model)
+    monkeypatch.setattr(bench, "bench_cell", cell)
+    args = ["--model", "tiny", "--modalities", "text", "--batch-sizes", "4,8", "--reducer"]
+    assert bench.main([*args, "false", "--out", str(out)]) == 1
+    error = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert seen == [None, [{"modality": "text", "batch_size": 4, **measured}]]
+    result = json.loads(out.read_text())
+    assert result["finished"] is True
+    assert result["cells"][1] == {"modality": "text", "batch_size": 8, "error": error}
+    assert set(result["goals"]) == {"text@4"}  # the largest batch that ran
+    assert format_row(result["cells"][1]).endswith(error)

@@ -42,13 +42,21 @@ def test_bench_flags_reach_the_benchmark(monkeypatch) -> None:
     import crossmodal.bench
 
     seen = {}
-    monkeypatch.setattr(crossmodal.bench, "bench", lambda out, **o: seen.update(o, out=out))
+    cells = [{"modality": "text", "batch_size": 8}]
+
+    def bench(out, **options):  # noqa: ANN001, ANN202
+        seen.update(options, out=out)
+        return {"cells": cells}
+
+    monkeypatch.setattr(crossmodal.bench, "bench", bench)
     args = ["bench", "--batch-sizes", "8,32", "--modalities", "text", "--reducer", "false"]
     result = CliRunner().invoke(main, [*args, "--threads", "1", "--out", "b.json"])
     assert result.exit_code == 0, result.output
     assert seen["batch_sizes"] == (8, 32) and seen["modalities"] == ("text",)
     assert seen["reducer"] is False and seen["threads"] == 1 and seen["out"] == "b.json"
     assert seen["device"] is None and seen["repeats"] is None  # unset: the config's default
+    cells.append({"modality": "text", "batch_size": 32, "error": "OutOfMemoryError: ..."})
+    assert CliRunner().invoke(main, args).exit_code == 1  # a failed cell fails the command
     bad = CliRunner().invoke(main, ["bench", "--batch-sizes", "x"])
     assert bad.exit_code == 2 and "--batch-sizes': must be one of [INT,...], got 'x'" in bad.output
 
