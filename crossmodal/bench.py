@@ -244,7 +244,11 @@ def cell_functions(
     }
 
 
-IDENTICAL = {"fast_identical": ("bare", "fast"), "steer_fast_identical": ("steer_hf", "steer_fast")}
+IDENTICAL = {
+    "fast_identical": ("bare", "fast"),
+    "steer_fast_identical": ("steer_hf", "steer_fast"),
+    "compiled_identical": ("bare", "compiled"),
+}
 """Result key -> the two functions whose outputs must be the same tokens."""
 REPLAY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Largest ``|replay - reference| / max |reference|`` accepted per dtype: batched and
@@ -303,10 +307,33 @@ def cell_result(
         if k.startswith("capture"):
             res[f"{k}_vs_reference"] = v / eps["reference"]
     for key, (a, b) in IDENTICAL.items():
-        res[key] = all(torch.equal(x, y) for x, y in zip(t[a][1], t[b][1], strict=True))
+        if a in t and b in t:
+            res[key] = all(torch.equal(x, y) for x, y in zip(t[a][1], t[b][1], strict=True))
     # examples folded into each statistic over the warm-up and every timed round
     res["stats_count"] = {f"{p}@{s}": v.n for (p, s), v in t["capture_fast"][1].items()}
     return res
+
+
+def compiled_function(
+    loaded: LoadedModel, inputs: CellInputs, cfg: BenchConfig
+) -> tuple[Callable[[], list[torch.Tensor]] | None, str | None]:
+    """The compiled fast path over every batch, compiled by one call here; or its error line
+    (a compile that fails costs this variant, not the cell)."""
+
+    def run() -> list[torch.Tensor]:
+        return [
+            fastgen.greedy_generate(loaded, k, tgt, cfg.max_new_tokens, compiled=step).sequences
+            for k in inputs.kwargs
+        ]
+
+    tgt = cfg.tgt_lang
+    try:
+        step = fastgen.CompiledStep(loaded)
+        run()
+    except Exception as e:  # noqa: BLE001 - recorded in the cell and printed
+        traceback.print_exc()
+        return None, error_line(e)
+    return run, None
 
 
 def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
@@ -317,10 +344,17 @@ def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchCo
     if cuda:
         torch.cuda.reset_peak_memory_stats(loaded.device)
     with fixed_length(loaded.model, cfg.max_new_tokens):
-        t = timed(cell_functions(loaded, inputs, cfg, pilots), loaded.device, cfg.repeats)
+        fns = cell_functions(loaded, inputs, cfg, pilots)
+        compile_error = None
+        if cfg.compile and batch_size == max(cfg.batch_sizes):
+            compiled, compile_error = compiled_function(loaded, inputs, cfg)
+            fns.update({"compiled": compiled} if compiled else {})
+        t = timed(fns, loaded.device, cfg.repeats)
         replay = replay_check(loaded, inputs, t["reference"][1], cfg)
     res = cell_result(modality, batch_size, inputs, t, cfg)
     res.update(replay)
+    if compile_error:
+        res["compiled_error"] = compile_error
     if cuda:
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated(loaded.device) / 2**30
         res["peak_memory_kind"] = "gpu max_memory_allocated"
@@ -439,6 +473,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def error_line(e: BaseException) -> str:
+    """``"Type: first line of the message"``: what a failed measurement records."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def run_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
     """:func:`bench_cell`, or the cell with its ``error`` (one line; traceback on stderr):
     the GPU check runs once in a few minutes of lent time, so a cell that fails (out of
@@ -447,12 +486,7 @@ def run_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConf
         return bench_cell(loaded, modality, batch_size, cfg)
     except Exception as e:  # noqa: BLE001 - recorded in the result and printed, not hidden
         traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0]
-        return {
-            "modality": modality,
-            "batch_size": batch_size,
-            "error": f"{type(e).__name__}: {first}",
-        }
+        return {"modality": modality, "batch_size": batch_size, "error": error_line(e)}
     finally:
         if loaded.device.type == "cuda":
             torch.cuda.empty_cache()  # what a failed cell held, for the next one
@@ -503,6 +537,7 @@ def run_bench(
 GOALS = (
     ("capture_fast_ratio", 0.90, "capture with statistics within 10% of bare generate"),
     ("fast_speedup", 2.0, "the fast path at least 2x HF generate"),
+    ("compiled_ratio", 2.0, "the compiled fast path (static caches, CUDA graphs) at least 2x"),
     ("steer_fast_ratio", 0.80, "steering within 20% of bare generate"),
 )
 """(cell key, least value, meaning), judged at each modality's largest batch size."""
@@ -519,6 +554,7 @@ def goals(cells: Sequence[dict]) -> dict[str, dict[str, Any]]:
         out[f"{modality}@{cell['batch_size']}"] = {
             key: {"value": cell[key], "goal": least, "met": cell[key] >= least, "means": what}
             for key, least, what in GOALS
+            if key in cell  # compiled_ratio: with --compile true
         }
     return out
 
@@ -530,6 +566,8 @@ COLUMNS = (
     ("fast_eps", "{:.1f}"),
     ("fast_identical", "{}"),
     ("fast_speedup", "{:.2f}"),
+    ("compiled_ratio", "{:.2f}"),
+    ("compiled_identical", "{}"),
     ("capture_hf_ratio", "{:.2f}"),
     ("capture_fast_ratio", "{:.2f}"),
     ("reference_eps", "{:.2f}"),
@@ -545,9 +583,10 @@ COLUMNS = (
 
 def format_row(cell: dict) -> str:
     """One table row; ``-`` where a cell lacks the measurement (numba off CPU), then why a
-    cell has none (skipped, error)."""
+    cell has none (skipped, error) or why its compiled variant has none."""
     row = " ".join(f"{fmt.format(cell[key]) if key in cell else '-':>13}" for key, fmt in COLUMNS)
     why = cell.get("error") or cell.get("skipped")
+    why = why or (f"compiled: {cell['compiled_error']}" if "compiled_error" in cell else None)
     return f"{row}  {why}" if why else row
 
 

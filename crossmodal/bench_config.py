@@ -34,6 +34,7 @@ class BenchConfig:
     text_tokens: int = 32
     steer_units: int = 1000
     tgt_lang: str = "eng"
+    compile: bool = False  # the compiled fast path, at the largest batch size (slow to build)
     reducer: bool = True
     reducer_units: int = DECODER_UNITS_LARGE
     reducer_groups: int = 12
@@ -64,6 +65,7 @@ GPU_DEFAULTS = {
     "repeats": 2,
     "reference_examples": 2,
     "reducer": False,
+    "compile": True,
     "time_limit_s": 360.0,
 }
 """The GPU check: SeamlessM4T v2 large's shapes (random weights), bf16, speech (10 s) and text,
@@ -91,10 +93,12 @@ and fast). Once: the reducer (AP, AUROC, medians) over synthetic statistics of t
 Lists take commas (--batch-sizes 8,32); booleans take true/false.
 
 Per cell also: peak memory and the replay check (batched capture vs the per-prefix
-reference within the dtype's tolerance); then the goals at the largest batch size.
+reference within the dtype's tolerance); then the goals at the largest batch size. With
+--compile true, the largest batch size also times the fast path with static caches under
+torch.compile (CUDA graphs on CUDA), with an identity check.
 
 The GPU check (large random model, bf16, speech 10 s and text, batch sizes 32,128,
-16 new tokens, no reducer; no cell starts after 6 minutes):
+16 new tokens, the compiled fast path, no reducer; no cell starts after 6 minutes):
   python -m crossmodal.bench --device cuda --out gpu-check.json
 """
 

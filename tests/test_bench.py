@@ -199,9 +199,17 @@ def test_gpu_check_code_path_on_cpu(tmp_path):
         assert cell["replay_tokens_equal"] is True
         assert cell["replay_max_rel_diff"] <= cell["replay_tol"] == 5e-2
         assert cell["peak_memory_kind"] == "process peak RSS"
+    for cell in result["cells"]:  # the compiled fast path at the largest batch size only
+        assert ("compiled_ratio" in cell) == (cell["batch_size"] == 3), cell
+        assert "compiled_error" not in cell
+    compiled = [c for c in result["cells"] if c["batch_size"] == 3]
+    assert all(
+        c["compiled_ratio"] > 0 and isinstance(c["compiled_identical"], bool) for c in compiled
+    )
     assert set(result["goals"]) == {"speech@3", "text@3"}
     assert {k for k, *_ in GOALS} == set(result["goals"]["text@3"])
     assert "goal text@3: capture_fast_ratio" in proc.stdout
+    assert "goal text@3: compiled_ratio" in proc.stdout
 
 
 def test_time_limit_skips_the_remaining_cells(tiny_model, monkeypatch):
@@ -244,3 +252,21 @@ def test_a_failed_cell_is_recorded_and_the_rest_still_run(tiny_model, monkeypatc
     assert result["cells"][1] == {"modality": "text", "batch_size": 8, "error": error}
     assert set(result["goals"]) == {"text@4"}  # the largest batch that ran
     assert format_row(result["cells"][1]).endswith(error)
+
+
+def test_a_failed_compile_costs_only_the_compiled_variant(tiny_model, monkeypatch):
+    import crossmodal.bench as bench
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("inductor: no working C++ compiler\nmore")
+
+    monkeypatch.setattr(bench.fastgen, "CompiledStep", refuse)
+    cfg = BenchConfig(
+        model="tiny", n_batches=1, repeats=1, reference_examples=1, max_new_tokens=12,
+        text_tokens=6, steer_units=20, n_bins=16, batch_sizes=(2,), compile=True,
+    )  # fmt: skip
+    cell = bench_cell(tiny_model, "text", 2, cfg)
+    check_cell(cell, 2)
+    assert cell["compiled_error"] == "RuntimeError: inductor: no working C++ compiler"
+    assert "compiled_ratio" not in cell and "compiled_identical" not in cell
+    assert format_row(cell).endswith("compiled: RuntimeError: inductor: no working C++ compiler")

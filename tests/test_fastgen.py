@@ -284,3 +284,32 @@ def test_organism_identical_to_hf(organism, modality, src, tgt):
     short = hf_generate(organism, batch, tgt, 3)  # max_new_tokens reached by every row
     assert None in eos_steps(short)
     assert torch.equal(greedy_generate(organism, batch, tgt, 3).sequences, short)
+
+
+@pytest.mark.integration
+def test_compiled_step_gives_hf_tokens_and_compiles_once(organism):
+    """The compiled fast path (static caches, the one-token step under torch.compile, CPU
+    inductor here) on the organism: HF's sequences for padded text and speech batches whose
+    rows end at different steps; one compile (dynamic shapes) serves both shapes and every
+    later batch, each shape's caches reused (reset in place)."""
+    from torch._dynamo.utils import counters
+
+    from crossmodal.model.fastgen import CompiledStep
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.organism import organism_corpus
+
+    step = CompiledStep(organism)
+    assert step.mode == "default"  # "reduce-overhead" (CUDA graphs) on CUDA
+    before = counters["stats"]["unique_graphs"]
+    graphs = []
+    for modality, src in (("text", "deu"), ("speech", "eng")):
+        records = organism_corpus("test", languages=[src], n_sentences=8)
+        batch = make_batch(records, modality, organism).model_kwargs("cpu", organism.dtype)
+        hf = hf_generate(organism, batch, "fra", 30)
+        assert len(set(eos_steps(hf))) >= 2  # rows end at different steps
+        for _ in range(2):
+            out = greedy_generate(organism, batch, "fra", 30, compiled=step)
+            assert torch.equal(out.sequences, hf) and out.cross_cache is None
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [before + 1] * 4
+    assert len(step._caches) == 2

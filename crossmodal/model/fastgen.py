@@ -23,6 +23,8 @@ Invariants (tested against HF ``generate`` in tests/test_fastgen.py):
     when ``sync_every > 1`` made the loop run past that step;
   * ``min_new_tokens`` bans EOS before that many tokens, as HF's MinNewTokensLengthLogitsProcessor;
   * step 0 feeds ``[decoder_start, lang_tag]`` and applies ``lm_head`` to both positions, as HF.
+With a :class:`CompiledStep` the same loop runs its one-token steps compiled, on static
+caches (CUDA graphs on CUDA): the GPU check's compiled variant, not used by collect or steer.
 Hooks on the top-level model (``model.forward``) do not fire: hook submodules instead.
 Generation configs that add other logits processors (repetition penalty, n-gram bans, forced
 tokens, ...) are refused, because their output would differ from plain greedy.
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import SeamlessM4Tv2Model
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import SeamlessM4Tv2Decoder
 
@@ -210,6 +212,7 @@ def greedy_generate(
     min_new_tokens: int | None = None,
     encoder_outputs: tuple[Tensor, Tensor | None] | None = None,
     sync_every: int | None = None,
+    compiled: CompiledStep | None = None,
 ) -> GreedyOutput:
     """Greedy-decode text; the same sequences as ``model.generate(..., generate_speech=False)``.
 
@@ -223,6 +226,8 @@ def greedy_generate(
             config's ``min_new_tokens``, as HF ``generate``.
         encoder_outputs: ``(hidden, mask)`` from :func:`encode`, to skip the encoder.
         sync_every: read "all rows finished" from the device every this many steps.
+        compiled: a :class:`CompiledStep` to decode the one-token steps with (bare
+            decoding: the GPU check); the output then has no ``cross_cache``.
 
     Raises:
         ValueError: bad sizes, unknown ``tgt_lang``, or a non-greedy generation config.
@@ -253,6 +258,7 @@ def greedy_generate(
             max_new=max_new_tokens,
             min_new=min_new_tokens,
             sync_every=sync_every,
+            compiled=compiled,
         )
         width = _trimmed_width(tokens, eos, max_new_tokens)
     return GreedyOutput(tokens[:, :width].clone(), hidden, enc_mask, steps, cache)
@@ -269,9 +275,10 @@ def _decode(
     max_new: int,
     min_new: int,
     sync_every: int,
-) -> tuple[Tensor, int, DynamicCache]:
+    compiled: CompiledStep | None = None,
+) -> tuple[Tensor, int, DynamicCache | None]:
     """The decode loop: ``tokens [batch, 2 + max_new]`` (pad after the last step run), the
-    steps run and the cross-attention cache."""
+    steps run and the cross-attention cache (``None`` with ``compiled``)."""
     batch = hidden.shape[0]
     dec, head = model.text_decoder, model.lm_head
     tokens = torch.full((batch, 2 + max_new), pad, dtype=torch.long, device=hidden.device)
@@ -280,27 +287,84 @@ def _decode(
     pad_t = torch.tensor(pad, dtype=torch.long, device=hidden.device)
     # config-free caches: no sliding-window layers here, and building them from the config
     # deep-copies it (~2 ms per call)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    if compiled is None:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    else:
+        cache = compiled.cache(hidden, 2 + max_new)
     cross_masks = {q: _cross_attention_mask(dec, hidden, enc_mask, q) for q in (2, 1)}
     step_input = tokens[:, :2]
     for step in range(max_new):
-        out = dec(
-            input_ids=step_input,
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=cross_masks[step_input.shape[1]],
-            use_cache=True,
-            **{CACHE_KWARG: cache},
-        )
-        logits = head(out[0])[:, -1]
+        next_logits = _next_logits if compiled is None or step == 0 else compiled.step
+        logits = next_logits(dec, head, step_input, hidden, cross_masks[step_input.shape[1]], cache)
         if step < min_new:
             logits = logits.index_fill(1, eos, float("-inf"))
         nxt = torch.where(unfinished, _argmax(logits), pad_t)
         tokens[:, 2 + step] = nxt
         unfinished &= ~torch.isin(nxt, eos)
         if (step + 1) % sync_every == 0 and not bool(unfinished.any()):
-            return tokens, step + 1, cache.cross_attention_cache
+            break
         step_input = tokens[:, 2 + step : 3 + step]
-    return tokens, max_new, cache.cross_attention_cache
+    steps = step + 1
+    return tokens, steps, None if compiled is not None else cache.cross_attention_cache
+
+
+def _next_logits(
+    dec: SeamlessM4Tv2Decoder,
+    head: torch.nn.Module,
+    step_input: Tensor,
+    hidden: Tensor,
+    cross_mask: Tensor | None,
+    cache: EncoderDecoderCache,
+) -> Tensor:
+    """One decoder call on ``step_input`` (extending ``cache``): the last position's logits."""
+    out = dec(
+        input_ids=step_input,
+        encoder_hidden_states=hidden,
+        encoder_attention_mask=cross_mask,
+        use_cache=True,
+        **{CACHE_KWARG: cache},
+    )
+    return head(out[0])[:, -1]
+
+
+class CompiledStep:
+    """The one-token decode step under ``torch.compile``, with static caches.
+
+    Why: on a GPU a decode step of the real model is launch-bound (each layer's kernels are
+    launched from Python at every step); CUDA graphs replay a step's kernels as one launch,
+    which ``torch.compile(mode="reduce-overhead")`` records (the default on CUDA; elsewhere
+    ``"default"``). Graphs replay into fixed addresses, so the caches here persist per input
+    shape and are reset in place for each batch: the self-attention cache holds
+    ``length`` positions (transformers' ``StaticLayer``: its length is a device tensor, so
+    one graph serves every step) and the cross-attention keys and values, filled by each
+    batch's first (eager) step, are static buffers too. One compile with dynamic shapes
+    serves every (batch, frames, length) (about 20 s on CPU for the organism; on CUDA each
+    new shape records its graph); static shapes would compile again for each. Fused kernels
+    may round differently from eager: ``crossmodal bench`` reports whether the tokens are
+    the same. Tested on CPU (inductor); the CUDA-graph mode has not run on a GPU yet
+    (docs/benchmarks.md, "The GPU check").
+    """
+
+    def __init__(self, loaded_or_model: LoadedModel | SeamlessM4Tv2Model, mode: str | None = None):
+        self.model = _unwrap(loaded_or_model)
+        self.mode = mode or ("reduce-overhead" if self.model.device.type == "cuda" else "default")
+        self.step = torch.compile(_next_logits, mode=self.mode, dynamic=True)
+        self._caches: dict[tuple[int, ...], EncoderDecoderCache] = {}
+
+    def cache(self, hidden: Tensor, length: int) -> EncoderDecoderCache:
+        """The reset caches for a batch of ``hidden [batch, frames, width]`` and ``length``
+        decoder positions."""
+        dec = self.model.text_decoder
+        key = (*hidden.shape[:2], length)
+        if key not in self._caches:
+            n = len(dec.layers)
+            self._caches[key] = EncoderDecoderCache(
+                Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(n)]),
+                Cache(layers=[StaticLayer(max_cache_len=hidden.shape[1]) for _ in range(n)]),
+            )
+        cache = self._caches[key]
+        cache.reset()
+        return cache
 
 
 def _cross_attention_mask(
