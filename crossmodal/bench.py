@@ -320,13 +320,14 @@ def compiled_function(
     """The compiled fast path over every batch, compiled by one call here; or its error line
     (a compile that fails costs this variant, not the cell)."""
 
+    tgt = cfg.tgt_lang
+
     def run() -> list[torch.Tensor]:
         return [
             fastgen.greedy_generate(loaded, k, tgt, cfg.max_new_tokens, compiled=step).sequences
             for k in inputs.kwargs
         ]
 
-    tgt = cfg.tgt_lang
     try:
         step = fastgen.CompiledStep(loaded)
         run()
@@ -652,7 +653,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             metavar=f.name.upper(),
             help=_flag_help(f.name, f.default),
         )
-    result = bench(**vars(parser.parse_args(argv)))
+    return exit_status(bench(**vars(parser.parse_args(argv))))
+
+
+def exit_status(result: dict[str, Any]) -> int:
+    """1 when a cell failed (its error is in the table and the JSON), else 0."""
     return 1 if any("error" in cell for cell in result["cells"]) else 0
 
 

@@ -505,10 +505,10 @@ def bench(out: str | None, **options: Any) -> None:
       crossmodal bench --model organism --modalities text --batch-sizes 8 --n-batches 1 --repeats 1 --reference-examples 1 --reducer false --out bench.json
     """
     from crossmodal.bench import bench as run_bench
+    from crossmodal.bench import exit_status
 
-    result = run_bench(out, **options)
-    if any("error" in cell for cell in result["cells"]):
-        raise SystemExit(1)  # the failed cells' errors are in the table and the JSON
+    if status := exit_status(run_bench(out, **options)):
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

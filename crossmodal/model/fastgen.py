@@ -304,8 +304,7 @@ def _decode(
         if (step + 1) % sync_every == 0 and not bool(unfinished.any()):
             break
         step_input = tokens[:, 2 + step : 3 + step]
-    steps = step + 1
-    return tokens, steps, None if compiled is not None else cache.cross_attention_cache
+    return tokens, step + 1, None if compiled is not None else cache.cross_attention_cache
 
 
 def _next_logits(
@@ -354,10 +353,9 @@ class CompiledStep:
     def cache(self, hidden: Tensor, length: int) -> EncoderDecoderCache:
         """The reset caches for a batch of ``hidden [batch, frames, width]`` and ``length``
         decoder positions."""
-        dec = self.model.text_decoder
         key = (*hidden.shape[:2], length)
         if key not in self._caches:
-            n = len(dec.layers)
+            n = len(self.model.text_decoder.layers)
             self._caches[key] = EncoderDecoderCache(
                 Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(n)]),
                 Cache(layers=[StaticLayer(max_cache_len=hidden.shape[1]) for _ in range(n)]),
