@@ -316,9 +316,14 @@ def cell_result(
 
 def compiled_function(
     loaded: LoadedModel, inputs: CellInputs, cfg: BenchConfig
-) -> tuple[Callable[[], list[torch.Tensor]] | None, str | None]:
-    """The compiled fast path over every batch, compiled by one call here; or its error line
-    (a compile that fails costs this variant, not the cell)."""
+) -> tuple[Callable[[], list[torch.Tensor]] | None, dict[str, Any]]:
+    """The compiled fast path over every batch, compiled by one call here, with what that
+    call cost: ``compile_s`` (its seconds: the compile, or only new CUDA graphs where an
+    earlier cell's compile serves, and one run) and ``compiled_graphs`` (the graphs dynamo
+    made for it: at most 1, more if something split the step, which CUDA graphs would then
+    not cover whole); or its ``compiled_error`` line (a compile that fails costs this
+    variant, not the cell)."""
+    from torch._dynamo.utils import counters
 
     tgt = cfg.tgt_lang
 
@@ -328,13 +333,17 @@ def compiled_function(
             for k in inputs.kwargs
         ]
 
+    graphs = counters["stats"]["unique_graphs"]
     try:
         step = fastgen.CompiledStep(loaded)
-        run()
+        seconds, _ = _once(run, loaded.device)
     except Exception as e:  # noqa: BLE001 - recorded in the cell and printed
         traceback.print_exc()
-        return None, error_line(e)
-    return run, None
+        return None, {"compiled_error": error_line(e)}
+    return run, {
+        "compile_s": seconds,
+        "compiled_graphs": counters["stats"]["unique_graphs"] - graphs,
+    }
 
 
 def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchConfig) -> dict:
@@ -346,16 +355,15 @@ def bench_cell(loaded: LoadedModel, modality: str, batch_size: int, cfg: BenchCo
         torch.cuda.reset_peak_memory_stats(loaded.device)
     with fixed_length(loaded.model, cfg.max_new_tokens):
         fns = cell_functions(loaded, inputs, cfg, pilots)
-        compile_error = None
+        compile_info: dict[str, Any] = {}
         if cfg.compile and batch_size == max(cfg.batch_sizes):
-            compiled, compile_error = compiled_function(loaded, inputs, cfg)
+            compiled, compile_info = compiled_function(loaded, inputs, cfg)
             fns.update({"compiled": compiled} if compiled else {})
         t = timed(fns, loaded.device, cfg.repeats)
         replay = replay_check(loaded, inputs, t["reference"][1], cfg)
     res = cell_result(modality, batch_size, inputs, t, cfg)
     res.update(replay)
-    if compile_error:
-        res["compiled_error"] = compile_error
+    res.update(compile_info)
     if cuda:
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated(loaded.device) / 2**30
         res["peak_memory_kind"] = "gpu max_memory_allocated"
@@ -569,6 +577,8 @@ COLUMNS = (
     ("fast_speedup", "{:.2f}"),
     ("compiled_ratio", "{:.2f}"),
     ("compiled_identical", "{}"),
+    ("compiled_graphs", "{}"),
+    ("compile_s", "{:.1f}"),
     ("capture_hf_ratio", "{:.2f}"),
     ("capture_fast_ratio", "{:.2f}"),
     ("reference_eps", "{:.2f}"),

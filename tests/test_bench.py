@@ -206,6 +206,10 @@ def test_gpu_check_code_path_on_cpu(tmp_path):
     assert all(
         c["compiled_ratio"] > 0 and isinstance(c["compiled_identical"], bool) for c in compiled
     )
+    # one graph for the whole step (the first compiled cell makes it; the second may reuse
+    # it), and the compiling call's seconds
+    assert compiled[0]["compiled_graphs"] == 1 and compiled[1]["compiled_graphs"] <= 1
+    assert all(c["compile_s"] > 0 for c in compiled)
     assert set(result["goals"]) == {"speech@3", "text@3"}
     assert {k for k, *_ in GOALS} == set(result["goals"]["text@3"])
     assert "goal text@3: capture_fast_ratio" in proc.stdout
@@ -268,5 +272,5 @@ def test_a_failed_compile_costs_only_the_compiled_variant(tiny_model, monkeypatc
     cell = bench_cell(tiny_model, "text", 2, cfg)
     check_cell(cell, 2)
     assert cell["compiled_error"] == "RuntimeError: inductor: no working C++ compiler"
-    assert "compiled_ratio" not in cell and "compiled_identical" not in cell
+    assert not {"compiled_ratio", "compiled_identical", "compile_s", "compiled_graphs"} & set(cell)
     assert format_row(cell).endswith("compiled: RuntimeError: inductor: no working C++ compiler")

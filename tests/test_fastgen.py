@@ -287,6 +287,50 @@ def test_organism_identical_to_hf(organism, modality, src, tgt):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("modality", ["text", "speech"])
+def test_the_compiled_steps_function_equals_the_decoder_call(organism, modality):
+    """What :class:`CompiledStep` compiles (the decoder's forward written out from its
+    modules, so that it traces as one graph on transformers before 5.24 too), run eagerly
+    on the same static caches as the decoder call: the same logits bit for bit at every
+    one-token step, for a padded batch whose rows end at different steps."""
+    from crossmodal.model import fastgen
+    from crossmodal.model.inputs import make_batch
+    from crossmodal.organism import organism_corpus
+
+    src = "deu" if modality == "text" else "eng"
+    records = organism_corpus("test", languages=[src], n_sentences=8)
+    batch = make_batch(records, modality, organism).model_kwargs("cpu", organism.dtype)
+    logits, sequences = {}, {}
+    for fn in (fastgen._next_logits, fastgen._one_token_logits):
+        step, seen = fastgen.CompiledStep(organism), []
+        step.function = lambda *a, fn=fn, seen=seen: seen.append(fn(*a)) or seen[-1]  # eager
+        sequences[fn] = greedy_generate(organism, batch, "fra", 30, compiled=step).sequences
+        logits[fn] = seen
+    assert torch.equal(sequences[fastgen._next_logits], hf_generate(organism, batch, "fra", 30))
+    assert len(set(eos_steps(sequences[fastgen._next_logits]))) >= 2
+    assert torch.equal(sequences[fastgen._one_token_logits], sequences[fastgen._next_logits])
+    pairs = zip(logits[fastgen._next_logits], logits[fastgen._one_token_logits], strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs) and len(logits[fastgen._next_logits]) >= 10
+    view, model = step.decoder, organism.model.text_decoder  # no copies of the weights
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters(), strict=True))
+
+
+def test_compiled_step_grows_the_position_table_first(organism):
+    """The compiled step reads the sinusoidal position table without the decoder's size
+    check, so :meth:`CompiledStep.cache` grows it beforehand: 300 forced steps (past the
+    organism's 256 positions) give HF's tokens."""
+    from crossmodal.model.fastgen import CompiledStep
+
+    table = organism.model.text_decoder.embed_positions
+    assert table.weights.shape[0] < 2 + 300 + table.padding_idx
+    batch = text_batch(rows=4)
+    step = CompiledStep(organism)
+    out = greedy_generate(organism, batch, "fra", 300, min_new_tokens=300, compiled=step)
+    assert out.sequences.shape == (4, 302)
+    assert table.weights.shape[0] >= 2 + 300 + table.padding_idx
+    assert torch.equal(out.sequences, hf_generate(organism, batch, "fra", 300, min_new_tokens=300))
+
+
 def test_compiled_step_gives_hf_tokens_and_compiles_once(organism):
     """The compiled fast path (static caches, the one-token step under torch.compile, CPU
     inductor here) on the organism: HF's sequences for padded text and speech batches whose

@@ -32,7 +32,9 @@ tokens, ...) are refused, because their output would differ from plain greedy.
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor
 from transformers import SeamlessM4Tv2Model
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import SeamlessM4Tv2Decoder
 
 from crossmodal.model.load import LoadedModel
@@ -294,8 +296,11 @@ def _decode(
     cross_masks = {q: _cross_attention_mask(dec, hidden, enc_mask, q) for q in (2, 1)}
     step_input = tokens[:, :2]
     for step in range(max_new):
-        next_logits = _next_logits if compiled is None or step == 0 else compiled.step
-        logits = next_logits(dec, head, step_input, hidden, cross_masks[step_input.shape[1]], cache)
+        cross_mask = cross_masks[step_input.shape[1]]
+        if compiled is None or step == 0:
+            logits = _next_logits(dec, head, step_input, hidden, cross_mask, cache)
+        else:
+            logits = compiled.step(step_input, hidden, cross_mask, cache)
         if step < min_new:
             logits = logits.index_fill(1, eos, float("-inf"))
         nxt = torch.where(unfinished, _argmax(logits), pad_t)
@@ -326,6 +331,41 @@ def _next_logits(
     return head(out[0])[:, -1]
 
 
+def _one_token_logits(
+    dec: SeamlessM4Tv2Decoder,
+    head: torch.nn.Module,
+    step_input: Tensor,
+    hidden: Tensor,
+    cross_mask: Tensor | None,
+    cache: EncoderDecoderCache,
+) -> Tensor:
+    """:func:`_next_logits` with the decoder's forward written out from its own modules, in
+    its order: what :class:`CompiledStep` compiles.
+
+    Why: the forward itself traces as one graph only from transformers 5.24. Before (5.17
+    is the GPU image's version), its position table checks on the host a length that a
+    static cache keeps on the device, and its output-capturing wrapper iterates a dict,
+    which dynamo cannot trace: 13 graphs for the organism's step instead of 1, and at 24
+    layers dynamo's recompile limit sends attention back to eager. Here the table is read
+    without the check (:meth:`CompiledStep.cache` grows it beforehand) and the wrapper,
+    which only collects outputs nobody asked for, is skipped. The cache and masks go in
+    positionally: their keyword is ``cache`` or ``past_key_values`` depending on the version.
+    Equal to :func:`_next_logits` bit for bit (tests/test_fastgen.py).
+    """
+    embeds = dec.embed_tokens(step_input)
+    self_mask = create_causal_mask(dec.config, embeds, None, cache)
+    table = dec.embed_positions
+    ids = table.create_position_ids_from_input_ids(
+        step_input, table.padding_idx, cache.get_seq_length()
+    )
+    positions = table.weights.index_select(0, ids.view(-1)).view(*step_input.shape, -1)
+    h = embeds + positions.to(embeds.device)
+    h = torch.nn.functional.dropout(h, p=dec.dropout, training=dec.training)
+    for layer in dec.layers:
+        h = layer(h, self_mask, hidden, cross_mask, cache, True)
+    return head(dec.layer_norm(h))[:, -1]
+
+
 class CompiledStep:
     """The one-token decode step under ``torch.compile``, with static caches.
 
@@ -340,20 +380,35 @@ class CompiledStep:
     serves every (batch, frames, length) (about 20 s on CPU for the organism; on CUDA each
     new shape records its graph); static shapes would compile again for each. Fused kernels
     may round differently from eager: ``crossmodal bench`` reports whether the tokens are
-    the same. Tested on CPU (inductor); the CUDA-graph mode has not run on a GPU yet
-    (docs/benchmarks.md, "The GPU check").
+    the same. The step runs on a hook-free view of the decoder (:func:`_without_hooks`),
+    written out so that it traces as one graph on transformers 5.17 (the GPU image's) as on
+    5.24 (:func:`_one_token_logits`). Tested on CPU (inductor); the CUDA-graph mode has not
+    run on a GPU yet (docs/benchmarks.md, "The GPU check").
     """
 
     def __init__(self, loaded_or_model: LoadedModel | SeamlessM4Tv2Model, mode: str | None = None):
         self.model = _unwrap(loaded_or_model)
         self.mode = mode or ("reduce-overhead" if self.model.device.type == "cuda" else "default")
-        self.step = torch.compile(_next_logits, mode=self.mode, dynamic=True)
+        self.decoder = _without_hooks(self.model.text_decoder)
+        self.head = _without_hooks(self.model.lm_head)
+        self.function = torch.compile(_one_token_logits, mode=self.mode, dynamic=True)
         self._caches: dict[tuple[int, ...], EncoderDecoderCache] = {}
+
+    def step(
+        self, step_input: Tensor, hidden: Tensor, cross_mask: Tensor | None, cache: Cache
+    ) -> Tensor:
+        """One compiled one-token step (after the eager first step filled ``cache``)."""
+        return self.function(self.decoder, self.head, step_input, hidden, cross_mask, cache)
 
     def cache(self, hidden: Tensor, length: int) -> EncoderDecoderCache:
         """The reset caches for a batch of ``hidden [batch, frames, width]`` and ``length``
         decoder positions."""
         key = (*hidden.shape[:2], length)
+        # the position table grows here, eagerly, if ``length`` needs it: the compiled step
+        # reads it without the decoder's check (positional arguments: the last one's name
+        # changed between versions)
+        table = self.decoder.embed_positions  # its buffers are the model's
+        table(torch.ones((1, 1), dtype=torch.long, device=hidden.device), None, length)
         if key not in self._caches:
             n = len(self.model.text_decoder.layers)
             self._caches[key] = EncoderDecoderCache(
@@ -363,6 +418,25 @@ class CompiledStep:
         cache = self._caches[key]
         cache.reset()
         return cache
+
+
+def _without_hooks(module: torch.nn.Module) -> torch.nn.Module:
+    """A view of ``module``'s tree: the same parameters and buffers, no forward hooks.
+
+    Why: HF ``generate`` installs output-capturing hooks on the decoder's layers and
+    attention modules (idle unless outputs are asked for), and before transformers 5.24 they
+    read a ``ContextVar``, which dynamo cannot trace: each would split the compiled step's
+    graph. The compiled step is bare decoding, so it runs on this view; hooks added to the
+    model later do not reach it either.
+    """
+    view = copy.copy(module)
+    view.__dict__["_forward_hooks"] = OrderedDict()
+    view.__dict__["_forward_pre_hooks"] = OrderedDict()
+    view.__dict__["_modules"] = {
+        name: None if child is None else _without_hooks(child)
+        for name, child in module._modules.items()
+    }
+    return view
 
 
 def _cross_attention_mask(
