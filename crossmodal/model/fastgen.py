@@ -424,10 +424,11 @@ def _without_hooks(module: torch.nn.Module) -> torch.nn.Module:
     """A view of ``module``'s tree: the same parameters and buffers, no forward hooks.
 
     Why: HF ``generate`` installs output-capturing hooks on the decoder's layers and
-    attention modules (idle unless outputs are asked for), and before transformers 5.24 they
-    read a ``ContextVar``, which dynamo cannot trace: each would split the compiled step's
-    graph. The compiled step is bare decoding, so it runs on this view; hooks added to the
-    model later do not reach it either.
+    attention modules (idle unless outputs are asked for). They read a ``ContextVar``, which
+    dynamo cannot trace (5.24 works around it inside the decoder's forward wrapper, which
+    :func:`_one_token_logits` skips): each would split the compiled step's graph. The
+    compiled step is bare decoding, so it runs on this view, where no hook of the model
+    fires.
     """
     view = copy.copy(module)
     view.__dict__["_forward_hooks"] = OrderedDict()
