@@ -331,6 +331,24 @@ def test_compiled_step_grows_the_position_table_first(organism):
     assert torch.equal(out.sequences, hf_generate(organism, batch, "fra", 300, min_new_tokens=300))
 
 
+def test_compiled_step_compiles_once_for_two_rows(organism):
+    """Two rows: the first compiled step's token column sits at storage offset 2 of the
+    loop's buffer, and dynamo's duck sizing would tie that offset to the batch size of 2;
+    the step gets a fresh tensor, so the next steps reuse the first graph."""
+    from torch._dynamo.utils import counters
+
+    from crossmodal.model.fastgen import CompiledStep
+
+    batch = {k: v[:2] for k, v in text_batch().items()}
+    torch._dynamo.reset()  # no graph of an earlier test serves this one
+    before = counters["stats"]["unique_graphs"]
+    out = greedy_generate(
+        organism, batch, "fra", 12, min_new_tokens=12, compiled=CompiledStep(organism)
+    )
+    assert counters["stats"]["unique_graphs"] == before + 1
+    assert torch.equal(out.sequences, hf_generate(organism, batch, "fra", 12, min_new_tokens=12))
+
+
 def test_compiled_step_gives_hf_tokens_and_compiles_once(organism):
     """The compiled fast path (static caches, the one-token step under torch.compile, CPU
     inductor here) on the organism: HF's sequences for padded text and speech batches whose
@@ -344,6 +362,7 @@ def test_compiled_step_gives_hf_tokens_and_compiles_once(organism):
 
     step = CompiledStep(organism)
     assert step.mode == "default"  # "reduce-overhead" (CUDA graphs) on CUDA
+    torch._dynamo.reset()  # no graph of an earlier test serves this one
     before = counters["stats"]["unique_graphs"]
     graphs = []
     for modality, src in (("text", "deu"), ("speech", "eng")):

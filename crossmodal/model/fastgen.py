@@ -397,7 +397,13 @@ class CompiledStep:
     def step(
         self, step_input: Tensor, hidden: Tensor, cross_mask: Tensor | None, cache: Cache
     ) -> Tensor:
-        """One compiled one-token step (after the eager first step filled ``cache``)."""
+        """One compiled one-token step (after the eager first step filled ``cache``).
+
+        ``step_input`` goes in as a fresh tensor: the loop's is a column of its token buffer,
+        whose storage offset (2 at the first compiled step) dynamo's duck sizing would tie
+        to any size that happens to be equal (2 rows), and the next step would compile again.
+        """
+        step_input = step_input.clone()
         return self.function(self.decoder, self.head, step_input, hidden, cross_mask, cache)
 
     def cache(self, hidden: Tensor, length: int) -> EncoderDecoderCache:
