@@ -5,6 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RAY_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to each: the files'
+# module fixtures (one pipeline run shared by its tests, the documented blocks in order)
+# stay in one process. 2 suits a 2-core machine (docs/benchmarks.md, "Test suite");
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-unit lint format docs organism cluster-up cluster-down clean
 
@@ -22,10 +28,10 @@ demo: setup
 	$(RAY_ENV) HF_HUB_OFFLINE=1 $(VENV)/bin/crossmodal run configs/pipeline-organism.yaml
 
 test: setup
-	$(RAY_ENV) HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(RAY_ENV) HF_HUB_OFFLINE=1 $(PYTEST) $(PYTEST_ARGS)
 
 test-unit: setup
-	$(RAY_ENV) HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(RAY_ENV) HF_HUB_OFFLINE=1 $(PYTEST) -m "not integration" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check crossmodal jobs tests
